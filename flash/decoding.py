@@ -1,0 +1,284 @@
+"""Decoding loops: plain autoregressive (``ar``), EAGLE-style (``eagle``) and ``flash``.
+
+Every loop is a generator of :class:`StepEvent`; the app, the CLI and the benchmark consume only
+these events. One speculative step reads top to bottom: draft -> verify -> accept -> roll back
+caches -> emit event. Step 0 is the prefill, which emits the target's first token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from flash.draft import DraftState, FlashDraft
+from flash.logits_rules import LogitsRules
+from flash.target import Prompt, TargetModel
+from flash.verification import greedy_verify, logits_to_probs, sample, sampling_verify
+
+METHODS = ("ar", "eagle", "flash")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Per-request settings. ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    k: int | None = None  # draft tokens per step; None = the draft's own k
+    rules: LogitsRules = field(default_factory=LogitsRules)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.k is not None and self.k < 1:
+            raise ValueError("k must be >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What one decoding step did. Times are seconds of this step; totals are cumulative."""
+
+    method: str
+    step: int  # 0 = prefill
+    tokens: tuple[int, ...]  # emitted this step, in order
+    accepted: int  # how many of ``tokens`` are accepted draft tokens (they come first)
+    proposed: int  # draft tokens proposed this step
+    draft_seconds: float
+    verify_seconds: float
+    total_tokens: int
+    total_seconds: float
+    done: bool
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A whole generation, summarised from its events."""
+
+    method: str
+    tokens: tuple[int, ...]
+    steps: int  # verification (or decode) steps after the prefill
+    accepted: int
+    proposed: int
+    seconds: float
+    prefill_seconds: float
+    draft_seconds: float
+    verify_seconds: float
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens per target verification pass, counting the target's own token (EAGLE's τ)."""
+        return (self.new_tokens - 1) / self.steps if self.steps else 1.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+
+def collect(events) -> GenerationResult:
+    """Consume a stream of events into a :class:`GenerationResult`."""
+    events = list(events)
+    first, last = events[0], events[-1]
+    return GenerationResult(
+        method=first.method,
+        tokens=tuple(t for e in events for t in e.tokens),
+        steps=len(events) - 1,
+        accepted=sum(e.accepted for e in events),
+        proposed=sum(e.proposed for e in events),
+        seconds=last.total_seconds,
+        prefill_seconds=first.verify_seconds,
+        draft_seconds=sum(e.draft_seconds for e in events),
+        verify_seconds=sum(e.verify_seconds for e in events[1:]),
+    )
+
+
+class _Clock:
+    """perf_counter timing that synchronises the accelerator first (GPU work is asynchronous)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.start = self.now()
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+
+class _Emitter:
+    """Applies EOS and max_new_tokens to emitted tokens and builds events."""
+
+    def __init__(self, method: str, target: TargetModel, config: GenerationConfig, clock: _Clock) -> None:
+        self.method, self.eos, self.limit, self.clock = method, target.eos_token_ids, config.max_new_tokens, clock
+        self.generated: list[int] = []
+        self.step = 0
+        self.done = False
+
+    @property
+    def room(self) -> int:
+        return self.limit - len(self.generated)
+
+    def emit(self, tokens: list[int], accepted: int, proposed: int, draft_s: float, verify_s: float) -> StepEvent:
+        kept: list[int] = []
+        for tok in tokens[: self.room]:
+            kept.append(tok)
+            if tok in self.eos:
+                self.done = True
+                break
+        self.generated += kept
+        self.done = self.done or self.room == 0
+        event = StepEvent(self.method, self.step, tuple(kept), min(accepted, len(kept)), proposed, draft_s,
+                          verify_s, len(self.generated), self.clock.now() - self.clock.start, self.done)
+        self.step += 1
+        return event
+
+
+def _choose(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator) -> int:
+    """The target's own next token from processed logits [V]."""
+    if config.greedy:
+        return int(logits.argmax())
+    return int(sample(logits_to_probs(logits, config.temperature, config.top_p), generator))
+
+
+def generate(target: TargetModel, prompt: Prompt, method: str = "flash", draft: FlashDraft | None = None,
+             config: GenerationConfig = GenerationConfig()) -> Iterator[StepEvent]:
+    """Decode ``prompt`` with ``method``, yielding one :class:`StepEvent` per step."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    if method == "ar":
+        return _autoregressive(target, prompt, config)
+    if draft is None:
+        raise ValueError(f"method '{method}' needs a draft model")
+    return _speculative(target, prompt, draft, config, eagle=method == "eagle")
+
+
+@torch.inference_mode()
+def _autoregressive(target: TargetModel, prompt: Prompt, config: GenerationConfig) -> Iterator[StepEvent]:
+    clock = _Clock(target.device)
+    out = _Emitter("ar", target, config, clock)
+    generator = torch.Generator().manual_seed(config.seed)
+    t0 = clock.now()
+    pre = target.prefill(prompt)
+    token = _choose(config.rules.apply(pre.last_logits[None], out.generated, 0)[0], config, generator)
+    yield out.emit([token], 0, 0, 0.0, clock.now() - t0)
+    state = pre.state
+    while not out.done:
+        t0 = clock.now()
+        logits, _ = target.forward(state, torch.tensor([[token]], device=target.device))
+        logits = config.rules.apply(logits[-1:], out.generated, len(out.generated))
+        token = _choose(logits[0], config, generator)
+        yield out.emit([token], 0, 0, 0.0, clock.now() - t0)
+
+
+@torch.inference_mode()
+def _speculative(target: TargetModel, prompt: Prompt, draft: FlashDraft, config: GenerationConfig,
+                 eagle: bool) -> Iterator[StepEvent]:
+    clock = _Clock(target.device)
+    out = _Emitter("eagle" if eagle else "flash", target, config, clock)
+    generator = torch.Generator().manual_seed(config.seed)
+    k = min(config.k or draft.cfg.k, draft.cfg.k) if not eagle else (config.k or draft.cfg.k)
+    device = target.device
+
+    t0 = clock.now()
+    pre = target.prefill(prompt)
+    token = _choose(config.rules.apply(pre.last_logits[None], out.generated, 0)[0], config, generator)
+    yield out.emit([token], 0, 0, 0.0, clock.now() - t0)
+    state = pre.state
+    dstate = draft.new_state(device=device)
+    stream, last_feature = draft.prompt_stream(prompt.input_ids[0].to(device), prompt.media_spans,
+                                               pre.hidden, token, compress=not eagle)
+    last_hidden = pre.hidden[-1]
+
+    while not out.done:
+        # 1. Draft: never propose more than can still be emitted after the pending token.
+        t0 = clock.now()
+        n_draft = min(k, out.room - 1)
+        if n_draft > 0:
+            propose = _propose_chain if eagle else _propose_block
+            draft_ids, draft_probs = propose(draft, dstate, stream, last_feature, last_hidden, n_draft, config, generator)
+        else:
+            draft_ids, draft_probs = torch.empty(0, dtype=torch.long, device=device), None
+        t1 = clock.now()
+
+        # 2. Verify [pending, d_1..d_n] in one target forward; rules see each row's exact prefix.
+        candidates = torch.cat([torch.tensor([token], device=device), draft_ids])
+        cache_len = state.length
+        logits, hidden = target.forward(state, candidates[None])
+        logits = config.rules.apply(logits, out.generated + draft_ids.tolist(), len(out.generated))
+
+        # 3. Accept.
+        if config.greedy:
+            accepted, next_token = greedy_verify(draft_ids, logits)
+        else:
+            target_probs = logits_to_probs(logits, config.temperature, config.top_p)
+            accepted, next_token = sampling_verify(draft_ids, draft_probs, target_probs, generator)
+
+        # 4. Roll back: keep the pending token and the accepted drafts in the target cache.
+        target.crop(state, cache_len + 1 + accepted)
+        accepted_ids = draft_ids[:accepted]
+        next_ids = torch.cat([accepted_ids, torch.tensor([next_token], device=device)])
+        fused = draft.fuse_features(hidden[: accepted + 1], draft.embed(next_ids))
+        stream, last_feature, last_hidden = fused[:-1], fused[-1], hidden[accepted]
+        token = next_token
+
+        # 5. Emit.
+        yield out.emit(accepted_ids.tolist() + [next_token], accepted, n_draft, t1 - t0, clock.now() - t1)
+
+
+def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationConfig,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Predicted features [n, D] -> draft token ids [n] (target vocabulary) and their q [n, V]."""
+    logits = draft.draft_logits(features).float()  # [n, Vd]
+    if config.greedy:
+        return draft.to_target_ids(logits.argmax(-1)), None
+    probs = logits_to_probs(logits, config.temperature, config.top_p)
+    ids = sample(probs, generator)
+    full = probs.new_zeros(probs.shape[0], draft.cfg.vocab_size)
+    full[:, draft.draft_to_target] = probs  # q over the target vocabulary (zero outside the draft's)
+    return draft.to_target_ids(ids), full
+
+
+def _propose_block(draft: FlashDraft, dstate: DraftState, stream, last_feature, last_hidden, n: int,
+                   config: GenerationConfig, generator: torch.Generator):
+    """FLASH: one semi-autoregressive pass gives n draft tokens."""
+    features = draft.propose(dstate, stream, last_feature, last_hidden, n)
+    return _draft_tokens(draft, features, config, generator)
+
+
+def _propose_chain(draft: FlashDraft, dstate: DraftState, stream, last_feature, last_hidden, n: int,
+                   config: GenerationConfig, generator: torch.Generator):
+    """EAGLE: n one-token passes, each feeding back the draft's own predicted feature."""
+    ids, probs = [], []
+    exact_length = None
+    for i in range(n):
+        feature = draft.propose(dstate, stream, last_feature, last_hidden, 1)  # [1, D]
+        if exact_length is None:
+            exact_length = dstate.length  # entries past this are speculative: overwritten next step
+        tok, q = _draft_tokens(draft, feature, config, generator)
+        ids.append(tok)
+        probs.append(q)
+        if i + 1 < n:
+            stream = feature.new_zeros(0, feature.shape[-1])
+            last_hidden = feature[0]
+            last_feature = draft.fuse_features(feature[0], draft.embed(tok)[0])
+    dstate.length = exact_length
+    return torch.cat(ids), (None if probs[0] is None else torch.cat(probs))

@@ -1,0 +1,184 @@
+"""The embedded default target: SmolLM2-135M-Instruct reading MobileNetV2's view of the picture.
+
+No image-text training data exists here, so the connector is training-free grounding:
+- MobileNetV2's ImageNet classifier is applied at each of the 7x7 feature locations, and each of
+  the 49 visual tokens per frame is the LM's embedding of that location's likely class names
+  (a probability-weighted mix of the top classes). Many, redundant visual tokens, like a real LMM:
+  this is what FLASH's visual compression works on.
+- The confident *global* classes are also written into the prompt as text ("The picture shows:
+  espresso."), because a 135M LM reads the class-name tokens poorly on their own.
+It is a small demonstration LMM, not a real captioner: it can only name what ImageNet knows.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from flash.logits_rules import LogitsRules
+from flash.target import PrefillOutput, Prompt, TargetModel, TargetState
+from flash.vision import FEATURE_GRID, load_mobilenet_v2, preprocess
+from flash.weights import MOBILENET_V2, SMOLLM2, cache_dir, fetch_weight
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+#: Bump when the connector or prompt format changes: drafts are tied to this name.
+DEFAULT_TARGET_NAME = "flash-default-v1:smollm2-135m-instruct+mobilenet_v2"
+TOKENS_PER_FRAME = FEATURE_GRID * FEATURE_GRID
+_MEDIA_MARK = "<|media|>"
+_SYSTEM = "You are a helpful assistant. You describe pictures and videos accurately and concisely."
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """How classifier outputs become visual tokens and prompt text."""
+
+    top_classes_per_token: int = 3
+    global_min_prob: float = 0.12
+    global_max_classes: int = 3
+
+
+def _load_language_model(quiet: bool) -> tuple[torch.nn.Module, object]:
+    """Load SmolLM2 from its converted safetensors cache, converting from GGUF on first use."""
+    converted = cache_dir() / "smollm2-135m-instruct"
+    if not (converted / "model.safetensors").exists():
+        gguf = fetch_weight(SMOLLM2, quiet=quiet)
+        if not quiet:
+            print("Converting SmolLM2 from GGUF to safetensors (once, ~15 s)...", file=sys.stderr)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The loaded model still carries the GGUF quantizer; saving needs it gone (weights are dense).
+        del lm.config.quantization_config
+        lm.hf_quantizer = None
+        tmp = converted.with_name(converted.name + ".part")
+        lm.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if converted.exists():
+            import shutil
+
+            shutil.rmtree(converted)
+        tmp.rename(converted)
+    lm = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(converted)
+    return lm, tok
+
+
+class DefaultTarget(TargetModel):
+    """SmolLM2-135M-Instruct + MobileNetV2 grounding connector, on CPU in float32."""
+
+    def __init__(self, lm: torch.nn.Module, tokenizer, vision: torch.nn.Module, labels: list[str],
+                 connector: ConnectorConfig = ConnectorConfig()) -> None:
+        self.lm, self.tokenizer, self.vision, self.labels = lm, tokenizer, vision, labels
+        self.connector = connector
+        self.name = DEFAULT_TARGET_NAME
+        self.hidden_size = lm.config.hidden_size
+        self.vocab_size = lm.config.vocab_size
+        self.eos_token_ids = frozenset({tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id})
+        # Media positions hold <|endoftext|>'s id; their embeddings are replaced by visual tokens.
+        self.placeholder_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self._label_embeds = self._embed_labels(labels)  # [1000, D]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @torch.inference_mode()
+    def _embed_labels(self, labels: list[str]) -> torch.Tensor:
+        table = self.lm.get_input_embeddings().weight
+        rows = [table[self.tokenizer(" " + name, add_special_tokens=False).input_ids].mean(0) for name in labels]
+        return torch.stack(rows)
+
+    def logits_rules(self) -> LogitsRules:
+        # Without these the 135M LM loops ("bubble bubble ..."), which would also flatter FLASH.
+        return LogitsRules(repetition_penalty=1.2, no_repeat_ngram_size=3)
+
+    # --- prompt -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _see(self, frames) -> tuple[torch.Tensor, list[str]]:
+        """Visual tokens [F, 49, D] and the confident global class names for ``frames``."""
+        local, global_ = self.vision(preprocess(frames))
+        probs = local.softmax(-1)  # [F, 49, 1000]
+        top_p, top_i = probs.topk(self.connector.top_classes_per_token, dim=-1)
+        weights = top_p / top_p.sum(-1, keepdim=True)
+        tokens = (weights.unsqueeze(-1) * self._label_embeds[top_i]).sum(-2)  # [F, 49, D]
+        overall = global_.softmax(-1).mean(0)  # averaged over frames for a video
+        p, idx = overall.topk(self.connector.global_max_classes)
+        names = [self.labels[i] for pi, i in zip(p.tolist(), idx.tolist()) if pi >= self.connector.global_min_prob]
+        return tokens, names or [self.labels[int(idx[0])]]
+
+    def _chat_text(self, media, names: list[str], text: str) -> str:
+        if media is None:
+            user = text
+        elif media.kind == "video":
+            frames = "".join(f"Frame {i + 1}: {_MEDIA_MARK}\n" for i in range(len(media.frames)))
+            user = f"{frames}The video shows: {', '.join(names)}.\n{text}"
+        else:
+            user = f"{_MEDIA_MARK}\nThe picture shows: {', '.join(names)}.\n{text}"
+        messages = [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def build_prompt(self, media, text: str) -> Prompt:
+        """Chat prompt with 49 placeholder positions per frame; visual tokens ride in the payload."""
+        visual, names = (None, []) if media is None else self._see(media.frames)
+        chat = self._chat_text(media, names, text)
+        ids: list[int] = []
+        spans = []
+        pieces = chat.split(_MEDIA_MARK)
+        for i, piece in enumerate(pieces):
+            ids += self.tokenizer(piece, add_special_tokens=False).input_ids
+            if i < len(pieces) - 1:
+                spans.append((len(ids), len(ids) + TOKENS_PER_FRAME))
+                ids += [self.placeholder_id] * TOKENS_PER_FRAME
+        return Prompt(torch.tensor([ids]), tuple(spans), visual, chat)
+
+    # --- model --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, prompt: Prompt) -> PrefillOutput:
+        embeds = self.embed(prompt.input_ids)  # [1, L, D]
+        for frame, (start, end) in enumerate(prompt.media_spans):
+            embeds[0, start:end] = prompt.media_payload[frame]
+        cache = DynamicCache(config=self.lm.config)
+        out = self.lm.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state[0]  # [L, D]
+        state = TargetState(cache=cache, length=prompt.length)
+        return PrefillOutput(state, self.lm_head(hidden[-1]).float(), hidden)
+
+    @torch.inference_mode()
+    def forward(self, state: TargetState, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.lm.model(input_ids=token_ids, past_key_values=state.cache, use_cache=True)
+        state.length += token_ids.shape[1]
+        hidden = out.last_hidden_state[0]  # [n, D]
+        return self.lm_head(hidden).float(), hidden
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(token_ids)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.lm_head(hidden)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.lm.lm_head.weight.detach()
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def load_default_target(*, quiet: bool = False) -> DefaultTarget:
+    """Assemble the default target, fetching and converting its weights on first use."""
+    start = time.perf_counter()
+    lm, tok = _load_language_model(quiet)
+    vision = load_mobilenet_v2(str(fetch_weight(MOBILENET_V2, quiet=quiet)))
+    labels = json.loads((ASSETS / "imagenet_labels.json").read_text())
+    target = DefaultTarget(lm, tok, vision, labels)
+    if not quiet:
+        print(f"Default model ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return target

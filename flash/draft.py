@@ -1,0 +1,277 @@
+"""The FLASH draft model: fusion, latent-aware visual compression and a semi-autoregressive head.
+
+All target weights stay frozen; the draft borrows the target's embedding table and LM head (or a
+reduced-vocabulary slice of it). Symbols follow FLASH.md:
+- ``f_t = fuse([e_{t+1}; h_t])`` is a *stream* feature for text position ``t``;
+- each media span's hidden states ``H`` [N, D] become C latents ``softmax(A H^T / sqrt(D)) H``;
+- for the last known position the head builds k *slot* inputs ``f_t + s_i``; slot i attends to
+  the cached stream and to slots 0..i, at RoPE position ``t + i``, and regresses ``h_{t+1+i}``.
+Only slot 0 (``f_t + s_0``) is a plain causal stream entry, so only it enters the KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIG_FILE = "draft_config.json"
+WEIGHTS_FILE = "draft.safetensors"
+
+
+class DraftError(ValueError):
+    """A draft that cannot be used (missing, corrupt, or trained for another target)."""
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """Shape of a draft and the target it belongs to (saved next to the weights)."""
+
+    target_name: str
+    hidden_size: int
+    vocab_size: int
+    num_heads: int = 8
+    intermediate_size: int = 1536
+    k: int = 4  # slots: draft tokens per draft pass
+    num_latents: int = 8  # C latents per media span; 0 = no compression (every visual token)
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    max_positions: int = 8192
+    draft_vocab_size: int = 0  # 0 = the target's full vocabulary
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("hidden_size must split into num_heads heads of even size")
+        if self.k < 1:
+            raise ValueError("k (draft tokens per pass) must be >= 1")
+        if self.num_latents < 0 or self.draft_vocab_size < 0:
+            raise ValueError("num_latents and draft_vocab_size must be >= 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [n, head_dim] for integer ``positions`` [n] (the rotate-half convention)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [..., n, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class DecoderBlock(nn.Module):
+    """One pre-norm transformer block (RoPE attention + SwiGLU) with an explicit mask."""
+
+    def __init__(self, cfg: DraftConfig) -> None:
+        super().__init__()
+        d, self.heads, self.head_dim = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+        self.attn_norm = RMSNorm(d, cfg.rms_eps)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.mlp_norm = RMSNorm(d, cfg.rms_eps)
+        self.gate_up = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, d, bias=False)
+
+    def project_kv_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, n, D] -> q, k, v [B, heads, n, head_dim] with RoPE applied to q and k."""
+        b, n, _ = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def finish(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """Attention of q over (keys, values) under boolean ``mask`` [n, Lk] (True = attend), then MLP."""
+        b, _, n, _ = q.shape
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, n, -1))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+@dataclass
+class DraftState:
+    """The draft's KV cache for one request, written in place at explicit positions (gpt-fast style).
+
+    ``length`` counts exact stream entries; anything past it (speculative slots) is overwritten.
+    """
+
+    keys: torch.Tensor  # [1, heads, max_positions, head_dim]
+    values: torch.Tensor
+    length: int = 0
+
+
+class FlashDraft(nn.Module):
+    """The trainable part of a FLASH draft. Bind the target's embedding/LM head with :meth:`bind`."""
+
+    def __init__(self, cfg: DraftConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.fuse = nn.Linear(2 * d, d, bias=False)
+        self.latent_queries = nn.Parameter(torch.randn(max(cfg.num_latents, 1), d) * d**-0.5)
+        self.latent_proj = nn.Linear(d, d, bias=False)
+        self.slot_embed = nn.Parameter(torch.randn(cfg.k, d) * 0.02)
+        self.slot_gate = nn.Parameter(torch.zeros(cfg.k))
+        self.block = DecoderBlock(cfg)
+        # Map from draft-vocabulary index to target token id (identity for the full vocabulary).
+        size = cfg.draft_vocab_size or cfg.vocab_size
+        self.register_buffer("draft_to_target", torch.arange(size), persistent=True)
+        self._embed = None
+        self._head_weight: torch.Tensor | None = None
+        with torch.no_grad():
+            self.latent_proj.weight.copy_(torch.eye(d))
+
+    # --- binding to a target ---------------------------------------------------------------------
+    def bind(self, target) -> "FlashDraft":
+        """Borrow ``target``'s frozen embedding and LM head; refuse a draft for another target."""
+        if target.name != self.cfg.target_name:
+            raise DraftError(
+                f"this draft was trained for target '{self.cfg.target_name}', not '{target.name}'; "
+                "train one with `python -m flash train` or pass the matching --draft"
+            )
+        if target.hidden_size != self.cfg.hidden_size:
+            raise DraftError(f"draft hidden size {self.cfg.hidden_size} != target's {target.hidden_size}")
+        self._embed = target.embed
+        head = target.lm_head_weight()
+        self._head_weight = head[self.draft_to_target.to(head.device)].to(self.slot_embed.dtype)
+        return self
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self._embed(token_ids).to(self.slot_embed.dtype)
+
+    def draft_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Predicted features [..., D] -> logits over the draft vocabulary [..., Vd]."""
+        return features @ self._head_weight.T
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return self.draft_to_target[draft_ids]
+
+    # --- features --------------------------------------------------------------------------------
+    def fuse_features(self, hidden: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:
+        """f_t = fuse([e_{t+1}; h_t]): hidden, next_embeds [..., D] -> [..., D]."""
+        return self.fuse(torch.cat([next_embeds, hidden.to(next_embeds.dtype)], dim=-1))
+
+    def compress(self, span_hidden: torch.Tensor) -> torch.Tensor:
+        """Latent-aware compression of one media span: H [N, D] -> C latents [C, D]."""
+        h = span_hidden.to(self.latent_queries.dtype)
+        scores = self.latent_queries @ h.T / math.sqrt(h.shape[-1])  # [C, N]
+        return self.latent_proj(scores.softmax(dim=-1) @ h)
+
+    def prompt_stream(self, input_ids: torch.Tensor, media_spans, hidden: torch.Tensor,
+                      first_token: int, compress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stream features for prompt positions 0..L-2 and the last position's f_{L-1}.
+
+        ``input_ids`` [L], ``hidden`` [L, D]. With ``compress`` each media span is replaced by its C
+        latents; otherwise media positions are ordinary fused positions (the EAGLE ablation).
+        Returns (stream [S, D], last_feature [D]).
+        """
+        next_ids = torch.cat([input_ids[1:], input_ids.new_tensor([first_token])])
+        fused = self.fuse_features(hidden, self.embed(next_ids))  # [L, D]
+        if not (compress and self.cfg.num_latents > 0 and media_spans):
+            return fused[:-1], fused[-1]
+        pieces, cursor = [], 0
+        for start, end in media_spans:
+            pieces += [fused[cursor:start], self.compress(hidden[start:end])]
+            cursor = end
+        pieces.append(fused[cursor:-1])
+        return torch.cat(pieces), fused[-1]
+
+    # --- the semi-autoregressive pass ---------------------------------------------------------
+    def new_state(self, device=None, dtype=None) -> DraftState:
+        cfg = self.cfg
+        shape = (1, cfg.num_heads, cfg.max_positions, cfg.head_dim)
+        dtype = dtype or self.slot_embed.dtype
+        device = device or self.slot_embed.device
+        return DraftState(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def propose(self, state: DraftState, stream: torch.Tensor, last_feature: torch.Tensor,
+                last_hidden: torch.Tensor, num_slots: int) -> torch.Tensor:
+        """Append ``stream`` [m, D] to the cache and run ``num_slots`` slots for the last position.
+
+        ``last_feature`` is f_P for the last position P = state.length + m; ``last_hidden`` is h_P
+        (the gated residual). Slot 0's key/value is exact and is cached at P. Returns predicted
+        features [num_slots, D] (slot i regresses h_{P+1+i}).
+        """
+        cfg, m, past = self.cfg, stream.shape[0], state.length
+        if past + m + num_slots > cfg.max_positions:
+            raise DraftError(f"the draft's context is full ({cfg.max_positions} positions)")
+        slots = last_feature[None, :] + self.slot_embed[:num_slots]  # [num_slots, D]
+        x = torch.cat([stream + self.slot_embed[0], slots])[None]  # [1, m+n, D]
+        # RoPE: stream entry j at past+j, slot i at P+i = past+m+i.
+        positions = torch.arange(past, past + m + num_slots)
+        cos, sin = rope_tables(positions.to(x.device), cfg.head_dim, cfg.rope_theta)
+        q, k, v = self.block.project_kv_q(x, cos, sin)
+        # Stream entries and slot 0 are exact: write them into the cache at their positions.
+        exact = m + 1
+        state.keys[:, :, past : past + exact] = k[:, :, :exact]
+        state.values[:, :, past : past + exact] = v[:, :, :exact]
+        keys = torch.cat([state.keys[:, :, : past + exact], k[:, :, exact:]], dim=2)
+        values = torch.cat([state.values[:, :, : past + exact], v[:, :, exact:]], dim=2)
+        mask = block_mask(past, m, num_slots, x.device)
+        out = self.block.finish(x, q, keys, values, mask)[0, m:]  # [num_slots, D]
+        state.length = past + exact
+        return out + self.slot_gate[:num_slots, None] * last_hidden.to(out.dtype)
+
+    # --- saving and loading -------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        """Write ``draft.safetensors`` (fp16) and ``draft_config.json`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {n: (t.half() if t.is_floating_point() else t).contiguous() for n, t in self.state_dict().items()}
+        save_file(tensors, str(directory / WEIGHTS_FILE))
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> "FlashDraft":
+        """Load a draft saved by :meth:`save`; a clear :class:`DraftError` if it is missing or broken."""
+        directory = Path(directory)
+        try:
+            cfg = DraftConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+            tensors = load_file(str(directory / WEIGHTS_FILE))
+        except (OSError, ValueError, TypeError) as exc:
+            raise DraftError(f"cannot load a draft from {directory}: {exc}") from None
+        draft = cls(cfg)
+        if "draft_to_target" in tensors:
+            draft.register_buffer("draft_to_target", tensors["draft_to_target"].long(), persistent=True)
+        draft.load_state_dict(tensors, strict=True)
+        return draft.to(dtype).eval()
+
+
+def block_mask(past: int, m: int, num_slots: int, device=None) -> torch.Tensor:
+    """Boolean mask [m+n, past+m+n] for one draft pass (True = may attend).
+
+    Queries are m stream entries then n slots; keys are the cache (past), the m new stream
+    entries, slot 0 (an exact stream entry at position past+m), then slots 1..n-1.
+    Stream entry j sees the cache and stream entries <= j. Slot i sees the cache, all m stream
+    entries and slots 0..i of its own block.
+    """
+    n = num_slots
+    q = torch.arange(m + n, device=device)[:, None]
+    kpos = torch.arange(past + m + n, device=device)[None, :]
+    # Every query sees the whole cache, and everything up to and including itself in this block:
+    # stream entries and slots are laid out in one causal order, which is exactly the rule above.
+    return kpos <= past + q

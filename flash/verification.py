@@ -1,0 +1,83 @@
+"""Pure verification math for chain speculative decoding (no models, no global RNG).
+
+Vocabulary, once (FLASH.md; Leviathan et al. 2023, "Fast Inference from Transformers via
+Speculative Decoding", Algorithm 1; Chen et al. 2023):
+- *draft tokens* ``d_1..d_k`` are proposed by the draft; ``draft_probs[i]`` is the draft's
+  distribution q_{i+1} that ``d_{i+1}`` was sampled from (the paper's q).
+- ``target_logits[i]`` / ``target_probs[i]`` are the target's next-token scores after the verified
+  prefix ``x, d_1..d_i`` (the paper's p); row ``i`` checks ``d_{i+1}``, row ``k`` gives the bonus.
+- *accepted*: the length of the accepted draft prefix, 0..k.
+- *next token*: the target's own token that follows the accepted prefix: the greedy argmax, the
+  *recovered* token sampled from norm(max(0, p - q)) at the first rejection, or the *bonus* token
+  sampled from p_k when all k drafts are accepted. It is always correct, so every verification
+  yields accepted + 1 tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def greedy_verify(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, int]:
+    """Accept the longest prefix of ``draft_tokens`` [k] equal to the target's argmax.
+
+    ``target_logits``: [k+1, V]. Returns (accepted, next_token).
+    """
+    k = draft_tokens.shape[0]
+    target_tokens = target_logits.argmax(dim=-1)  # [k+1]
+    matches = (draft_tokens == target_tokens[:k]).to(torch.int64)
+    accepted = int(matches.cumprod(dim=0).sum())  # one host sync per step
+    return accepted, int(target_tokens[accepted])
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """Temperature + nucleus (top-p) filtering, in float32. ``logits``: [..., V] -> probs [..., V]."""
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 for sampling; use greedy decoding for 0")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # Keep the smallest set whose mass reaches top_p; the top token is always kept.
+    drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return filtered / filtered.sum(dim=-1, keepdim=True)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One sample per row of ``probs`` [..., V] -> [...] (seeded, no global RNG)."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def sampling_verify(
+    draft_tokens: torch.Tensor,  # [k]
+    draft_probs: torch.Tensor,  # [k, V]
+    target_probs: torch.Tensor,  # [k+1, V]
+    generator: torch.Generator,
+) -> tuple[int, int]:
+    """Lossless rejection sampling over a chain of k draft tokens. Returns (accepted, next_token).
+
+    Accept ``d_i`` with probability min(1, p(d_i) / q(d_i)); on the first rejection sample the
+    recovered token from norm(max(0, p - q)); if all are accepted, sample the bonus from p_k.
+    The output then has exactly the target's distribution, whatever q is (q need only be the
+    distribution each d_i was drawn from).
+    """
+    k = draft_tokens.shape[0]
+    if k == 0:
+        return 0, int(sample(target_probs[0], generator))
+    idx = torch.arange(k)
+    p_tok = target_probs[idx, draft_tokens]
+    q_tok = draft_probs[idx, draft_tokens]
+    uniform = torch.rand(k, generator=generator, dtype=torch.float32)
+    # u < p/q  <=>  u * q < p (no division by a zero q).
+    accept = (uniform * q_tok < p_tok).to(torch.int64)
+    accepted = int(accept.cumprod(dim=0).sum())
+    if accepted == k:
+        return k, int(sample(target_probs[k], generator))
+    residual = (target_probs[accepted] - draft_probs[accepted]).clamp_min(0.0)
+    total = residual.sum()
+    if total <= 0:  # p == q exactly: rejection had probability 0; fall back to p itself
+        residual, total = target_probs[accepted], target_probs[accepted].sum()
+    return accepted, int(sample(residual / total, generator))

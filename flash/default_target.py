@@ -159,6 +159,40 @@ class DefaultTarget(TargetModel):
         hidden = out.last_hidden_state[0]  # [n, D]
         return self.lm_head(hidden).float(), hidden
 
+    @torch.inference_mode()
+    def generate_batch(self, prompts: list[Prompt], config) -> list[list[int]]:
+        """Responses for several prompts at once with transformers' ``generate`` (left-padded).
+
+        Used to build training data fast; decoding loops never use it. ``config`` is a
+        :class:`flash.decoding.GenerationConfig`; its rules become generate()'s logits processors.
+        """
+        from transformers import GenerationConfig as HFGenerationConfig
+
+        width = max(p.length for p in prompts)
+        embeds = torch.zeros(len(prompts), width, self.hidden_size)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            e = self.embed(prompt.input_ids)[0]
+            for frame, (start, end) in enumerate(prompt.media_spans):
+                e[start:end] = prompt.media_payload[frame]
+            embeds[row, width - prompt.length :] = e
+            mask[row, width - prompt.length :] = 1
+        hf = HFGenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=not config.greedy,
+                                temperature=config.temperature or None, top_p=config.top_p if not config.greedy else None,
+                                pad_token_id=self.placeholder_id, eos_token_id=sorted(self.eos_token_ids))
+        torch.manual_seed(config.seed)  # generate() samples from the global RNG
+        out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=hf,
+                               logits_processor=config.rules.processors())
+        responses = []
+        for row in out.tolist():
+            tokens = []
+            for tok in row:
+                tokens.append(tok)
+                if tok in self.eos_token_ids:
+                    break
+            responses.append(tokens)
+        return responses
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(token_ids)
 

@@ -161,7 +161,10 @@ class FlashDraft(nn.Module):
         return self
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self._embed(token_ids).to(self.slot_embed.dtype)
+        with torch.no_grad():  # the target's table is frozen: never build a graph through it
+            out = self._embed(token_ids).to(self.slot_embed.dtype)
+        # Adapters may run under inference_mode; a normal tensor can enter training graphs.
+        return out.clone() if out.is_inference() and torch.is_grad_enabled() else out
 
     def draft_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Predicted features [..., D] -> logits over the draft vocabulary [..., Vd]."""
@@ -236,6 +239,24 @@ class FlashDraft(nn.Module):
         state.length = past + exact
         return out + self.slot_gate[:num_slots, None] * last_hidden.to(out.dtype)
 
+    def train_forward(self, stream: torch.Tensor, gate_hidden: torch.Tensor) -> torch.Tensor:
+        """All slots at the last n stream positions in one pass (teacher forcing).
+
+        ``stream`` [S, D] is the whole fused stream; its last n = ``gate_hidden.shape[0]`` entries
+        are the positions trained on, with ``gate_hidden`` [n, D] their h_t. Returns predictions
+        [k, n, D]; slot i at position t regresses h_{t+1+i}, seeing exactly what :meth:`propose` sees.
+        """
+        cfg, k, n, s = self.cfg, self.cfg.k, gate_hidden.shape[0], stream.shape[0]
+        tail = stream[s - n :]
+        x = torch.cat([stream + self.slot_embed[0]] + [tail + self.slot_embed[i] for i in range(1, k)])[None]
+        base = torch.arange(s - n, s, device=stream.device)
+        positions = torch.cat([torch.arange(s, device=stream.device)] + [base + i for i in range(1, k)])
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        q, keys, values = self.block.project_kv_q(x, cos, sin)
+        out = self.block.finish(x, q, keys, values, train_mask(s, n, k, stream.device))[0]
+        slots = torch.cat([out[s - n : s][None], out[s:].view(k - 1, n, -1)])  # [k, n, D]
+        return slots + self.slot_gate[:, None, None] * gate_hidden[None].to(slots.dtype)
+
     # --- saving and loading -------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
         """Write ``draft.safetensors`` (fp16) and ``draft_config.json`` into ``directory``."""
@@ -275,3 +296,21 @@ def block_mask(past: int, m: int, num_slots: int, device=None) -> torch.Tensor:
     # Every query sees the whole cache, and everything up to and including itself in this block:
     # stream entries and slots are laid out in one causal order, which is exactly the rule above.
     return kpos <= past + q
+
+
+def train_mask(s: int, n: int, k: int, device=None) -> torch.Tensor:
+    """Mask [S+(k-1)n, S+(k-1)n] for :meth:`FlashDraft.train_forward`.
+
+    Rows/keys: the S stream entries (slot 0), then slot 1 at the last n positions, ..., slot k-1.
+    A stream entry sees stream entries <= itself. Slot i at position t sees stream entries <= t
+    (slot 0 at t is the stream entry t) and slots 1..i at the same t.
+    """
+    total = s + (k - 1) * n
+    idx = torch.arange(total, device=device)
+    slot = torch.where(idx < s, 0, (idx - s) // n + 1)  # which slot each row is
+    pos = torch.where(idx < s, idx, s - n + (idx - s) % n)  # stream position t of each row
+    q_slot, k_slot = slot[:, None], slot[None, :]
+    q_pos, k_pos = pos[:, None], pos[None, :]
+    see_stream = (k_slot == 0) & (k_pos <= q_pos)
+    see_own_block = (k_slot > 0) & (k_pos == q_pos) & (k_slot <= q_slot)
+    return see_stream | see_own_block

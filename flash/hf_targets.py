@@ -199,17 +199,6 @@ class _HFTarget(TargetModel):
         return self.lm_head(hidden).float(), hidden
 
     @torch.inference_mode()
-    def crop(self, state: TargetState, length: int) -> None:
-        """Drop cache entries past ``length``.
-
-        transformers 5.x's ``DynamicCache.crop`` takes the number of tokens to remove as a
-        negative int (a positive absolute length raises), hence the override.
-        """
-        if length < state.length:
-            state.cache.crop(length - state.length)
-            state.length = length
-
-    @torch.inference_mode()
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of ``token_ids`` ([..., n] -> [..., n, D])."""
         return self.model.get_input_embeddings()(token_ids.to(self.device))
@@ -219,6 +208,9 @@ class _HFTarget(TargetModel):
         """LM head: h [..., D] -> logits [..., V] (in the model dtype)."""
         head = self.model.lm_head
         return head(hidden.to(head.weight.device, head.weight.dtype))
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.lm_head.weight.detach()
 
     def decode(self, token_ids: list[int]) -> str:
         """Token ids -> text, special tokens skipped."""

@@ -1,0 +1,165 @@
+"""A training corpus that needs no hub: procedural scenes, and augmented real photos from packages.
+
+Real photos come from scikit-image's bundled data (training) and gradio's bundled media (held out:
+the draft never sees them). Procedural media are scenes of shapes, textures, moving objects and
+cuts, drawn with PIL from a seed, so the corpus is reproducible.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from flash.media import Media
+
+IMAGE_PROMPTS = (
+    "Describe this image in detail.",
+    "What is in this picture?",
+    "Describe this image in one sentence.",
+    "List the main objects in this image.",
+    "Write a short caption for this photo.",
+    "What can you tell me about this image?",
+    "Describe the scene and its colours.",
+    "Explain what this picture shows to a child.",
+)
+VIDEO_PROMPTS = (
+    "Describe what happens in this video.",
+    "Summarise this video in a few sentences.",
+    "What is shown in this video clip?",
+    "Describe the video frame by frame.",
+    "Write a short caption for this video.",
+)
+TRAIN_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "stereo_motorcycle", "hubble_deep_field",
+                "immunohistochemistry", "retina", "colorwheel", "camera", "horse", "brick", "grass", "gravel",
+                "moon", "coins", "clock", "logo")
+HELDOUT_PHOTOS = ("cheetah.jpg", "cheetah1.jpg", "lion.jpg", "bus.png", "tower.jpg", "groot.jpeg")
+HELDOUT_VIDEOS = ("a.mp4", "b.mp4", "world.mp4")
+
+
+@dataclass(frozen=True)
+class CorpusItem:
+    """One (media, prompt) pair with a stable id and its split."""
+
+    item_id: str
+    media: Media
+    prompt: str
+    split: str  # "train" or "heldout"
+
+
+def _skimage_photo(name: str) -> Image.Image:
+    from skimage import data
+
+    arr = getattr(data, name)()
+    arr = arr[0] if isinstance(arr, tuple) else arr  # stereo_motorcycle is (left, right, disparity)
+    return Image.fromarray(arr if arr.dtype == np.uint8 else arr.astype(np.uint8) * 255).convert("RGB")
+
+
+def _augment(img: Image.Image, rng: random.Random, size: int = 320) -> Image.Image:
+    w, h = img.size
+    scale = rng.uniform(0.55, 1.0)
+    cw, ch = int(w * scale), int(h * scale)
+    left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    out = img.crop((left, top, left + cw, top + ch)).resize((size, size))
+    if rng.random() < 0.5:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return out
+
+
+def _colour(rng: random.Random) -> tuple[int, int, int]:
+    return tuple(rng.randint(0, 255) for _ in range(3))
+
+
+def procedural_scene(rng: random.Random, size: int = 256) -> tuple[Image.Image, list[dict]]:
+    """A random scene of shapes on a textured background, and its shapes (to animate them)."""
+    img = Image.new("RGB", (size, size), _colour(rng))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(0, 40)):  # background texture: stripes or dots
+        x, y = rng.randrange(size), rng.randrange(size)
+        draw.line((x, 0, x + rng.randint(-40, 40), size), fill=_colour(rng), width=rng.randint(1, 4))
+    shapes = [{"kind": rng.choice(("ellipse", "rectangle", "polygon")), "x": rng.uniform(0, size),
+               "y": rng.uniform(0, size), "r": rng.uniform(12, 70), "colour": _colour(rng),
+               "dx": rng.uniform(-8, 8), "dy": rng.uniform(-8, 8)} for _ in range(rng.randint(1, 6))]
+    _draw_shapes(draw, shapes)
+    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2))), shapes
+
+
+def _draw_shapes(draw: ImageDraw.ImageDraw, shapes: list[dict], t: int = 0) -> None:
+    for s in shapes:
+        x, y, r = s["x"] + s["dx"] * t, s["y"] + s["dy"] * t, s["r"]
+        box = (x - r, y - r, x + r, y + r)
+        if s["kind"] == "ellipse":
+            draw.ellipse(box, fill=s["colour"])
+        elif s["kind"] == "rectangle":
+            draw.rectangle(box, fill=s["colour"])
+        else:
+            draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=s["colour"])
+
+
+def procedural_video(rng: random.Random, photos: list[Image.Image], frames: int = 8) -> Media:
+    """Moving shapes, a pan over a photo, or a cut between two scenes."""
+    style = rng.choice(("shapes", "pan", "cut"))
+    out: list[Image.Image] = []
+    if style == "shapes":
+        background, shapes = procedural_scene(rng)
+        base = Image.new("RGB", background.size, _colour(rng))
+        for t in range(frames):
+            frame = base.copy()
+            _draw_shapes(ImageDraw.Draw(frame), shapes, t)
+            out.append(frame)
+    elif style == "pan":
+        photo = rng.choice(photos)
+        w, h = photo.size
+        side = min(w, h) * rng.uniform(0.5, 0.8)
+        for t in range(frames):
+            x = (w - side) * t / max(frames - 1, 1)
+            out.append(photo.crop((int(x), 0, int(x + side), int(side))).resize((256, 256)))
+    else:
+        a, b = rng.sample(photos, 2)
+        cut = rng.randint(2, frames - 2)
+        out = [_augment(a if t < cut else b, rng, 256) for t in range(frames)]
+    return Media(kind="video", frames=tuple(out), source=f"procedural-{style}", duration_s=frames / 4.0,
+                 size=out[0].size)
+
+
+def build_corpus(num_train: int, num_heldout: int, seed: int = 0, video_fraction: float = 0.3,
+                 gradio_media: Path | None = None) -> list[CorpusItem]:
+    """Make ``num_train`` training and ``num_heldout`` held-out (media, prompt) items."""
+    rng = random.Random(seed)
+    photos = [_skimage_photo(name) for name in TRAIN_PHOTOS]
+    items: list[CorpusItem] = []
+    for i in range(num_train):
+        if rng.random() < video_fraction:
+            media, prompt = procedural_video(rng, photos), rng.choice(VIDEO_PROMPTS)
+        else:
+            img = _augment(rng.choice(photos), rng) if rng.random() < 0.6 else procedural_scene(rng)[0]
+            media = Media(kind="image", frames=(img,), source="train", size=img.size)
+            prompt = rng.choice(IMAGE_PROMPTS)
+        items.append(CorpusItem(f"train-{i:05d}", media, prompt, "train"))
+    items += heldout_items(num_heldout, seed + 1, gradio_media)
+    return items
+
+
+def heldout_items(count: int, seed: int = 1, gradio_media: Path | None = None) -> list[CorpusItem]:
+    """Held-out media the draft never trains on: gradio's bundled photos/videos and new procedural scenes."""
+    from flash.media import load_media
+
+    rng = random.Random(seed)
+    root = gradio_media or Path(__import__("gradio").__file__).parent / "media_assets"
+    real = [load_media(root / "images" / n) for n in HELDOUT_PHOTOS if (root / "images" / n).exists()]
+    real += [load_media(root / "videos" / n) for n in HELDOUT_VIDEOS if (root / "videos" / n).exists()]
+    items = []
+    for i in range(count):
+        if i < len(real):
+            media = real[i]
+        elif rng.random() < 0.4:
+            media = procedural_video(rng, [_skimage_photo("chelsea"), procedural_scene(rng)[0]])
+        else:
+            img = procedural_scene(rng)[0]
+            media = Media(kind="image", frames=(img,), source="heldout", size=img.size)
+        prompts = VIDEO_PROMPTS if media.kind == "video" else IMAGE_PROMPTS
+        items.append(CorpusItem(f"heldout-{i:05d}", media, rng.choice(prompts[:2]), "heldout"))
+    return items

@@ -1,0 +1,97 @@
+"""Self-distillation data: the target writes its own responses, and its hidden states are recorded.
+
+Each record is one safetensors file (prompt ids, media spans, response ids, and h over prompt +
+response in fp16), named by item id and mode, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from flash.corpus import CorpusItem
+from flash.decoding import GenerationConfig, collect, generate
+from flash.target import Prompt, TargetModel
+
+
+@dataclass(frozen=True)
+class Record:
+    """One distilled sample (tensors on CPU)."""
+
+    prompt_ids: torch.Tensor  # [L] long
+    media_spans: tuple[tuple[int, int], ...]
+    response: torch.Tensor  # [R] long
+    hidden: torch.Tensor  # [L+R, D] float16: h over prompt and response
+    split: str
+    kind: str  # "image" or "video"
+
+
+def _responses(target: TargetModel, prompts: list[Prompt], config: GenerationConfig) -> list[list[int]]:
+    """The target's own responses; batched where the target supports it."""
+    batch = getattr(target, "generate_batch", None)
+    if batch is not None:
+        return batch(prompts, config)
+    return [list(collect(generate(target, p, "ar", None, config)).tokens) for p in prompts]
+
+
+@torch.inference_mode()
+def _record(target: TargetModel, prompt: Prompt, response: list[int], split: str, kind: str) -> dict:
+    full = Prompt(torch.cat([prompt.input_ids, torch.tensor([response])], dim=1), prompt.media_spans,
+                  prompt.media_payload)
+    hidden = target.prefill(full).hidden
+    spans = torch.tensor(prompt.media_spans, dtype=torch.int64).reshape(-1, 2)
+    return {"prompt_ids": prompt.input_ids[0].cpu(), "media_spans": spans, "response": torch.tensor(response),
+            "hidden": hidden.to(torch.float16).cpu().contiguous(), "split": split, "kind": kind}
+
+
+def distill(target: TargetModel, items: list[CorpusItem], out_dir: Path, *, max_new_tokens: int = 160,
+            sample_temperature: float = 0.7, batch_size: int = 8, seed: int = 0) -> None:
+    """Write a greedy and a sampled record for each item into ``out_dir`` (resumable)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rules = target.logits_rules()
+    modes = {"greedy": GenerationConfig(max_new_tokens=max_new_tokens, rules=rules, seed=seed),
+             "sampled": GenerationConfig(max_new_tokens=max_new_tokens, temperature=sample_temperature,
+                                         top_p=0.95, rules=rules, seed=seed)}
+    todo = [(item, mode) for item in items for mode in modes
+            if not (out_dir / f"{item.item_id}-{mode}.safetensors").exists()
+            and not (item.split == "heldout" and mode == "sampled")]
+    start, done = time.perf_counter(), 0
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i : i + batch_size]
+        for mode in modes:
+            part = [item for item, m in chunk if m == mode]
+            if not part:
+                continue
+            prompts = [target.build_prompt(item.media, item.prompt) for item in part]
+            for item, prompt, response in zip(part, prompts, _responses(target, prompts, modes[mode])):
+                rec = _record(target, prompt, response, item.split, item.media.kind)
+                meta = {"split": rec.pop("split"), "kind": rec.pop("kind"), "prompt": item.prompt,
+                        "target": target.name}
+                save_file(rec, str(out_dir / f"{item.item_id}-{mode}.safetensors"), metadata={"meta": json.dumps(meta)})
+        done += len(chunk)
+        rate = done / (time.perf_counter() - start)
+        print(f"distill: {done}/{len(todo)} records ({rate:.2f}/s, ~{(len(todo) - done) / rate:.0f} s left)",
+              file=sys.stderr, flush=True)
+
+
+def load_records(data_dir: Path, target_name: str) -> list[Record]:
+    """Read every record in ``data_dir`` that was distilled from ``target_name``."""
+    from safetensors import safe_open
+
+    records = []
+    for path in sorted(Path(data_dir).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as fh:
+            meta = json.loads(fh.metadata()["meta"])
+        if meta["target"] != target_name:
+            continue
+        t = load_file(str(path))
+        spans = tuple((int(a), int(b)) for a, b in t["media_spans"].tolist())
+        records.append(Record(t["prompt_ids"].long(), spans, t["response"].long(), t["hidden"], meta["split"],
+                              meta["kind"]))
+    return records

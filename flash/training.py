@@ -1,0 +1,209 @@
+"""Train a FLASH draft by self-distillation (losses and tricks from FLASH.md).
+
+Per slot i at response position t: SmoothL1(pred, h_{t+1+i}) + ce_weight * soft cross-entropy
+between the draft-vocabulary logits of pred and of h_{t+1+i}. Uniform noise on the input
+features, AdamW (0.9, 0.95), warm-up then cosine decay, gradient clipping. accelerate runs the
+same loop on CPU, one GPU or several (``accelerate launch -m flash train ...``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flash.distill import Record
+from flash.draft import DraftConfig, FlashDraft
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run (saved next to the draft)."""
+
+    k: int = 4
+    num_latents: int = 8
+    num_heads: int = 8
+    intermediate_size: int = 1536
+    draft_vocab_size: int = 8192
+    epochs: int = 10
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 50
+    grad_accum: int = 4
+    clip: float = 0.5
+    ce_weight: float = 0.1
+    noise: float = 0.2  # uniform noise amplitude, relative to the hidden states' std
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.grad_accum < 1 or self.lr <= 0:
+            raise ValueError("epochs, grad_accum and lr must be positive")
+
+
+def get_lr(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr (a pure function of the step)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def draft_vocabulary(records: list[Record], size: int, eos_ids, vocab_size: int) -> torch.Tensor:
+    """The ``size`` most frequent response tokens, EOS always in, sorted (EAGLE-3's reduced head).
+
+    With fewer distinct tokens than ``size``, the lowest unused ids fill the rest.
+    """
+    if size <= 0 or size >= vocab_size:
+        return torch.arange(vocab_size)
+    counts = Counter(t for r in records for t in r.response.tolist())
+    keep = set(eos_ids)
+    keep |= {t for t, _ in counts.most_common(size - len(keep))}
+    filler = (t for t in range(vocab_size) if t not in keep)
+    while len(keep) < size:
+        keep.add(next(filler))
+    return torch.tensor(sorted(keep))
+
+
+def _sample_tensors(draft: FlashDraft, rec: Record, noise: float, device) -> tuple[torch.Tensor, ...]:
+    """(stream [S, D], gate h [n, D], targets h [n + k, D] padded) for one record."""
+    ids = torch.cat([rec.prompt_ids, rec.response]).to(device)
+    hidden = rec.hidden.to(device=device, dtype=torch.float32)
+    if noise > 0:
+        hidden_in = hidden + (torch.rand_like(hidden) * 2 - 1) * noise * hidden.std()
+    else:
+        hidden_in = hidden
+    L, F_ = rec.prompt_ids.shape[0], ids.shape[0]
+    prompt_stream, _ = draft.prompt_stream(ids[:L], rec.media_spans, hidden_in[:L], int(ids[L]))
+    # Response positions t = L-1 .. F-2: f_t = fuse(h_t, e_{t+1}).
+    resp = draft.fuse_features(hidden_in[L - 1 : F_ - 1], draft.embed(ids[L:F_]))
+    stream = torch.cat([prompt_stream, resp])
+    return stream, hidden_in[L - 1 : F_ - 1], hidden[L:F_]
+
+
+def record_loss(draft: FlashDraft, rec: Record, cfg: TrainConfig, device, noise: float | None = None):
+    """Loss of one record and per-slot greedy hit counts (teacher forcing)."""
+    stream, gate, targets = _sample_tensors(draft, rec, cfg.noise if noise is None else noise, device)
+    preds = draft.train_forward(stream, gate)  # [k, n, D]
+    n = gate.shape[0]
+    total, hits, counts = 0.0, [], []
+    for i in range(draft.cfg.k):
+        valid = n - i  # slot i at position t predicts h_{t+1+i}: needs t+1+i <= F-1
+        if valid <= 0:
+            hits.append(torch.zeros(0, dtype=torch.bool, device=device))
+            continue
+        pred, tgt = preds[i, :valid], targets[i : i + valid]
+        reg = F.smooth_l1_loss(pred, tgt)
+        draft_logits = draft.draft_logits(pred)
+        with torch.no_grad():
+            target_logits = draft.draft_logits(tgt)
+        ce = -(target_logits.softmax(-1) * draft_logits.log_softmax(-1)).sum(-1).mean()
+        total = total + reg + cfg.ce_weight * ce
+        # Greedy hit: the draft's top token is the token the target actually emitted next.
+        actual = torch.cat([rec.response.to(device), rec.response.new_tensor([-1]).to(device)])[1 + i : 1 + i + valid]
+        hits.append(draft.to_target_ids(draft_logits.argmax(-1)) == actual)
+        counts.append(valid)
+    return total / draft.cfg.k, hits
+
+
+def chain_tau(hits: list[torch.Tensor], k: int) -> tuple[float, list[float]]:
+    """Teacher-forced τ: mean over positions of 1 + the run of consecutive slot hits; per-slot hit rates."""
+    n = hits[0].shape[0]
+    run = torch.ones(n, dtype=torch.long)
+    alive = torch.ones(n, dtype=torch.bool)
+    for i in range(k):
+        h = torch.zeros(n, dtype=torch.bool)
+        h[: hits[i].shape[0]] = hits[i].cpu()
+        alive &= h
+        run += alive.long()
+    rates = [float(h.float().mean()) if h.numel() else 0.0 for h in hits]
+    return float(run.float().mean()), rates
+
+
+def evaluate(draft: FlashDraft, records: list[Record], cfg: TrainConfig, device) -> dict:
+    """Held-out loss, teacher-forced τ and per-slot hit rate, for images and videos separately."""
+    draft.eval()
+    out: dict = {}
+    with torch.no_grad():
+        for kind in ("image", "video"):
+            recs = [r for r in records if r.kind == kind]
+            if not recs:
+                continue
+            taus, rates, losses, weights = [], [], [], []
+            for rec in recs:
+                loss, hits = record_loss(draft, rec, cfg, device, noise=0.0)
+                tau, r = chain_tau(hits, draft.cfg.k)
+                taus.append(tau)
+                rates.append(r)
+                losses.append(float(loss))
+                weights.append(hits[0].shape[0])
+            w = torch.tensor(weights, dtype=torch.float32)
+            out[kind] = {"tau": float((torch.tensor(taus) * w).sum() / w.sum()),
+                         "slot_hit_rate": [round(float(x), 3) for x in (torch.tensor(rates) * w[:, None]).sum(0) / w.sum()],
+                         "loss": sum(losses) / len(losses), "records": len(recs)}
+    draft.train()
+    return out
+
+
+def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = TrainConfig(),
+          log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> FlashDraft:
+    """Train a draft for ``target`` on distilled ``records``; save it (and a log) to ``out_dir``."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    device = accelerator.device
+    torch.manual_seed(cfg.seed)
+    train_recs = [r for r in records if r.split == "train"]
+    heldout = [r for r in records if r.split == "heldout"]
+    if not train_recs:
+        raise ValueError("no training records: run the distillation step first")
+    dcfg = DraftConfig(target_name=target.name, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
+                       num_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size, k=cfg.k,
+                       num_latents=cfg.num_latents,
+                       draft_vocab_size=0 if cfg.draft_vocab_size >= target.vocab_size else cfg.draft_vocab_size)
+    draft = FlashDraft(dcfg)
+    if dcfg.draft_vocab_size:
+        vocab = draft_vocabulary(train_recs, dcfg.draft_vocab_size, target.eos_token_ids, target.vocab_size)
+        draft.register_buffer("draft_to_target", vocab, persistent=True)
+    draft = draft.to(device).bind(target)
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    draft, optimizer = accelerator.prepare(draft, optimizer)
+    model = accelerator.unwrap_model(draft)
+    shard = train_recs[accelerator.process_index :: accelerator.num_processes]
+    total_steps = cfg.epochs * math.ceil(len(shard) / cfg.grad_accum)
+    rng = random.Random(cfg.seed)
+    step, history, start = 0, [], time.perf_counter()
+    for epoch in range(cfg.epochs):
+        order = list(shard)
+        rng.shuffle(order)
+        running = 0.0
+        for i, rec in enumerate(order):
+            loss, _ = record_loss(model, rec, cfg, device)
+            accelerator.backward(loss / cfg.grad_accum)
+            running += float(loss)
+            if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(order):
+                for group in optimizer.param_groups:
+                    group["lr"] = get_lr(step, total_steps, cfg)
+                accelerator.clip_grad_norm_(draft.parameters(), cfg.clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+            if (i + 1) % 50 == 0:
+                log(f"epoch {epoch + 1}/{cfg.epochs} record {i + 1}/{len(order)} loss {running / (i + 1):.4f} "
+                    f"({time.perf_counter() - start:.0f} s)")
+        metrics = evaluate(model, heldout, cfg, device) if heldout else {}
+        history.append({"epoch": epoch + 1, "train_loss": running / len(order), "heldout": metrics,
+                        "seconds": round(time.perf_counter() - start, 1)})
+        log(f"epoch {epoch + 1}: train loss {running / len(order):.4f} heldout {json.dumps(metrics)}")
+        if accelerator.is_main_process:
+            model.save(out_dir)  # checkpoint every epoch: an interrupted run keeps its best-so-far
+            (out_dir / "training_log.json").write_text(json.dumps({"config": asdict(cfg), "history": history},
+                                                                  indent=2) + "\n")
+    return model.eval()

@@ -130,7 +130,8 @@ def build_corpus(num_train: int, num_heldout: int, seed: int = 0, video_fraction
     """Make ``num_train`` training and ``num_heldout`` held-out (media, prompt) items."""
     rng = random.Random(seed)
     photos = [_skimage_photo(name) for name in TRAIN_PHOTOS]
-    items: list[CorpusItem] = []
+    # Held-out items first: an interrupted distillation still has its evaluation split.
+    items: list[CorpusItem] = heldout_items(num_heldout, seed + 1, gradio_media)
     for i in range(num_train):
         if rng.random() < video_fraction:
             media, prompt = procedural_video(rng, photos), rng.choice(VIDEO_PROMPTS)
@@ -139,7 +140,6 @@ def build_corpus(num_train: int, num_heldout: int, seed: int = 0, video_fraction
             media = Media(kind="image", frames=(img,), source="train", size=img.size)
             prompt = rng.choice(IMAGE_PROMPTS)
         items.append(CorpusItem(f"train-{i:05d}", media, prompt, "train"))
-    items += heldout_items(num_heldout, seed + 1, gradio_media)
     return items
 
 

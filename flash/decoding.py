@@ -1,4 +1,4 @@
-"""Decoding loops: plain autoregressive (``ar``), EAGLE-style (``eagle``) and ``flash``.
+"""Decoding loops: plain autoregressive (``ar``), EAGLE-style (``eagle``), ``flash`` and prompt lookup (``pld``).
 
 Every loop is a generator of :class:`StepEvent`; the app, the CLI and the benchmark consume only
 these events. One speculative step reads top to bottom: draft -> verify -> accept -> roll back
@@ -18,7 +18,7 @@ from flash.logits_rules import LogitsRules
 from flash.target import Prompt, TargetModel
 from flash.verification import greedy_verify, logits_to_probs, sample, sampling_verify
 
-METHODS = ("ar", "eagle", "flash")
+METHODS = ("ar", "eagle", "flash", "pld")
 
 
 @dataclass(frozen=True)
@@ -166,9 +166,14 @@ def generate(target: TargetModel, prompt: Prompt, method: str = "flash", draft: 
         raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     if method == "ar":
         return _autoregressive(target, prompt, config)
+    if method == "pld":
+        return _speculative(target, prompt, _PromptLookupProposer(config.k or 8, target.vocab_size), method, config)
     if draft is None:
         raise ValueError(f"method '{method}' needs a draft model")
-    return _speculative(target, prompt, draft, config, eagle=method == "eagle")
+    k = config.k or draft.cfg.k
+    if method == "flash":
+        k = min(k, draft.cfg.k)  # one slot per draft token
+    return _speculative(target, prompt, _DraftProposer(draft, method == "eagle", k), method, config)
 
 
 @torch.inference_mode()
@@ -189,13 +194,60 @@ def _autoregressive(target: TargetModel, prompt: Prompt, config: GenerationConfi
         yield out.emit([token], 0, 0, 0.0, clock.now() - t0)
 
 
+class _DraftProposer:
+    """FLASH / EAGLE proposals from the trained draft, which follows the target's accepted states."""
+
+    def __init__(self, draft: FlashDraft, eagle: bool, k: int) -> None:
+        self.draft, self.eagle, self.k = draft, eagle, k
+
+    def start(self, target: TargetModel, prompt: Prompt, hidden: torch.Tensor, first_token: int) -> None:
+        self.state = self.draft.new_state(device=target.device)
+        self.stream, self.last_feature = self.draft.prompt_stream(
+            prompt.input_ids[0].to(target.device), prompt.media_spans, hidden, first_token, compress=not self.eagle)
+        self.last_hidden = hidden[-1]
+
+    def propose(self, n: int, context: list[int], config: GenerationConfig, generator: torch.Generator):
+        propose = _propose_chain if self.eagle else _propose_block
+        return propose(self.draft, self.state, self.stream, self.last_feature, self.last_hidden, n, config, generator)
+
+    def update(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> None:
+        """Feed h of the verified tokens; ``next_ids`` are the tokens after each ([a+1])."""
+        fused = self.draft.fuse_features(hidden, self.draft.embed(next_ids))
+        self.stream, self.last_feature, self.last_hidden = fused[:-1], fused[-1], hidden[-1]
+
+
+class _PromptLookupProposer:
+    """Training-free prompt-lookup decoding: transformers' n-gram matcher proposes, our loop verifies."""
+
+    def __init__(self, k: int, vocab_size: int) -> None:
+        from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+        self.k, self.vocab_size = k, vocab_size
+        self.lookup = PromptLookupCandidateGenerator(num_output_tokens=k, max_matching_ngram_size=3,
+                                                     max_length=1 << 30)
+
+    def start(self, target: TargetModel, prompt: Prompt, hidden: torch.Tensor, first_token: int) -> None:
+        self.prompt_ids = prompt.input_ids[0].tolist()
+        self.device = target.device
+
+    def propose(self, n: int, context: list[int], config: GenerationConfig, generator: torch.Generator):
+        ids = torch.tensor([self.prompt_ids + context])
+        found, _ = self.lookup.get_candidates(ids)
+        draft_ids = found[0, ids.shape[1] :][:n].to(self.device)
+        # The proposal is deterministic: q is a point mass on each proposed token.
+        probs = None if config.greedy else torch.nn.functional.one_hot(draft_ids, self.vocab_size).float()
+        return draft_ids, probs
+
+    def update(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> None:
+        pass
+
+
 @torch.inference_mode()
-def _speculative(target: TargetModel, prompt: Prompt, draft: FlashDraft, config: GenerationConfig,
-                 eagle: bool) -> Iterator[StepEvent]:
+def _speculative(target: TargetModel, prompt: Prompt, proposer, method: str,
+                 config: GenerationConfig) -> Iterator[StepEvent]:
     clock = _Clock(target.device)
-    out = _Emitter("eagle" if eagle else "flash", target, config, clock)
+    out = _Emitter(method, target, config, clock)
     generator = torch.Generator().manual_seed(config.seed)
-    k = min(config.k or draft.cfg.k, draft.cfg.k) if not eagle else (config.k or draft.cfg.k)
     device = target.device
 
     t0 = clock.now()
@@ -203,18 +255,14 @@ def _speculative(target: TargetModel, prompt: Prompt, draft: FlashDraft, config:
     token = _choose(config.rules.apply(pre.last_logits[None], out.generated, 0)[0], config, generator)
     yield out.emit([token], 0, 0, 0.0, clock.now() - t0)
     state = pre.state
-    dstate = draft.new_state(device=device)
-    stream, last_feature = draft.prompt_stream(prompt.input_ids[0].to(device), prompt.media_spans,
-                                               pre.hidden, token, compress=not eagle)
-    last_hidden = pre.hidden[-1]
+    proposer.start(target, prompt, pre.hidden, token)
 
     while not out.done:
         # 1. Draft: never propose more than can still be emitted after the pending token.
         t0 = clock.now()
-        n_draft = min(k, out.room - 1)
+        n_draft = min(proposer.k, out.room - 1)
         if n_draft > 0:
-            propose = _propose_chain if eagle else _propose_block
-            draft_ids, draft_probs = propose(draft, dstate, stream, last_feature, last_hidden, n_draft, config, generator)
+            draft_ids, draft_probs = proposer.propose(n_draft, out.generated, config, generator)
         else:
             draft_ids, draft_probs = torch.empty(0, dtype=torch.long, device=device), None
         t1 = clock.now()
@@ -235,13 +283,12 @@ def _speculative(target: TargetModel, prompt: Prompt, draft: FlashDraft, config:
         # 4. Roll back: keep the pending token and the accepted drafts in the target cache.
         target.crop(state, cache_len + 1 + accepted)
         accepted_ids = draft_ids[:accepted]
-        next_ids = torch.cat([accepted_ids, torch.tensor([next_token], device=device)])
-        fused = draft.fuse_features(hidden[: accepted + 1], draft.embed(next_ids))
-        stream, last_feature, last_hidden = fused[:-1], fused[-1], hidden[accepted]
+        proposer.update(hidden[: accepted + 1], torch.cat([accepted_ids, torch.tensor([next_token], device=device)]))
         token = next_token
 
         # 5. Emit.
-        yield out.emit(accepted_ids.tolist() + [next_token], accepted, n_draft, t1 - t0, clock.now() - t1)
+        yield out.emit(accepted_ids.tolist() + [next_token], accepted, int(draft_ids.shape[0]), t1 - t0,
+                       clock.now() - t1)
 
 
 def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationConfig,

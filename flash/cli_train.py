@@ -1,0 +1,77 @@
+"""``python -m flash train``: self-distillation data + draft training in one command."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+from flash.models import DEFAULT_MODEL
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a FLASH draft for a target by self-distillation",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="'default' or a HuggingFace hub id")
+    p.add_argument("--out", required=True, help="directory to write the draft into")
+    p.add_argument("--data-dir", default=None, help="distillation cache (default: <cache>/distill/<model>)")
+    p.add_argument("--media", nargs="*", default=[], help="folders of your own images/videos (else the built-in corpus)")
+    p.add_argument("--train-items", type=int, default=600, help="built-in corpus: training items")
+    p.add_argument("--heldout-items", type=int, default=40, help="built-in corpus: held-out items")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--num-latents", type=int, default=8, help="C latents per media span (0 = no compression)")
+    p.add_argument("--draft-vocab", type=int, default=8192, help="reduced draft vocabulary (0 = full)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--distill-only", action="store_true", help="only build the distillation cache")
+    p.set_defaults(func=cmd_train)
+
+
+def _user_corpus(folders: list[str], seed: int):
+    """(media, prompt) items from the user's folders; a tenth held out."""
+    from flash.corpus import IMAGE_PROMPTS, VIDEO_PROMPTS, CorpusItem
+    from flash.media import MediaError, load_media
+
+    rng = random.Random(seed)
+    items = []
+    files = sorted(f for folder in folders for f in Path(folder).rglob("*") if f.is_file())
+    for i, path in enumerate(files):
+        try:
+            media = load_media(path)
+        except MediaError as exc:
+            print(f"skipping {path}: {exc}", file=sys.stderr)
+            continue
+        prompts = VIDEO_PROMPTS if media.kind == "video" else IMAGE_PROMPTS
+        items.append(CorpusItem(f"user-{i:05d}", media, rng.choice(prompts), "heldout" if i % 10 == 9 else "train"))
+    return items
+
+
+def cmd_train(args) -> int:
+    from flash.cli import UsageError
+    from flash.corpus import build_corpus
+    from flash.distill import distill, load_records
+    from flash.models import load_target
+    from flash.training import TrainConfig, train
+    from flash.weights import cache_dir
+
+    target = load_target(args.model)
+    data_dir = Path(args.data_dir or cache_dir() / "distill" / args.model.replace("/", "--"))
+    if args.media:
+        items = _user_corpus(args.media, args.seed)
+    else:
+        items = build_corpus(args.train_items, args.heldout_items, seed=args.seed)
+    if not items:
+        raise UsageError("no usable media to train on; pass --media FOLDER with images or videos")
+    print(f"distilling {len(items)} items into {data_dir} ...", file=sys.stderr)
+    distill(target, items, data_dir, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.distill_only:
+        return 0
+    records = load_records(data_dir, target.name)
+    cfg = TrainConfig(k=args.k, num_latents=args.num_latents, draft_vocab_size=args.draft_vocab, epochs=args.epochs,
+                      lr=args.lr, seed=args.seed)
+    train(target, records, Path(args.out), cfg)
+    print(f"draft saved to {args.out}", file=sys.stderr)
+    return 0

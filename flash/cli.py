@@ -27,10 +27,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UsageError, MediaError, DraftError, WeightsError, TargetLoadError)
 
 
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
+def _add_generation_args(p: argparse.ArgumentParser, several_prompts: bool = False) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="'default' (embedded CPU model) or a HuggingFace hub id")
     p.add_argument("--draft", default=None, help="draft directory (default: the shipped draft for the model)")
-    p.add_argument("--prompt", default=None, help="question about the media (default: describe it)")
+    if several_prompts:
+        p.add_argument("--prompt", nargs="*", default=None, help="prompts (default: each media's default prompt)")
+    else:
+        p.add_argument("--prompt", default=None, help="question about the media (default: describe it)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -87,6 +90,29 @@ def cmd_caption(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from flash.bench import load_samples, markdown_table, run_benchmark, write_plot
+    from flash.models import load_draft, load_target
+
+    target = load_target(args.model)
+    needs_draft = any(m in ("flash", "eagle") for m in args.methods)
+    draft = load_draft(target, args.draft) if needs_draft else None
+    samples = load_samples(args.media, args.prompt or [], target)
+    if not samples:
+        raise UsageError("no media files found in " + " ".join(args.media))
+    report = run_benchmark(target, draft, samples, args.methods, _config(args, target), repeats=args.repeats,
+                           warmup=args.warmup)
+    print(markdown_table(report))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        write_plot(report, Path(args.plot))
+    if report["mismatches"]:
+        print("error: greedy outputs differ from ar (see MISMATCHES above)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flash", description="FLASH speculative decoding for LMMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_generation_args(p)
     p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("bench", help="benchmark methods side by side (speed-up vs ar in the same run)")
+    p.add_argument("media", nargs="+", help="media files or folders")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=["ar", "eagle", "flash", "pld"])
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json", dest="json_path", default=None, help="write the full report here")
+    p.add_argument("--plot", default=None, help="write a chart (.html, or .png with kaleido)")
+    _add_generation_args(p, several_prompts=True)
+    p.set_defaults(func=cmd_bench)
 
     from flash import cli_train
 

@@ -32,26 +32,29 @@ class Record:
     kind: str  # "image" or "video"
 
 
-def _responses(target: TargetModel, prompts: list[Prompt], config: GenerationConfig) -> list[list[int]]:
-    """The target's own responses; batched where the target supports it."""
+@torch.inference_mode()
+def _responses(target: TargetModel, prompts: list[Prompt], config: GenerationConfig):
+    """The target's own responses and h over prompt + response; batched where the target can."""
     batch = getattr(target, "generate_batch", None)
     if batch is not None:
         return batch(prompts, config)
-    return [list(collect(generate(target, p, "ar", None, config)).tokens) for p in prompts]
+    out = []
+    for prompt in prompts:
+        response = list(collect(generate(target, prompt, "ar", None, config)).tokens)
+        full = Prompt(torch.cat([prompt.input_ids, torch.tensor([response])], dim=1), prompt.media_spans,
+                      prompt.media_payload)
+        out.append((response, target.prefill(full).hidden))  # one teacher-forced pass for h
+    return out
 
 
-@torch.inference_mode()
-def _record(target: TargetModel, prompt: Prompt, response: list[int], split: str, kind: str) -> dict:
-    full = Prompt(torch.cat([prompt.input_ids, torch.tensor([response])], dim=1), prompt.media_spans,
-                  prompt.media_payload)
-    hidden = target.prefill(full).hidden
+def _record(prompt: Prompt, response: list[int], hidden: torch.Tensor, split: str, kind: str) -> dict:
     spans = torch.tensor(prompt.media_spans, dtype=torch.int64).reshape(-1, 2)
     return {"prompt_ids": prompt.input_ids[0].cpu(), "media_spans": spans, "response": torch.tensor(response),
             "hidden": hidden.to(torch.float16).cpu().contiguous(), "split": split, "kind": kind}
 
 
 def distill(target: TargetModel, items: list[CorpusItem], out_dir: Path, *, max_new_tokens: int = 160,
-            sample_temperature: float = 0.7, batch_size: int = 8, seed: int = 0) -> None:
+            sample_temperature: float = 0.7, batch_size: int = 16, seed: int = 0) -> None:
     """Write a greedy and a sampled record for each item into ``out_dir`` (resumable)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rules = target.logits_rules()
@@ -69,8 +72,9 @@ def distill(target: TargetModel, items: list[CorpusItem], out_dir: Path, *, max_
             if not part:
                 continue
             prompts = [target.build_prompt(item.media, item.prompt) for item in part]
-            for item, prompt, response in zip(part, prompts, _responses(target, prompts, modes[mode])):
-                rec = _record(target, prompt, response, item.split, item.media.kind)
+            for item, prompt, (response, hidden) in zip(part, prompts, _responses(target, prompts, modes[mode]),
+                                                        strict=True):
+                rec = _record(prompt, response, hidden, item.split, item.media.kind)
                 meta = {"split": rec.pop("split"), "kind": rec.pop("kind"), "prompt": item.prompt,
                         "target": target.name}
                 save_file(rec, str(out_dir / f"{item.item_id}-{mode}.safetensors"), metadata={"meta": json.dumps(meta)})

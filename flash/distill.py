@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flash.corpus import CorpusItem
-from flash.decoding import GenerationConfig, collect, generate
+from flash.decoding import GenerationConfig
 from flash.target import Prompt, TargetModel
 
 
@@ -33,18 +33,28 @@ class Record:
 
 
 @torch.inference_mode()
+def _decode_with_hidden(target: TargetModel, prompt: Prompt, config: GenerationConfig):
+    """Plain decoding that keeps h: (response ids, h over prompt + response [L+R, D])."""
+    from flash.decoding import _choose
+
+    generator = torch.Generator().manual_seed(config.seed)
+    pre = target.prefill(prompt)
+    hidden, logits, response = [pre.hidden], pre.last_logits[None], []
+    while True:
+        response.append(_choose(config.rules.apply(logits, response, len(response))[0], config, generator))
+        # Feed every token, the last one too: training needs h at the final position.
+        logits, h = target.forward(pre.state, torch.tensor([[response[-1]]], device=target.device))
+        hidden.append(h)
+        if response[-1] in target.eos_token_ids or len(response) >= config.max_new_tokens:
+            return response, torch.cat(hidden)
+
+
 def _responses(target: TargetModel, prompts: list[Prompt], config: GenerationConfig):
     """The target's own responses and h over prompt + response; batched where the target can."""
     batch = getattr(target, "generate_batch", None)
     if batch is not None:
         return batch(prompts, config)
-    out = []
-    for prompt in prompts:
-        response = list(collect(generate(target, prompt, "ar", None, config)).tokens)
-        full = Prompt(torch.cat([prompt.input_ids, torch.tensor([response])], dim=1), prompt.media_spans,
-                      prompt.media_payload)
-        out.append((response, target.prefill(full).hidden))  # one teacher-forced pass for h
-    return out
+    return [_decode_with_hidden(target, p, config) for p in prompts]
 
 
 def _record(prompt: Prompt, response: list[int], hidden: torch.Tensor, split: str, kind: str) -> dict:

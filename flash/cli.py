@@ -113,6 +113,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_caption_eval(args) -> int:
+    from flash.caption_eval import evaluate_captions
+    from flash.models import load_target
+
+    report = evaluate_captions(load_target(DEFAULT_MODEL), max_new_tokens=args.max_new_tokens)
+    print(f"captions naming the subject: {report['named']}/{report['total']} ({report['rate']:.0%})")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flash", description="FLASH speculative decoding for LMMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a chart (.html, or .png with kaleido)")
     _add_generation_args(p, several_prompts=True)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("caption-eval", help="how often captions of unseen labelled photos name the subject")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", dest="json_path", default=None)
+    p.set_defaults(func=cmd_caption_eval)
 
     from flash import cli_train
 

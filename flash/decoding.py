@@ -208,7 +208,8 @@ class _DraftProposer:
 
     def propose(self, n: int, context: list[int], config: GenerationConfig, generator: torch.Generator):
         propose = _propose_chain if self.eagle else _propose_block
-        return propose(self.draft, self.state, self.stream, self.last_feature, self.last_hidden, n, config, generator)
+        return propose(self.draft, self.state, self.stream, self.last_feature, self.last_hidden, n, config, generator,
+                       context)
 
     def update(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> None:
         """Feed h of the verified tokens; ``next_ids`` are the tokens after each ([a+1])."""
@@ -291,10 +292,28 @@ def _speculative(target: TargetModel, prompt: Prompt, proposer, method: str,
                        clock.now() - t1)
 
 
-def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationConfig,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Predicted features [n, D] -> draft token ids [n] (target vocabulary) and their q [n, V]."""
+def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationConfig, generator: torch.Generator,
+                  context: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Predicted features [n, D] -> draft token ids [n] (target vocabulary) and their q [n, V].
+
+    The target's logits rules are applied to the draft's logits too, row i with the prefix
+    ``context + d_1..d_{i-1}``: the draft then proposes what the rule-processed target would pick
+    (acceptance only; verification stays exact whatever the draft proposes).
+    """
     logits = draft.draft_logits(features).float()  # [n, Vd]
+    if config.rules.active:
+        full = logits.new_full((logits.shape[0], draft.cfg.vocab_size), float("-inf"))
+        full[:, draft.draft_to_target] = logits
+        ids, probs = [], []
+        for i in range(full.shape[0]):
+            row = config.rules.apply(full[i : i + 1], context + ids, len(context) + i)
+            if config.greedy:
+                ids.append(int(row.argmax()))
+            else:
+                q = logits_to_probs(row, config.temperature, config.top_p)
+                ids.append(int(sample(q, generator)))
+                probs.append(q)
+        return torch.tensor(ids, device=features.device), (torch.cat(probs) if probs else None)
     if config.greedy:
         return draft.to_target_ids(logits.argmax(-1)), None
     probs = logits_to_probs(logits, config.temperature, config.top_p)
@@ -305,14 +324,14 @@ def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationC
 
 
 def _propose_block(draft: FlashDraft, dstate: DraftState, stream, last_feature, last_hidden, n: int,
-                   config: GenerationConfig, generator: torch.Generator):
+                   config: GenerationConfig, generator: torch.Generator, context: list[int]):
     """FLASH: one semi-autoregressive pass gives n draft tokens."""
     features = draft.propose(dstate, stream, last_feature, last_hidden, n)
-    return _draft_tokens(draft, features, config, generator)
+    return _draft_tokens(draft, features, config, generator, context)
 
 
 def _propose_chain(draft: FlashDraft, dstate: DraftState, stream, last_feature, last_hidden, n: int,
-                   config: GenerationConfig, generator: torch.Generator):
+                   config: GenerationConfig, generator: torch.Generator, context: list[int]):
     """EAGLE: n one-token passes, each feeding back the draft's own predicted feature."""
     ids, probs = [], []
     exact_length = None
@@ -320,7 +339,7 @@ def _propose_chain(draft: FlashDraft, dstate: DraftState, stream, last_feature, 
         feature = draft.propose(dstate, stream, last_feature, last_hidden, 1)  # [1, D]
         if exact_length is None:
             exact_length = dstate.length  # entries past this are speculative: overwritten next step
-        tok, q = _draft_tokens(draft, feature, config, generator)
+        tok, q = _draft_tokens(draft, feature, config, generator, context + [int(t) for t in ids])
         ids.append(tok)
         probs.append(q)
         if i + 1 < n:

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 from threading import Event
 from typing import Any, Literal
 
@@ -67,12 +68,12 @@ class SideView:
     @property
     def rates(self) -> tuple[float, ...]:
         """Tokens per second so far, after each step."""
-        return tuple(n / t if t > 0 else 0.0 for n, t in zip(self.token_counts, self.times))
+        return tuple(n / t if t > 0 else 0.0 for n, t in zip(self.token_counts, self.times, strict=True))
 
     @property
     def tokens_per_step(self) -> tuple[int, ...]:
         """Tokens emitted by each step (accepted drafts + the target's own token, or fewer at the end)."""
-        return tuple(b - a for a, b in zip((0, *self.token_counts), self.token_counts))
+        return tuple(b - a for a, b in pairwise((0, *self.token_counts)))
 
 
 @dataclass(frozen=True)

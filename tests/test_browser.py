@@ -1,0 +1,103 @@
+"""The real app in a real browser: headless Chromium (the system's) driven by Playwright.
+
+Saves ``artifacts/screenshot.png``. For the README picture, run a longer race and copy it:
+``FLASH_BROWSER_TOKENS=64 pytest tests/test_browser.py && cp artifacts/screenshot.png docs/``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from pathlib import Path
+
+import pytest
+from test_app import running_app
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TOKENS = int(os.environ.get("FLASH_BROWSER_TOKENS", "16"))
+
+
+@pytest.fixture(scope="module")
+def page(default_target, tmp_path_factory):
+    """A Chromium page on the real app, once the app says its model is ready."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"no system Chromium at {CHROMIUM}")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-dev)")
+    with running_app(tmp_path_factory.mktemp("browser") / "app.log") as url, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        _wait_for_status(page, "Ready", timeout_s=120)
+        yield page
+        browser.close()
+
+
+def _wait_for_status(page, text: str, timeout_s: float = 60) -> None:
+    page.wait_for_function("t => (document.querySelector('#status')?.innerText || '').includes(t)", arg=text,
+                           timeout=timeout_s * 1000)
+
+
+def _set_max_new_tokens(page, n: int) -> None:
+    box = page.get_by_label("number input for Max new tokens")
+    if not box.is_visible():
+        page.locator("button.label-wrap", has_text="Settings").click()
+    box.fill(str(n))
+    box.press("Enter")
+
+
+def _ar_text(page) -> str:
+    return page.locator("#ar-text textarea").input_value()
+
+
+def _flash_text(page) -> str:
+    pieces = page.locator("#flash-text .textfield .text")
+    return "".join(pieces.all_text_contents())
+
+
+def test_stop_then_race_an_example_to_the_end(page):
+    page.get_by_text("cat.jpg", exact=True).first.click()
+    page.wait_for_function("(document.querySelector('#media')?.textContent || '').includes('.jpg')")
+
+    # A long race, stopped as soon as text streams; the page is ready for another run right away.
+    _set_max_new_tokens(page, 400)
+    page.locator("#race").click()
+    page.wait_for_function("document.querySelector('#ar-text textarea')?.value.length > 0", timeout=120_000)
+    page.locator("#stop").click()
+    _wait_for_status(page, "Stopped", timeout_s=10)
+    stopped_text = _ar_text(page)
+    page.wait_for_timeout(1500)
+    assert _ar_text(page) == stopped_text  # nothing streams after Stop
+
+    _set_max_new_tokens(page, TOKENS)
+    page.locator("#race").click()
+    _wait_for_status(page, "Finished", timeout_s=180)
+    page.wait_for_timeout(500)  # the last chart redraw
+
+    ar_text, flash_text = _ar_text(page), _flash_text(page)
+    assert ar_text and flash_text
+    assert ar_text == flash_text  # temperature 0: the same text
+    assert "identical output" in page.locator("#summary").inner_text()
+    traces = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot'))
+        .map(plot => (plot.data || []).map(trace => (trace.x || []).length))""")
+    assert len(traces) == 2 and all(len(plot) >= 2 and max(plot) > 0 for plot in traces), traces
+    assert re.search(r"FLASH · \d+ tokens", page.locator("#flash-stats").inner_text())
+
+    page.locator("button.label-wrap", has_text="Settings").click()  # fold the settings for the picture
+    page.wait_for_timeout(300)
+    out = ROOT / "artifacts" / "screenshot.png"
+    _save_screenshot(page, out)
+    assert 10_000 < out.stat().st_size < 300_000
+
+
+def _save_screenshot(page, path: Path) -> None:
+    """A full-page PNG in 256 colours: a third of the size, no visible loss on a UI."""
+    from PIL import Image
+
+    path.parent.mkdir(exist_ok=True)
+    image = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
+    image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)

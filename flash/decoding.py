@@ -49,7 +49,10 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class StepEvent:
-    """What one decoding step did. Times are seconds of this step; totals are cumulative."""
+    """What one decoding step did. Times are seconds of this step; totals are cumulative.
+
+    ``total_seconds`` is the loop's own time: time the consumer spends between steps is excluded.
+    """
 
     method: str
     step: int  # 0 = prefill
@@ -113,15 +116,31 @@ def collect(events) -> GenerationResult:
 
 
 class _Clock:
-    """perf_counter timing that synchronises the accelerator first (GPU work is asynchronous)."""
+    """The loop's own time: perf_counter after a device sync, paused while the caller holds a yield.
+
+    Counting only time spent inside the generator keeps tokens/s honest when a consumer
+    interleaves two loops (the app's race) or does slow work between steps.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.start = self.now()
+        self.own = 0.0
+        self.mark = self.now()
 
     def now(self) -> float:
-        self.sync()
+        self.sync()  # GPU work is asynchronous: wait for it before reading the clock
         return time.perf_counter()
+
+    def lap(self) -> float:
+        """Own seconds so far (call just before yielding)."""
+        t = self.now()
+        self.own += t - self.mark
+        self.mark = t
+        return self.own
+
+    def resume(self) -> None:
+        """Call right after a yield returns: the time the consumer held is not ours."""
+        self.mark = time.perf_counter()
 
 
 class _Emitter:
@@ -147,7 +166,7 @@ class _Emitter:
         self.generated += kept
         self.done = self.done or self.room == 0
         event = StepEvent(self.method, self.step, tuple(kept), min(accepted, len(kept)), proposed, draft_s,
-                          verify_s, len(self.generated), self.clock.now() - self.clock.start, self.done)
+                          verify_s, len(self.generated), self.clock.lap(), self.done)
         self.step += 1
         return event
 
@@ -185,6 +204,7 @@ def _autoregressive(target: TargetModel, prompt: Prompt, config: GenerationConfi
     pre = target.prefill(prompt)
     token = _choose(config.rules.apply(pre.last_logits[None], out.generated, 0)[0], config, generator)
     yield out.emit([token], 0, 0, 0.0, clock.now() - t0)
+    clock.resume()
     state = pre.state
     while not out.done:
         t0 = clock.now()
@@ -192,6 +212,8 @@ def _autoregressive(target: TargetModel, prompt: Prompt, config: GenerationConfi
         logits = config.rules.apply(logits[-1:], out.generated, len(out.generated))
         token = _choose(logits[0], config, generator)
         yield out.emit([token], 0, 0, 0.0, clock.now() - t0)
+        clock.resume()
+    clock.resume()
 
 
 class _DraftProposer:
@@ -255,6 +277,7 @@ def _speculative(target: TargetModel, prompt: Prompt, proposer, method: str,
     pre = target.prefill(prompt)
     token = _choose(config.rules.apply(pre.last_logits[None], out.generated, 0)[0], config, generator)
     yield out.emit([token], 0, 0, 0.0, clock.now() - t0)
+    clock.resume()
     state = pre.state
     proposer.start(target, prompt, pre.hidden, token)
 
@@ -290,6 +313,7 @@ def _speculative(target: TargetModel, prompt: Prompt, proposer, method: str,
         # 5. Emit.
         yield out.emit(accepted_ids.tolist() + [next_token], accepted, int(draft_ids.shape[0]), t1 - t0,
                        clock.now() - t1)
+        clock.resume()
 
 
 def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationConfig, generator: torch.Generator,

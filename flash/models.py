@@ -35,7 +35,8 @@ PRESETS = (
     Preset("Qwen2.5-VL-7B (GPU)", "Qwen/Qwen2.5-VL-7B-Instruct", "drafts/qwen2.5-vl-7b"),
 )
 
-_TARGETS: dict[str, TargetModel] = {}  # explicit cache: one load per process
+_TARGETS: dict[str, TargetModel] = {}  # explicit caches: one load per process
+_DRAFTS: dict[tuple[str, str | None], FlashDraft] = {}
 
 
 def load_target(model: str = DEFAULT_MODEL, *, quiet: bool = False) -> TargetModel:
@@ -59,6 +60,13 @@ def load_draft(target: TargetModel, path: str | Path | None = None, *, quiet: bo
     """
     if path is None and target.name.startswith("flash-default") and (DEFAULT_DRAFT / "draft_config.json").exists():
         path = DEFAULT_DRAFT
+    key = (target.name, None if path is None else str(Path(path).resolve()))
+    if key not in _DRAFTS:
+        _DRAFTS[key] = _load_draft(target, path, quiet)
+    return _DRAFTS[key]
+
+
+def _load_draft(target: TargetModel, path: str | Path | None, quiet: bool) -> FlashDraft:
     if path is None:
         if not quiet:
             print("warning: no trained draft for this target; using an untrained one (exact output, "

@@ -1,0 +1,155 @@
+"""Shared fixtures: the embedded default target, tiny random HF targets, real photos, random drafts.
+
+Targets are session-scoped and must not be mutated by tests (work on a shallow copy instead).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:  # run as `pytest tests/` from anywhere, without installing the package
+    sys.path.insert(0, ROOT)
+
+from flash.draft import DraftConfig, FlashDraft  # noqa: E402
+from flash.media import Media  # noqa: E402
+from flash.target import TargetModel  # noqa: E402
+
+# --- media ----------------------------------------------------------------------------------------
+
+
+def make_media(kind: str, frames: list[Image.Image], source: str, duration_s: float | None = None) -> Media:
+    frames = tuple(frame.convert("RGB") for frame in frames)
+    return Media(kind=kind, frames=frames, source=source, size=frames[0].size, duration_s=duration_s)
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, Media]:
+    """Real photographs from scikit-image, as single-frame image Media."""
+    data = pytest.importorskip("skimage.data")
+    return {
+        name: make_media("image", [Image.fromarray(getattr(data, name)())], f"{name}.png")
+        for name in ("chelsea", "coffee", "astronaut", "rocket")
+    }
+
+
+def pan_video(photo: Media, num_frames: int, name: str) -> Media:
+    """A short 'video': square crops panning across ``photo`` from left to right."""
+    image = photo.frames[0]
+    side = min(image.size)
+    step = (image.width - side) // max(num_frames - 1, 1)
+    frames = [image.crop((i * step, 0, i * step + side, side)) for i in range(num_frames)]
+    return make_media("video", frames, f"{name}.mp4", duration_s=num_frames / 2)
+
+
+@pytest.fixture(scope="session")
+def videos(photos) -> dict[str, Media]:
+    """Multi-frame videos built from PIL frames (3 and 4 frames)."""
+    return {"cat-pan-4": pan_video(photos["chelsea"], 4, "cat-pan-4"),
+            "coffee-pan-3": pan_video(photos["coffee"], 3, "coffee-pan-3")}  # fmt: skip
+
+
+# --- targets --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def default_target() -> TargetModel:
+    from flash.default_target import load_default_target
+    from flash.weights import WeightsError
+
+    try:
+        return load_default_target(quiet=True)
+    except WeightsError as exc:  # no network and nothing cached: nothing to test against
+        pytest.skip(f"default target weights unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava() -> TargetModel:
+    return pytest.importorskip("flash.hf_targets").tiny_llava(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen() -> TargetModel:
+    return pytest.importorskip("flash.hf_targets").tiny_qwen2_5_vl(0)
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("single_thread")``).
+
+    These models are small: with two threads on a two-core machine that is busy with anything
+    else, thread hand-offs make them 10-15x slower than with one.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- drafts ---------------------------------------------------------------------------------------
+
+
+def draft_config(target: TargetModel, *, k: int = 4, num_latents: int = 8, target_name: str | None = None,
+                 draft_vocab_size: int = 0) -> DraftConfig:
+    """A small draft shaped for ``target`` (heads of even size, a short context)."""
+    heads = 8 if target.hidden_size >= 256 else 4
+    return DraftConfig(
+        target_name=target.name if target_name is None else target_name,
+        hidden_size=target.hidden_size,
+        vocab_size=target.vocab_size,
+        num_heads=heads,
+        intermediate_size=2 * target.hidden_size,
+        k=k,
+        num_latents=num_latents,
+        max_positions=2048,
+        draft_vocab_size=draft_vocab_size,
+    )
+
+
+def random_draft(target: TargetModel, *, k: int = 4, num_latents: int = 8, seed: int = 0,
+                 draft_vocab: torch.Tensor | None = None, cls: type[FlashDraft] = FlashDraft, **extra) -> FlashDraft:
+    """An untrained draft (seeded random weights) bound to ``target``.
+
+    ``draft_vocab``: target token ids of a reduced draft vocabulary (default: the full vocabulary).
+    """
+    size = 0 if draft_vocab is None else len(draft_vocab)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        draft = cls(draft_config(target, k=k, num_latents=num_latents, draft_vocab_size=size), **extra)
+    if draft_vocab is not None:
+        draft.draft_to_target.copy_(draft_vocab)
+    return draft.bind(target).eval()
+
+
+def echo_draft(target: TargetModel, *, k: int = 3, num_latents: int = 4) -> FlashDraft:
+    """A real FlashDraft whose every slot predicts h_t itself (block output and stream zeroed, gate 1).
+
+    It proposes from the target's distribution at the *previous* position: near the target's own
+    but not equal to it, so sampled verification both accepts and rejects.
+    """
+    draft = random_draft(target, k=k, num_latents=num_latents)
+    with torch.no_grad():
+        draft.slot_gate.fill_(1.0)
+        draft.fuse.weight.zero_()
+        draft.slot_embed.zero_()
+        draft.block.o_proj.weight.zero_()
+        draft.block.down.weight.zero_()
+    return draft
+
+
+@pytest.fixture(scope="session")
+def make_draft():
+    """Factory fixture: ``make_draft(target, k=.., num_latents=.., seed=.., cls=..)`` (see random_draft)."""
+    return random_draft
+
+
+@pytest.fixture(scope="session")
+def make_echo_draft():
+    """Factory fixture: ``make_echo_draft(target, k=.., num_latents=..)`` (see echo_draft)."""
+    return echo_draft

@@ -331,13 +331,15 @@ def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationC
         ids, probs = [], []
         for i in range(full.shape[0]):
             row = config.rules.apply(full[i : i + 1], context + ids, len(context) + i)
+            if not torch.isfinite(row).any():
+                break  # the rules ban every token the draft knows: propose fewer tokens this step
             if config.greedy:
                 ids.append(int(row.argmax()))
             else:
                 q = logits_to_probs(row, config.temperature, config.top_p)
                 ids.append(int(sample(q, generator)))
                 probs.append(q)
-        return torch.tensor(ids, device=features.device), (torch.cat(probs) if probs else None)
+        return torch.tensor(ids, dtype=torch.long, device=features.device), (torch.cat(probs) if probs else None)
     if config.greedy:
         return draft.to_target_ids(logits.argmax(-1)), None
     probs = logits_to_probs(logits, config.temperature, config.top_p)
@@ -364,6 +366,8 @@ def _propose_chain(draft: FlashDraft, dstate: DraftState, stream, last_feature, 
         if exact_length is None:
             exact_length = dstate.length  # entries past this are speculative: overwritten next step
         tok, q = _draft_tokens(draft, feature, config, generator, context + [int(t) for t in ids])
+        if tok.numel() == 0:
+            break
         ids.append(tok)
         probs.append(q)
         if i + 1 < n:
@@ -371,4 +375,6 @@ def _propose_chain(draft: FlashDraft, dstate: DraftState, stream, last_feature, 
             last_hidden = feature[0]
             last_feature = draft.fuse_features(feature[0], draft.embed(tok)[0])
     dstate.length = exact_length
+    if not ids:
+        return torch.empty(0, dtype=torch.long, device=last_hidden.device), None
     return torch.cat(ids), (None if probs[0] is None else torch.cat(probs))

@@ -64,8 +64,9 @@ def cmd_caption(args) -> int:
     from flash.models import load_draft, load_target
 
     media = load_media(args.media)
-    target = load_target(args.model, quiet=args.json)
-    draft = None if args.method == "ar" else load_draft(target, args.draft, quiet=args.json)
+    quiet = args.json or not sys.stderr.isatty()  # progress lines are for people, not for pipes
+    target = load_target(args.model, quiet=quiet)
+    draft = None if args.method == "ar" else load_draft(target, args.draft, quiet=quiet)
     prompt = target.build_prompt(media, args.prompt or target.default_prompt(media))
     events = []
     shown = ""
@@ -162,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    # transformers' per-tensor "Loading weights" bars would bury our own one-line messages.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         return args.func(args)
     except _user_errors() as exc:

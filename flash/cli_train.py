@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--distill-only", action="store_true", help="only build the distillation cache")
+    p.add_argument("--train-only", action="store_true", help="train on the records already in the cache")
     p.set_defaults(func=cmd_train)
 
 
@@ -59,17 +60,23 @@ def cmd_train(args) -> int:
 
     target = load_target(args.model)
     data_dir = Path(args.data_dir or cache_dir() / "distill" / args.model.replace("/", "--"))
-    if args.media:
+    if args.train_only:
+        items = []
+    elif args.media:
         items = _user_corpus(args.media, args.seed)
     else:
         items = build_corpus(args.train_items, args.heldout_items, seed=args.seed)
-    if not items:
+    if not items and not args.train_only:
         raise UsageError("no usable media to train on; pass --media FOLDER with images or videos")
-    print(f"distilling {len(items)} items into {data_dir} ...", file=sys.stderr)
-    distill(target, items, data_dir, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if not args.train_only:
+        print(f"distilling {len(items)} items into {data_dir} ...", file=sys.stderr)
+        distill(target, items, data_dir, max_new_tokens=args.max_new_tokens, seed=args.seed)
     if args.distill_only:
         return 0
     records = load_records(data_dir, target.name)
+    if not records:
+        raise UsageError(f"no distilled records for this model in {data_dir}; run without --train-only first")
+    print(f"training on {len(records)} records from {data_dir}", file=sys.stderr)
     cfg = TrainConfig(k=args.k, num_latents=args.num_latents, draft_vocab_size=args.draft_vocab, epochs=args.epochs,
                       lr=args.lr, seed=args.seed)
     train(target, records, Path(args.out), cfg)

@@ -87,7 +87,10 @@ def distill(target: TargetModel, items: list[CorpusItem], out_dir: Path, *, max_
                 rec = _record(prompt, response, hidden, item.split, item.media.kind)
                 meta = {"split": rec.pop("split"), "kind": rec.pop("kind"), "prompt": item.prompt,
                         "target": target.name}
-                save_file(rec, str(out_dir / f"{item.item_id}-{mode}.safetensors"), metadata={"meta": json.dumps(meta)})
+                final = out_dir / f"{item.item_id}-{mode}.safetensors"
+                tmp = final.with_suffix(".part")
+                save_file(rec, str(tmp), metadata={"meta": json.dumps(meta)})
+                tmp.replace(final)  # atomic: an interrupted run never leaves a half-written record
         done += len(chunk)
         rate = done / (time.perf_counter() - start)
         print(f"distill: {done}/{len(todo)} records ({rate:.2f}/s, ~{(len(todo) - done) / rate:.0f} s left)",

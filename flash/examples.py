@@ -24,7 +24,6 @@ __all__ = ["EXAMPLE_PHOTOS", "EXAMPLE_VIDEOS", "make_examples"]
 EXAMPLE_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
     "cat.jpg": data.chelsea,
     "coffee.jpg": data.coffee,
-    "astronaut.jpg": data.astronaut,
     "rocket.jpg": data.rocket,
 }
 EXAMPLE_VIDEOS = ("cat_pan.mp4", "coffee_rocket_cut.mp4", "shapes.mp4")

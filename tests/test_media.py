@@ -701,7 +701,7 @@ def test_media_is_frozen(tmp_path: Path) -> None:
 # Shipped examples
 
 
-PHOTOS = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")
+PHOTOS = ("cat.jpg", "coffee.jpg", "rocket.jpg")
 VIDEOS = ("cat_pan.mp4", "coffee_rocket_cut.mp4", "shapes.mp4")
 
 

@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--num-latents", type=int, default=8, help="C latents per media span (0 = no compression)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="reduced draft vocabulary (0 = full)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--grad-accum", type=int, default=4, help="records per optimizer step")
     p.add_argument("--ce-weight", type=float, default=0.1, help="weight of the soft cross-entropy term")
     p.add_argument("--noise", type=float, default=0.2, help="uniform feature noise, relative to h's std")
     p.add_argument("--seed", type=int, default=0)
@@ -80,7 +81,7 @@ def cmd_train(args) -> int:
         raise UsageError(f"no distilled records for this model in {data_dir}; run without --train-only first")
     print(f"training on {len(records)} records from {data_dir}", file=sys.stderr)
     cfg = TrainConfig(k=args.k, num_latents=args.num_latents, draft_vocab_size=args.draft_vocab, epochs=args.epochs,
-                      lr=args.lr, ce_weight=args.ce_weight, noise=args.noise, seed=args.seed)
+                      lr=args.lr, grad_accum=args.grad_accum, ce_weight=args.ce_weight, noise=args.noise, seed=args.seed)
     train(target, records, Path(args.out), cfg)
     print(f"draft saved to {args.out}", file=sys.stderr)
     return 0

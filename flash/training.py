@@ -88,12 +88,18 @@ def _sample_tensors(draft: FlashDraft, rec: Record, noise: float, device) -> tup
     return stream, hidden_in[L - 1 : F_ - 1], hidden[L:F_]
 
 
-def record_loss(draft: FlashDraft, rec: Record, cfg: TrainConfig, device, noise: float | None = None):
-    """Loss of one record and per-slot greedy hit counts (teacher forcing)."""
+def record_loss(draft: FlashDraft, rec: Record, cfg: TrainConfig, device, noise: float | None = None, rules=None):
+    """Loss of one record and per-slot greedy hits (teacher forcing).
+
+    A hit means the draft's top token is the token the target actually emitted next. With
+    ``rules`` (the target's logits rules) the draft's logits are processed as at decoding time,
+    with the true prefix, so the hit rate predicts real acceptance.
+    """
     stream, gate, targets = _sample_tensors(draft, rec, cfg.noise if noise is None else noise, device)
     preds = draft.train_forward(stream, gate)  # [k, n, D]
     n = gate.shape[0]
-    total, hits, counts = 0.0, [], []
+    response = rec.response.to(device)
+    total, hits = 0.0, []
     for i in range(draft.cfg.k):
         valid = n - i  # slot i at position t predicts h_{t+1+i}: needs t+1+i <= F-1
         if valid <= 0:
@@ -106,11 +112,19 @@ def record_loss(draft: FlashDraft, rec: Record, cfg: TrainConfig, device, noise:
             target_logits = draft.draft_logits(tgt)
         ce = -(target_logits.softmax(-1) * draft_logits.log_softmax(-1)).sum(-1).mean()
         total = total + reg + cfg.ce_weight * ce
-        # Greedy hit: the draft's top token is the token the target actually emitted next.
-        actual = torch.cat([rec.response.to(device), rec.response.new_tensor([-1]).to(device)])[1 + i : 1 + i + valid]
-        hits.append(draft.to_target_ids(draft_logits.argmax(-1)) == actual)
-        counts.append(valid)
+        actual = torch.cat([response, response.new_tensor([-1])])[1 + i : 1 + i + valid]
+        with torch.no_grad():
+            hits.append(_top_tokens(draft, draft_logits.detach(), rules, rec.response.tolist(), 1 + i) == actual)
     return total / draft.cfg.k, hits
+
+
+def _top_tokens(draft: FlashDraft, draft_logits: torch.Tensor, rules, response: list[int], start: int) -> torch.Tensor:
+    """Draft's greedy tokens (target ids); row r processed by ``rules`` with prefix response[:start+r]."""
+    if rules is None or not rules.active:
+        return draft.to_target_ids(draft_logits.argmax(-1))
+    full = draft_logits.new_full((draft_logits.shape[0], draft.cfg.vocab_size), float("-inf"))
+    full[:, draft.draft_to_target] = draft_logits.float()
+    return rules.apply(full, response, start).argmax(-1)
 
 
 def chain_tau(hits: list[torch.Tensor], k: int) -> tuple[float, list[float]]:
@@ -127,7 +141,7 @@ def chain_tau(hits: list[torch.Tensor], k: int) -> tuple[float, list[float]]:
     return float(run.float().mean()), rates
 
 
-def evaluate(draft: FlashDraft, records: list[Record], cfg: TrainConfig, device) -> dict:
+def evaluate(draft: FlashDraft, records: list[Record], cfg: TrainConfig, device, rules=None) -> dict:
     """Held-out loss, teacher-forced τ and per-slot hit rate, for images and videos separately."""
     draft.eval()
     out: dict = {}
@@ -138,15 +152,16 @@ def evaluate(draft: FlashDraft, records: list[Record], cfg: TrainConfig, device)
                 continue
             taus, rates, losses, weights = [], [], [], []
             for rec in recs:
-                loss, hits = record_loss(draft, rec, cfg, device, noise=0.0)
+                loss, hits = record_loss(draft, rec, cfg, device, noise=0.0, rules=rules)
                 tau, r = chain_tau(hits, draft.cfg.k)
                 taus.append(tau)
                 rates.append(r)
                 losses.append(float(loss))
                 weights.append(hits[0].shape[0])
             w = torch.tensor(weights, dtype=torch.float32)
+            slot_rates = (torch.tensor(rates) * w[:, None]).sum(0) / w.sum()
             out[kind] = {"tau": float((torch.tensor(taus) * w).sum() / w.sum()),
-                         "slot_hit_rate": [round(float(x), 3) for x in (torch.tensor(rates) * w[:, None]).sum(0) / w.sum()],
+                         "slot_hit_rate": [round(float(x), 3) for x in slot_rates],
                          "loss": sum(losses) / len(losses), "records": len(recs)}
     draft.train()
     return out
@@ -198,7 +213,7 @@ def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = Train
             if (i + 1) % 50 == 0:
                 log(f"epoch {epoch + 1}/{cfg.epochs} record {i + 1}/{len(order)} loss {running / (i + 1):.4f} "
                     f"({time.perf_counter() - start:.0f} s)")
-        metrics = evaluate(model, heldout, cfg, device) if heldout else {}
+        metrics = evaluate(model, heldout, cfg, device, target.logits_rules()) if heldout else {}
         history.append({"epoch": epoch + 1, "train_loss": running / len(order), "heldout": metrics,
                         "seconds": round(time.perf_counter() - start, 1)})
         log(f"epoch {epoch + 1}: train loss {running / len(order):.4f} heldout {json.dumps(metrics)}")

@@ -79,7 +79,7 @@ def machine_info(target: TargetModel) -> dict:
 
 def first_difference(a: tuple[int, ...], b: tuple[int, ...]) -> int | None:
     """Index of the first differing token (or of the end of the shorter sequence), None if equal."""
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
@@ -175,8 +175,8 @@ def _run_record(r: Run) -> dict:
 
 def markdown_table(report: dict) -> str:
     """The report as a markdown table (overall and per media kind)."""
-    lines = ["| media | method | tokens/s | speed-up vs ar (median, min–max) | τ | acceptance | draft / verify / prefill / other |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| media | method | tokens/s | speed-up vs ar (median, min–max) | τ | acceptance "
+             "| draft / verify / prefill / other |", "|---|---|---|---|---|---|---|"]
     for kind, table in [("all", report["methods"])] + list(report["by_kind"].items()):
         for m, a in table.items():
             if not a:
@@ -220,5 +220,6 @@ def load_samples(paths: list[str], prompts: list[str], target: TargetModel) -> l
     for f in media_files(paths):
         media = load_media(f)
         for prompt in prompts or [target.default_prompt(media)]:
-            samples.append(Sample(f.name if not prompts or len(prompts) == 1 else f"{f.name}:{prompt[:20]}", media, prompt))
+            name = f.name if not prompts or len(prompts) == 1 else f"{f.name}:{prompt[:20]}"
+            samples.append(Sample(name, media, prompt))
     return samples

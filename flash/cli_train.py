@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="'default' or a HuggingFace hub id")
     p.add_argument("--out", required=True, help="directory to write the draft into")
     p.add_argument("--data-dir", default=None, help="distillation cache (default: <cache>/distill/<model>)")
-    p.add_argument("--media", nargs="*", default=[], help="folders of your own images/videos (else the built-in corpus)")
+    p.add_argument("--media", nargs="*", default=[],
+                   help="folders of your own images/videos (else the built-in corpus)")
     p.add_argument("--train-items", type=int, default=600, help="built-in corpus: training items")
     p.add_argument("--heldout-items", type=int, default=40, help="built-in corpus: held-out items")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -81,7 +82,8 @@ def cmd_train(args) -> int:
         raise UsageError(f"no distilled records for this model in {data_dir}; run without --train-only first")
     print(f"training on {len(records)} records from {data_dir}", file=sys.stderr)
     cfg = TrainConfig(k=args.k, num_latents=args.num_latents, draft_vocab_size=args.draft_vocab, epochs=args.epochs,
-                      lr=args.lr, grad_accum=args.grad_accum, ce_weight=args.ce_weight, noise=args.noise, seed=args.seed)
+                      lr=args.lr, grad_accum=args.grad_accum, ce_weight=args.ce_weight, noise=args.noise,
+                      seed=args.seed)
     train(target, records, Path(args.out), cfg)
     print(f"draft saved to {args.out}", file=sys.stderr)
     return 0

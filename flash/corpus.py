@@ -78,7 +78,7 @@ def procedural_scene(rng: random.Random, size: int = 256) -> tuple[Image.Image, 
     img = Image.new("RGB", (size, size), _colour(rng))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(0, 40)):  # background texture: stripes or dots
-        x, y = rng.randrange(size), rng.randrange(size)
+        x = rng.randrange(size)
         draw.line((x, 0, x + rng.randint(-40, 40), size), fill=_colour(rng), width=rng.randint(1, 4))
     shapes = [{"kind": rng.choice(("ellipse", "rectangle", "polygon")), "x": rng.uniform(0, size),
                "y": rng.uniform(0, size), "r": rng.uniform(12, 70), "colour": _colour(rng),

@@ -112,7 +112,8 @@ class DefaultTarget(TargetModel):
         tokens = (weights.unsqueeze(-1) * self._label_embeds[top_i]).sum(-2)  # [F, 49, D]
         overall = global_.softmax(-1).mean(0)  # averaged over frames for a video
         p, idx = overall.topk(self.connector.global_max_classes)
-        names = [self.labels[i] for pi, i in zip(p.tolist(), idx.tolist()) if pi >= self.connector.global_min_prob]
+        confident = [i for pi, i in zip(p.tolist(), idx.tolist(), strict=True) if pi >= self.connector.global_min_prob]
+        names = [self.labels[i] for i in confident]
         return tokens, names or [self.labels[int(idx[0])]]
 
     def _chat_text(self, media, names: list[str], text: str) -> str:

@@ -146,7 +146,7 @@ class FlashDraft(nn.Module):
             self.latent_proj.weight.copy_(torch.eye(d))
 
     # --- binding to a target ---------------------------------------------------------------------
-    def bind(self, target) -> "FlashDraft":
+    def bind(self, target) -> FlashDraft:
         """Borrow ``target``'s frozen embedding and LM head; refuse a draft for another target."""
         if target.name != self.cfg.target_name:
             raise DraftError(
@@ -209,7 +209,8 @@ class FlashDraft(nn.Module):
         shape = (1, cfg.num_heads, cfg.max_positions, cfg.head_dim)
         dtype = dtype or self.slot_embed.dtype
         device = device or self.slot_embed.device
-        return DraftState(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        return DraftState(torch.zeros(shape, dtype=dtype, device=device),
+                          torch.zeros(shape, dtype=dtype, device=device))
 
     def propose(self, state: DraftState, stream: torch.Tensor, last_feature: torch.Tensor,
                 last_hidden: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -267,7 +268,7 @@ class FlashDraft(nn.Module):
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> "FlashDraft":
+    def load(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> FlashDraft:
         """Load a draft saved by :meth:`save`; a clear :class:`DraftError` if it is missing or broken."""
         directory = Path(directory)
         try:

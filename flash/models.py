@@ -79,7 +79,8 @@ def _load_draft(target: TargetModel, path: str | Path | None, quiet: bool) -> Fl
         if not Path(path).exists():
             raise DraftError(f"no draft at {path}: train one with `python -m flash train --out {path}`")
         draft = FlashDraft.load(path)
-    return draft.to(device=target.device, dtype=torch.float32 if target.dtype == torch.float32 else target.dtype).bind(target).eval()
+    dtype = torch.float32 if target.dtype == torch.float32 else target.dtype
+    return draft.to(device=target.device, dtype=dtype).bind(target).eval()
 
 
 def _heads_for(hidden: int) -> int:

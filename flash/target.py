@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from flash.logits_rules import LogitsRules
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ class TargetModel(ABC):
             return "Describe what happens in this video."
         return "Describe this image in detail."
 
-    def logits_rules(self) -> "LogitsRules":
+    def logits_rules(self) -> LogitsRules:
         """Generation rules (repetition penalty, n-gram ban) this target decodes with by default."""
         from flash.logits_rules import LogitsRules
 

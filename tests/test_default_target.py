@@ -79,7 +79,8 @@ def test_ar_matches_transformers_generate(default_target):
     ours = collect(generate(default_target, prompt, "ar", None, GenerationConfig(max_new_tokens=24, rules=rules)))
     embeds = default_target._prompt_embeds(prompt)
     with torch.inference_mode():
-        out = default_target.lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+        out = default_target.lm.generate(inputs_embeds=embeds, attention_mask=mask,
                                          max_new_tokens=24, do_sample=False, logits_processor=rules.processors(),
                                          eos_token_id=sorted(default_target.eos_token_ids), pad_token_id=0)
     theirs = out[0].tolist()

@@ -137,6 +137,11 @@ class FlashDraft(nn.Module):
         self.slot_embed = nn.Parameter(torch.randn(cfg.k, d) * 0.02)
         self.slot_gate = nn.Parameter(torch.zeros(cfg.k))
         self.block = DecoderBlock(cfg)
+        # Predictions live where the target's post-norm h lives: a norm whose per-dimension scale
+        # (set from data before training) carries h's large outlier dimensions, so the block only
+        # has to get the direction right. Without it the draft barely learnt (measured: slot-0 hit
+        # rate 8% vs 23% after the same 150 steps on 6 records).
+        self.out_norm = RMSNorm(d, cfg.rms_eps)
         # Map from draft-vocabulary index to target token id (identity for the full vocabulary).
         size = cfg.draft_vocab_size or cfg.vocab_size
         self.register_buffer("draft_to_target", torch.arange(size), persistent=True)
@@ -238,7 +243,7 @@ class FlashDraft(nn.Module):
         mask = block_mask(past, m, num_slots, x.device)
         out = self.block.finish(x, q, keys, values, mask)[0, m:]  # [num_slots, D]
         state.length = past + exact
-        return out + self.slot_gate[:num_slots, None] * last_hidden.to(out.dtype)
+        return self.out_norm(out + self.slot_gate[:num_slots, None] * last_hidden.to(out.dtype))
 
     def train_forward(self, stream: torch.Tensor, gate_hidden: torch.Tensor) -> torch.Tensor:
         """All slots at the last n stream positions in one pass (teacher forcing).
@@ -256,7 +261,7 @@ class FlashDraft(nn.Module):
         q, keys, values = self.block.project_kv_q(x, cos, sin)
         out = self.block.finish(x, q, keys, values, train_mask(s, n, k, stream.device))[0]
         slots = torch.cat([out[s - n : s][None], out[s:].view(k - 1, n, out.shape[-1])])  # [k, n, D]
-        return slots + self.slot_gate[:, None, None] * gate_hidden[None].to(slots.dtype)
+        return self.out_norm(slots + self.slot_gate[:, None, None] * gate_hidden[None].to(slots.dtype))
 
     # --- saving and loading -------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:

@@ -187,6 +187,9 @@ def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = Train
     if dcfg.draft_vocab_size:
         vocab = draft_vocabulary(train_recs, dcfg.draft_vocab_size, target.eos_token_ids, target.vocab_size)
         draft.register_buffer("draft_to_target", vocab, persistent=True)
+    with torch.no_grad():  # h's per-dimension RMS: the scale the output norm starts from
+        sample = torch.cat([r.hidden[:: max(1, r.hidden.shape[0] // 64)].float() for r in train_recs])
+        draft.out_norm.weight.copy_(sample.pow(2).mean(0).sqrt())
     draft = draft.to(device).bind(target)
     optimizer = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     draft, optimizer = accelerator.prepare(draft, optimizer)

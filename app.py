@@ -24,7 +24,7 @@ import gradio as gr
 import plotly.graph_objects as go
 import torch
 
-from flash.decoding import GenerationConfig
+from flash.decoding import DEFAULT_MIN_DRAFT_PROB, GenerationConfig
 from flash.media import Media, MediaError, is_video_path, load_media
 from flash.models import DEFAULT_MODEL, PRESETS, Preset, load_draft, load_target
 from flash.race import RaceFrame, SideView, on_one_clock, race
@@ -329,7 +329,7 @@ def _race_stream(media_path, prompt, model, max_new_tokens, temperature, top_p, 
     target, draft = _load_models(preset)
     config = GenerationConfig(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                               top_p=float(top_p), seed=int(seed), k=int(k) if k else None,
-                              rules=target.logits_rules())
+                              rules=target.logits_rules(), min_draft_prob=DEFAULT_MIN_DRAFT_PROB)
     k_used = min(config.k or draft.cfg.k, draft.cfg.k)
     yield _pack({"status": "… Encoding the media and starting both sides"})
     last_text = last_figure = 0.0

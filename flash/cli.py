@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from flash.decoding import METHODS, GenerationConfig, collect, generate
+from flash.decoding import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, collect, generate
 from flash.models import DEFAULT_MODEL
 
 
@@ -39,12 +39,15 @@ def _add_generation_args(p: argparse.ArgumentParser, several_prompts: bool = Fal
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=None, help="draft tokens per step (default: the draft's)")
+    p.add_argument("--min-draft-prob", type=float, default=DEFAULT_MIN_DRAFT_PROB,
+                   help="stop drafting at a token the draft gives less probability (0 = always draft k)")
 
 
 def _config(args, target) -> GenerationConfig:
     try:
         return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, seed=args.seed, k=args.k, rules=target.logits_rules())
+                                top_p=args.top_p, seed=args.seed, k=args.k, rules=target.logits_rules(),
+                                min_draft_prob=args.min_draft_prob)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

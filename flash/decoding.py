@@ -19,6 +19,8 @@ from flash.target import Prompt, TargetModel
 from flash.verification import greedy_verify, logits_to_probs, sample, sampling_verify
 
 METHODS = ("ar", "eagle", "flash", "pld")
+#: The confidence cut the CLI and the app use by default (see GenerationConfig.min_draft_prob).
+DEFAULT_MIN_DRAFT_PROB = 0.3
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,10 @@ class GenerationConfig:
     seed: int = 0
     k: int | None = None  # draft tokens per step; None = the draft's own k
     rules: LogitsRules = field(default_factory=LogitsRules)
+    # Stop a step's draft at the first token the draft itself gives less than this probability
+    # (EAGLE-2's confidence cut): a weak draft then costs little instead of making every
+    # verification longer. Decided from the draft alone, so the output stays exact.
+    min_draft_prob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -41,6 +47,8 @@ class GenerationConfig:
             raise ValueError("top_p must be in (0, 1]")
         if self.k is not None and self.k < 1:
             raise ValueError("k must be >= 1")
+        if not 0 <= self.min_draft_prob < 1:
+            raise ValueError("min_draft_prob must be in [0, 1)")
 
     @property
     def greedy(self) -> bool:
@@ -333,6 +341,8 @@ def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationC
             row = config.rules.apply(full[i : i + 1], context + ids, len(context) + i)
             if not torch.isfinite(row).any():
                 break  # the rules ban every token the draft knows: propose fewer tokens this step
+            if config.min_draft_prob and float(row.softmax(-1).max()) < config.min_draft_prob:
+                break
             if config.greedy:
                 ids.append(int(row.argmax()))
             else:
@@ -340,6 +350,9 @@ def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationC
                 ids.append(int(sample(q, generator)))
                 probs.append(q)
         return torch.tensor(ids, dtype=torch.long, device=features.device), (torch.cat(probs) if probs else None)
+    if config.min_draft_prob:
+        confident = logits.softmax(-1).amax(-1) >= config.min_draft_prob
+        logits = logits[: int(confident.to(torch.int64).cumprod(0).sum())]
     if config.greedy:
         return draft.to_target_ids(logits.argmax(-1)), None
     probs = logits_to_probs(logits, config.temperature, config.top_p)

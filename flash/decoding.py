@@ -203,15 +203,22 @@ def generate(target: TargetModel, prompt: Prompt, method: str = "flash", draft: 
     return _speculative(target, prompt, _DraftProposer(draft, method == "eagle", k), method, config)
 
 
+def _prefill(target: TargetModel, prompt: Prompt, config: GenerationConfig, clock: _Clock, out: _Emitter,
+             generator: torch.Generator):
+    """Step 0 of every loop: prefill the prompt and choose the target's first token."""
+    t0 = clock.now()
+    pre = target.prefill(prompt)
+    token = _choose(config.rules.apply(pre.last_logits[None], out.generated, 0)[0], config, generator)
+    return pre, token, out.emit([token], 0, 0, 0.0, clock.now() - t0)
+
+
 @torch.inference_mode()
 def _autoregressive(target: TargetModel, prompt: Prompt, config: GenerationConfig) -> Iterator[StepEvent]:
     clock = _Clock(target.device)
     out = _Emitter("ar", target, config, clock)
     generator = torch.Generator().manual_seed(config.seed)
-    t0 = clock.now()
-    pre = target.prefill(prompt)
-    token = _choose(config.rules.apply(pre.last_logits[None], out.generated, 0)[0], config, generator)
-    yield out.emit([token], 0, 0, 0.0, clock.now() - t0)
+    pre, token, event = _prefill(target, prompt, config, clock, out, generator)
+    yield event
     clock.resume()
     state = pre.state
     while not out.done:
@@ -281,10 +288,8 @@ def _speculative(target: TargetModel, prompt: Prompt, proposer, method: str,
     generator = torch.Generator().manual_seed(config.seed)
     device = target.device
 
-    t0 = clock.now()
-    pre = target.prefill(prompt)
-    token = _choose(config.rules.apply(pre.last_logits[None], out.generated, 0)[0], config, generator)
-    yield out.emit([token], 0, 0, 0.0, clock.now() - t0)
+    pre, token, event = _prefill(target, prompt, config, clock, out, generator)
+    yield event
     clock.resume()
     state = pre.state
     proposer.start(target, prompt, pre.hidden, token)

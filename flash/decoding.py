@@ -339,8 +339,7 @@ def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationC
     """
     logits = draft.draft_logits(features).float()  # [n, Vd]
     if config.rules.active:
-        full = logits.new_full((logits.shape[0], draft.cfg.vocab_size), float("-inf"))
-        full[:, draft.draft_to_target] = logits
+        full = draft.to_target_vocab(logits, float("-inf"))
         ids, probs = [], []
         for i in range(full.shape[0]):
             row = config.rules.apply(full[i : i + 1], context + ids, len(context) + i)
@@ -362,9 +361,8 @@ def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationC
         return draft.to_target_ids(logits.argmax(-1)), None
     probs = logits_to_probs(logits, config.temperature, config.top_p)
     ids = sample(probs, generator)
-    full = probs.new_zeros(probs.shape[0], draft.cfg.vocab_size)
-    full[:, draft.draft_to_target] = probs  # q over the target vocabulary (zero outside the draft's)
-    return draft.to_target_ids(ids), full
+    # q over the target vocabulary: zero outside the draft's
+    return draft.to_target_ids(ids), draft.to_target_vocab(probs, 0.0)
 
 
 def _propose_block(draft: FlashDraft, dstate: DraftState, stream, last_feature, last_hidden, n: int,

@@ -178,6 +178,12 @@ class FlashDraft(nn.Module):
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return self.draft_to_target[draft_ids]
 
+    def to_target_vocab(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """Rows over the draft vocabulary [n, Vd] -> rows over the target's [n, V], ``fill`` elsewhere."""
+        full = values.new_full((values.shape[0], self.cfg.vocab_size), fill)
+        full[:, self.draft_to_target] = values
+        return full
+
     # --- features --------------------------------------------------------------------------------
     def fuse_features(self, hidden: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:
         """f_t = fuse([e_{t+1}; h_t]): hidden, next_embeds [..., D] -> [..., D]."""

@@ -71,10 +71,11 @@ def _load_draft(target: TargetModel, path: str | Path | None, quiet: bool) -> Fl
         if not quiet:
             print("warning: no trained draft for this target; using an untrained one (exact output, "
                   "low acceptance). Train one with `python -m flash train`.", file=sys.stderr)
-        torch.manual_seed(0)
         cfg = DraftConfig(target_name=target.name, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
                           num_heads=_heads_for(target.hidden_size))
-        draft = FlashDraft(cfg)
+        with torch.random.fork_rng(devices=[]):  # reproducible weights without touching the caller's RNG
+            torch.manual_seed(0)
+            draft = FlashDraft(cfg)
     else:
         if not Path(path).exists():
             raise DraftError(f"no draft at {path}: train one with `python -m flash train --out {path}`")

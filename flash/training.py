@@ -122,8 +122,7 @@ def _top_tokens(draft: FlashDraft, draft_logits: torch.Tensor, rules, response: 
     """Draft's greedy tokens (target ids); row r processed by ``rules`` with prefix response[:start+r]."""
     if rules is None or not rules.active:
         return draft.to_target_ids(draft_logits.argmax(-1))
-    full = draft_logits.new_full((draft_logits.shape[0], draft.cfg.vocab_size), float("-inf"))
-    full[:, draft.draft_to_target] = draft_logits.float()
+    full = draft.to_target_vocab(draft_logits.float(), float("-inf"))
     return rules.apply(full, response, start).argmax(-1)
 
 

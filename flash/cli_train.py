@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--ce-weight", type=float, default=0.1, help="weight of the soft cross-entropy term")
     p.add_argument("--noise", type=float, default=0.2, help="uniform feature noise, relative to h's std")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="distillation rows decoded together")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="distil only every N-th item from the I-th (run N processes to fill one cache)")
     p.add_argument("--distill-only", action="store_true", help="only build the distillation cache")
     p.add_argument("--train-only", action="store_true", help="train on the records already in the cache")
     p.set_defaults(func=cmd_train)
@@ -74,7 +77,13 @@ def cmd_train(args) -> int:
         raise UsageError("no usable media to train on; pass --media FOLDER with images or videos")
     if not args.train_only:
         print(f"distilling {len(items)} items into {data_dir} ...", file=sys.stderr)
-        distill(target, items, data_dir, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        try:
+            shard = tuple(int(x) for x in args.shard.split("/"))
+            assert len(shard) == 2 and 0 <= shard[0] < shard[1]
+        except (ValueError, AssertionError):
+            raise UsageError(f"--shard must look like I/N with 0 <= I < N, not '{args.shard}'") from None
+        distill(target, items, data_dir, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                batch_size=args.batch_size, shard=shard)
     if args.distill_only:
         return 0
     records = load_records(data_dir, target.name)

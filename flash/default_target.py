@@ -28,7 +28,7 @@ from flash.weights import MOBILENET_V2, SMOLLM2, cache_dir, fetch_weight
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 #: Bump when the connector or prompt format changes: drafts are tied to this name.
-DEFAULT_TARGET_NAME = "flash-default-v1:smollm2-135m-instruct+mobilenet_v2"
+DEFAULT_TARGET_NAME = "flash-default-v2:smollm2-135m-instruct+mobilenet_v2"
 TOKENS_PER_FRAME = FEATURE_GRID * FEATURE_GRID
 _MEDIA_MARK = "<|media|>"
 _SYSTEM = "You are a helpful assistant who describes photos in vivid detail."
@@ -103,25 +103,31 @@ class DefaultTarget(TargetModel):
 
     # --- prompt -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _see(self, frames) -> tuple[torch.Tensor, list[str]]:
-        """Visual tokens [F, 49, D] and the confident global class names for ``frames``."""
+    def _see(self, frames) -> tuple[torch.Tensor, list[str], list[str]]:
+        """Visual tokens [F, 49, D], the confident global class names, and each frame's top class."""
         local, global_ = self.vision(preprocess(frames))
         probs = local.softmax(-1)  # [F, 49, 1000]
         top_p, top_i = probs.topk(self.connector.top_classes_per_token, dim=-1)
         weights = top_p / top_p.sum(-1, keepdim=True)
         tokens = (weights.unsqueeze(-1) * self._label_embeds[top_i]).sum(-2)  # [F, 49, D]
-        overall = global_.softmax(-1).mean(0)  # averaged over frames for a video
+        frame_probs = global_.softmax(-1)  # [F, 1000]
+        overall = frame_probs.mean(0)  # averaged over frames for a video
         p, idx = overall.topk(self.connector.global_max_classes)
         confident = [i for pi, i in zip(p.tolist(), idx.tolist(), strict=True) if pi >= self.connector.global_min_prob]
         names = [self.labels[i] for i in confident]
-        return tokens, names or [self.labels[int(idx[0])]]
+        per_frame = [self.labels[i] for i in frame_probs.argmax(-1).tolist()]
+        return tokens, names or [self.labels[int(idx[0])]], per_frame
 
-    def _chat_text(self, media, names: list[str], text: str) -> str:
+    def _chat_text(self, media, names: list[str], frame_names: list[str], text: str) -> str:
         if media is None:
             user = text
         elif media.kind == "video":
-            frames = "".join(f"Frame {i + 1}: {_MEDIA_MARK}\n" for i in range(len(media.frames)))
-            user = f"{frames}{text} It is a video of {', '.join(names)}."
+            # Measured on the shipped and held-out clips: naming each frame's class next to its visual
+            # tokens, and the scenes in order after the request ("espresso, then drilling rig"), keeps
+            # the 135M LM on subject; bare frames or one overall list made it echo or drift.
+            frames = "".join(f"Frame {i + 1} ({name}): {_MEDIA_MARK}\n" for i, name in enumerate(frame_names))
+            scenes = ", then ".join(dict.fromkeys(frame_names))
+            user = f"{frames}{text} It is a video of {scenes}."
         else:
             # Measured on held-out photos: the class names *after* the request keep the 135M LM on
             # subject more often than a "The picture shows: ..." preamble.
@@ -131,8 +137,8 @@ class DefaultTarget(TargetModel):
 
     def build_prompt(self, media, text: str) -> Prompt:
         """Chat prompt with 49 placeholder positions per frame; visual tokens ride in the payload."""
-        visual, names = (None, []) if media is None else self._see(media.frames)
-        chat = self._chat_text(media, names, text)
+        visual, names, frame_names = (None, [], []) if media is None else self._see(media.frames)
+        chat = self._chat_text(media, names, frame_names, text)
         ids: list[int] = []
         spans = []
         pieces = chat.split(_MEDIA_MARK)
@@ -161,51 +167,63 @@ class DefaultTarget(TargetModel):
         return self.lm_head(hidden).float(), hidden
 
     @torch.inference_mode()
-    def generate_batch(self, prompts: list[Prompt], config) -> list[tuple[list[int], torch.Tensor]]:
-        """Responses and hidden states for several prompts at once (left-padded batch).
+    def generate_batch(self, prompts: list[Prompt], configs: list) -> list[tuple[list[int], torch.Tensor]]:
+        """Responses and hidden states for several (prompt, config) rows at once (left-padded batch).
 
         Used to build training data fast (a CPU decode step costs about the same for 1 row as for
-        8); decoding loops never use it. ``config`` is a :class:`flash.decoding.GenerationConfig`.
-        Returns, per prompt, (response ids, h over prompt + response [L+R, D]).
+        8); decoding loops never use it. ``configs[i]`` (a :class:`flash.decoding.GenerationConfig`)
+        decodes ``prompts[i]``; rows holding the *same* Prompt object share one prefill (a greedy
+        and a sampled answer to one prompt cost one prefill), and finished rows leave the batch.
+        Returns, per row, (response ids, h over prompt + response [L+R, D]).
         """
         from flash.decoding import _choose  # the same token choice as the decoding loops
 
-        batch, width = len(prompts), max(p.length for p in prompts)
-        embeds = torch.zeros(batch, width, self.hidden_size)
-        mask = torch.zeros(batch, width, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            embeds[row, width - prompt.length :] = self._prompt_embeds(prompt)[0]
-            mask[row, width - prompt.length :] = 1
+        unique = list({id(p): p for p in prompts}.values())
+        slot = {id(p): i for i, p in enumerate(unique)}
+        width = max(p.length for p in unique)
+        embeds = torch.zeros(len(unique), width, self.hidden_size)
+        mask = torch.zeros(len(unique), width, dtype=torch.long)
+        for i, prompt in enumerate(unique):
+            embeds[i, width - prompt.length :] = self._prompt_embeds(prompt)[0]
+            mask[i, width - prompt.length :] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=self.lm.config)
         out = self.lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True).last_hidden_state
-        hidden = [[out[row, width - p.length :]] for row, p in enumerate(prompts)]
-        logits = self.lm_head(out[:, -1]).float()
-        generator = torch.Generator().manual_seed(config.seed)
+        # Expand the unique prefills to one cache row per request.
+        pick = torch.tensor([slot[id(p)] for p in prompts])
+        cache.batch_select_indices(pick)
+        mask, next_pos = mask[pick], positions[pick, -1]
+        hidden = [[out[slot[id(p)], width - p.length :]] for p in prompts]
+        logits = self.lm_head(out[pick, -1]).float()
+        generators = [torch.Generator().manual_seed(c.seed) for c in configs]
         responses: list[list[int]] = [[] for _ in prompts]
-        fed = [False] * batch  # a finished row still feeds its last token once, to record its h
-        next_pos = positions[:, -1]
-        while True:
-            for row in range(batch):
-                if responses[row] and (responses[row][-1] in self.eos_token_ids
-                                       or len(responses[row]) >= config.max_new_tokens):
-                    continue
-                row_logits = config.rules.apply(logits[row : row + 1], responses[row], len(responses[row]))[0]
-                responses[row].append(_choose(row_logits, config, generator))
-            active = [row for row in range(batch) if not fed[row]]
-            if not active:
-                break
-            ids = torch.tensor([[r[-1]] for r in responses])
-            mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
+
+        def finished(row: int) -> bool:
+            r = responses[row]
+            return bool(r) and (r[-1] in self.eos_token_ids or len(r) >= configs[row].max_new_tokens)
+
+        rows = list(range(len(prompts)))  # cache row i holds request rows[i]
+        while rows:
+            for i, row in enumerate(rows):
+                if not finished(row):
+                    row_logits = configs[row].rules.apply(logits[i : i + 1], responses[row], len(responses[row]))[0]
+                    responses[row].append(_choose(row_logits, configs[row], generators[row]))
+            # Every row feeds its last token once more, even a finished one: training needs h there.
+            ids = torch.tensor([[responses[row][-1]] for row in rows])
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
             next_pos = next_pos + 1
             out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=next_pos[:, None],
                                 past_key_values=cache, use_cache=True).last_hidden_state
             logits = self.lm_head(out[:, -1]).float()
-            for row in active:
-                hidden[row].append(out[row])
-                r = responses[row]
-                fed[row] = r[-1] in self.eos_token_ids or len(r) >= config.max_new_tokens
+            for i, row in enumerate(rows):
+                hidden[row].append(out[i])
+            keep = [i for i, row in enumerate(rows) if not finished(row)]
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, dtype=torch.long)
+                cache.batch_select_indices(index)
+                mask, next_pos, logits = mask[index], next_pos[index], logits[index]
+                rows = [rows[i] for i in keep]
         return [(r, torch.cat(h)) for r, h in zip(responses, hidden, strict=True)]
 
     def _prompt_embeds(self, prompt: Prompt) -> torch.Tensor:

@@ -49,12 +49,12 @@ def _decode_with_hidden(target: TargetModel, prompt: Prompt, config: GenerationC
             return response, torch.cat(hidden)
 
 
-def _responses(target: TargetModel, prompts: list[Prompt], config: GenerationConfig):
+def _responses(target: TargetModel, prompts: list[Prompt], configs: list[GenerationConfig]):
     """The target's own responses and h over prompt + response; batched where the target can."""
     batch = getattr(target, "generate_batch", None)
     if batch is not None:
-        return batch(prompts, config)
-    return [_decode_with_hidden(target, p, config) for p in prompts]
+        return batch(prompts, configs)
+    return [_decode_with_hidden(target, p, c) for p, c in zip(prompts, configs, strict=True)]
 
 
 def _record(prompt: Prompt, response: list[int], hidden: torch.Tensor, split: str, kind: str) -> dict:
@@ -64,37 +64,43 @@ def _record(prompt: Prompt, response: list[int], hidden: torch.Tensor, split: st
 
 
 def distill(target: TargetModel, items: list[CorpusItem], out_dir: Path, *, max_new_tokens: int = 160,
-            sample_temperature: float = 0.7, batch_size: int = 16, seed: int = 0) -> None:
-    """Write a greedy and a sampled record for each item into ``out_dir`` (resumable)."""
+            sample_temperature: float = 0.7, batch_size: int = 16, seed: int = 0,
+            shard: tuple[int, int] = (0, 1)) -> None:
+    """Write a greedy and a sampled record for each item into ``out_dir`` (resumable).
+
+    ``shard=(i, n)`` takes every n-th item from the i-th: n processes can fill one cache together.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     rules = target.logits_rules()
     modes = {"greedy": GenerationConfig(max_new_tokens=max_new_tokens, rules=rules, seed=seed),
              "sampled": GenerationConfig(max_new_tokens=max_new_tokens, temperature=sample_temperature,
                                          top_p=0.95, rules=rules, seed=seed)}
-    todo = [(item, mode) for item in items for mode in modes
+    index, count = shard
+    todo = [(item, mode) for item in items[index::count] for mode in modes
             if not (out_dir / f"{item.item_id}-{mode}.safetensors").exists()
             and not (item.split == "heldout" and mode == "sampled")]
-    start, done = time.perf_counter(), 0
+    start, done, tokens = time.perf_counter(), 0, 0
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
-        for mode in modes:
-            part = [item for item, m in chunk if m == mode]
-            if not part:
-                continue
-            prompts = [target.build_prompt(item.media, item.prompt) for item in part]
-            for item, prompt, (response, hidden) in zip(part, prompts, _responses(target, prompts, modes[mode]),
-                                                        strict=True):
-                rec = _record(prompt, response, hidden, item.split, item.media.kind)
-                meta = {"split": rec.pop("split"), "kind": rec.pop("kind"), "prompt": item.prompt,
-                        "target": target.name}
-                final = out_dir / f"{item.item_id}-{mode}.safetensors"
-                tmp = final.with_suffix(".part")
-                save_file(rec, str(tmp), metadata={"meta": json.dumps(meta)})
-                tmp.replace(final)  # atomic: an interrupted run never leaves a half-written record
+        # One Prompt object per item: its greedy and sampled rows share the prefill.
+        prompts = {}
+        for item, _ in chunk:
+            if item.item_id not in prompts:
+                prompts[item.item_id] = target.build_prompt(item.media, item.prompt)
+        rows = [prompts[item.item_id] for item, _ in chunk]
+        results = _responses(target, rows, [modes[mode] for _, mode in chunk])
+        for (item, mode), prompt, (response, hidden) in zip(chunk, rows, results, strict=True):
+            rec = _record(prompt, response, hidden, item.split, item.media.kind)
+            meta = {"split": rec.pop("split"), "kind": rec.pop("kind"), "prompt": item.prompt, "target": target.name}
+            final = out_dir / f"{item.item_id}-{mode}.safetensors"
+            tmp = final.with_suffix(".part")
+            save_file(rec, str(tmp), metadata={"meta": json.dumps(meta)})
+            tmp.replace(final)  # atomic: an interrupted run never leaves a half-written record
+            tokens += len(response)
         done += len(chunk)
-        rate = done / (time.perf_counter() - start)
-        print(f"distill: {done}/{len(todo)} records ({rate:.2f}/s, ~{(len(todo) - done) / rate:.0f} s left)",
-              file=sys.stderr, flush=True)
+        elapsed = time.perf_counter() - start
+        print(f"distill: {done}/{len(todo)} records, {tokens} tokens ({done / elapsed:.2f} records/s, "
+              f"~{(len(todo) - done) * elapsed / done:.0f} s left)", file=sys.stderr, flush=True)
 
 
 def load_records(data_dir: Path, target_name: str) -> list[Record]:

@@ -1,9 +1,8 @@
 """The small example media shipped in ``assets/examples`` and how they are made.
 
 Photos come from scikit-image's bundled sample data (real photographs, no download needed); the
-videos are built from those photos (a pan, a hard cut) plus one procedural scene of moving
-shapes, encoded as H.264/yuv420p MP4 so every browser plays them. Output is deterministic, so
-regenerating gives the same pictures.
+videos are built from those photos (pans with a zoom, a hard cut), encoded as H.264/yuv420p MP4
+so every browser plays them. Output is deterministic, so regenerating gives the same pictures.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from skimage import data
 
 __all__ = ["EXAMPLE_PHOTOS", "EXAMPLE_VIDEOS", "make_examples"]
@@ -26,7 +25,7 @@ EXAMPLE_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
     "coffee.jpg": data.coffee,
     "rocket.jpg": data.rocket,
 }
-EXAMPLE_VIDEOS = ("cat_pan.mp4", "coffee_rocket_cut.mp4", "shapes.mp4")
+EXAMPLE_VIDEOS = ("cat_pan.mp4", "coffee_rocket_cut.mp4", "motorcycle.mp4")
 
 PHOTO_MAX_SIDE = 512
 JPEG_QUALITY = 85
@@ -51,7 +50,7 @@ def make_examples(out_dir: str | os.PathLike[str]) -> list[Path]:
     clips = {
         "cat_pan.mp4": _pan_and_zoom(photos["cat.jpg"]),
         "coffee_rocket_cut.mp4": _cut(photos["coffee.jpg"], photos["rocket.jpg"]),
-        "shapes.mp4": _shapes(),
+        "motorcycle.mp4": _pan_and_zoom(_photo(lambda: data.stereo_motorcycle()[0])),
     }
     for name, frames in clips.items():
         _write_mp4(out / name, frames)
@@ -108,41 +107,6 @@ def _cut(first: Image.Image, second: Image.Image) -> Iterator[Image.Image]:
         t = i / (half - 1)
         cx = second.width * (0.35 + 0.3 * t)
         yield _view(second, cx, second.height / 2, min(second.size))
-
-
-def _shapes() -> Iterator[Image.Image]:
-    """Coloured shapes moving over a gradient: a rolling ball, a sliding box, a spinning star."""
-    size = VIDEO_SIZE
-    ramp = np.linspace(0, 1, size)[:, None]
-    sky = (np.array([40, 70, 140]) * (1 - ramp) + np.array([150, 190, 230]) * ramp)
-    background = Image.fromarray(np.repeat(sky[:, None, :], size, axis=1).reshape(size, size, 3)
-                                 .astype(np.uint8))
-    count = _frame_count()
-    for i in range(count):
-        t = i / (count - 1)
-        frame = background.copy()
-        draw = ImageDraw.Draw(frame)
-        draw.rectangle((0, size * 0.8, size, size), fill=(70, 130, 60))  # grass
-        ball_x = -30 + (size + 60) * t
-        ball_y = size * 0.8 - 22 - abs(math.sin(t * 3 * math.pi)) * 80
-        draw.ellipse((ball_x - 22, ball_y - 22, ball_x + 22, ball_y + 22), fill=(220, 40, 40))
-        box_x = size * (0.85 - 0.6 * t)
-        draw.rectangle((box_x - 25, size * 0.25, box_x + 25, size * 0.25 + 50),
-                       fill=(250, 200, 40))
-        draw.polygon(_star(size * 0.75, size * 0.18, 24, 10, t * 2 * math.pi), fill=(255, 255, 255))
-        yield frame
-
-
-def _star(
-    cx: float, cy: float, outer: float, inner: float, angle: float
-) -> list[tuple[float, float]]:
-    """The corners of a five-pointed star turned by ``angle`` radians."""
-    points = []
-    for k in range(10):
-        radius = outer if k % 2 == 0 else inner
-        theta = angle + k * math.pi / 5 - math.pi / 2
-        points.append((cx + radius * math.cos(theta), cy + radius * math.sin(theta)))
-    return points
 
 
 def _write_mp4(path: Path, frames: Iterator[Image.Image]) -> None:

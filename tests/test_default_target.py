@@ -69,6 +69,8 @@ def test_prompt_has_49_visual_tokens_per_frame(default_target):
     vprompt = default_target.build_prompt(video, default_target.default_prompt(video))
     assert len(vprompt.media_spans) == len(video.frames) == 8
     assert "video" in vprompt.text
+    # Each frame is labelled with its class, and the scenes are listed in order after the request.
+    assert "Frame 8 (" in vprompt.text and "It is a video of" in vprompt.text
 
 
 def test_ar_matches_transformers_generate(default_target):
@@ -88,8 +90,13 @@ def test_ar_matches_transformers_generate(default_target):
 
 
 @pytest.mark.parametrize(("name", "words"), [("cat.jpg", ("cat", "mau", "tabby")),
-                                              ("coffee.jpg", ("espresso", "coffee", "cup"))])
+                                              ("coffee.jpg", ("espresso", "coffee", "cup")),
+                                              ("rocket.jpg", ("rig", "drill", "shuttle", "rocket")),
+                                              ("cat_pan.mp4", ("cat", "mau", "lynx")),
+                                              ("coffee_rocket_cut.mp4", ("espresso", "coffee")),
+                                              ("motorcycle.mp4", ("moped", "scooter", "motorcycle"))])
 def test_captions_name_the_subject(default_target, name, words):
+    """Every shipped example's default caption names what it shows (the README's claim)."""
     media = load_media(EXAMPLES / name)
     prompt = default_target.build_prompt(media, default_target.default_prompt(media))
     rules = default_target.logits_rules()

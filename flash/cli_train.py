@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--grad-accum", type=int, default=4, help="records per optimizer step")
     p.add_argument("--ce-weight", type=float, default=0.1, help="weight of the soft cross-entropy term")
     p.add_argument("--noise", type=float, default=0.2, help="uniform feature noise, relative to h's std")
+    p.add_argument("--max-train-records", type=int, default=0,
+                   help="train on at most this many training records (0 = all; for equal-budget ablations)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="distillation rows decoded together")
     p.add_argument("--shard", default="0/1", metavar="I/N",
@@ -89,6 +91,9 @@ def cmd_train(args) -> int:
     records = load_records(data_dir, target.name)
     if not records:
         raise UsageError(f"no distilled records for this model in {data_dir}; run without --train-only first")
+    if args.max_train_records:
+        train_part = [r for r in records if r.split == "train"][: args.max_train_records]
+        records = train_part + [r for r in records if r.split != "train"]
     print(f"training on {len(records)} records from {data_dir}", file=sys.stderr)
     cfg = TrainConfig(k=args.k, num_latents=args.num_latents, draft_vocab_size=args.draft_vocab, epochs=args.epochs,
                       lr=args.lr, grad_accum=args.grad_accum, ce_weight=args.ce_weight, noise=args.noise,

@@ -41,13 +41,41 @@ class LogitsRules:
             procs.append(NoRepeatNGramLogitsProcessor(self.no_repeat_ngram_size))
         return procs
 
+    def _penalise(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.where(values < 0, values * self.repetition_penalty, values / self.repetition_penalty)
+
     def apply(self, logits: torch.Tensor, generated: list[int], start: int) -> torch.Tensor:
-        """Process ``logits`` [n, V]; row ``j`` is the next-token logits after ``generated[:start+j]``."""
+        """Process ``logits`` [n, V]; row ``j`` is the next-token logits after ``generated[:start+j]``.
+
+        Same result as :meth:`processors` row by row (tested), but one pass for the whole block:
+        this runs on every verification and for every draft row, so it must not cost a Python
+        walk over the prefix per row (measured: 3.9 ms for 5 rows that way, on the step's path).
+        """
         if not self.active:
             return logits
-        procs = self.processors()
-        rows = []
-        for j in range(logits.shape[0]):
-            prefix = torch.tensor([generated[: start + j]], dtype=torch.long)
-            rows.append(procs(prefix, logits[j : j + 1].clone()))
-        return torch.cat(rows, dim=0)
+        n, out = logits.shape[0], logits.clone()
+        if self.repetition_penalty != 1.0:
+            # Touch only the columns of tokens already generated (a few dozen), never the whole vocabulary.
+            seen = sorted(set(generated[:start]))
+            if seen:
+                out[:, seen] = self._penalise(out[:, seen])
+            seen = set(seen)
+            for j in range(1, n):  # row j (and later rows) also saw the block's token j-1
+                token = generated[start + j - 1]
+                if token not in seen:
+                    seen.add(token)
+                    out[j:, token] = self._penalise(out[j:, token])
+        size = self.no_repeat_ngram_size
+        if size > 0:
+            followers: dict[tuple[int, ...], list[int]] = {}
+            i = 0
+            for j in range(n):
+                length = start + j
+                while i + size - 1 < length:  # every n-gram that ends inside the row's prefix
+                    followers.setdefault(tuple(generated[i : i + size - 1]), []).append(generated[i + size - 1])
+                    i += 1
+                if length + 1 >= size:
+                    banned = followers.get(tuple(generated[length - size + 1 : length]))
+                    if banned:
+                        out[j, banned] = float("-inf")
+        return out

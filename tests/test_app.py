@@ -115,7 +115,7 @@ def test_bad_media_gives_a_clear_error_and_the_server_keeps_serving(client, tmp_
     with pytest.raises(AppError, match="Upload an image or a video"):
         client.predict(None, "", "default", 8, 0, 1, 4, 0, api_name="/race")
 
-    final = client.predict(*_race_args(EXAMPLES / "motorcycle.mp4", max_new_tokens=6), api_name="/race")
+    final = client.predict(*_race_args(EXAMPLES / "coffee_pan.mp4", max_new_tokens=6), api_name="/race")
     assert final[SUMMARY_JSON]["identical"] is True and final[AR_TEXT]
 
 

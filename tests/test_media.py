@@ -702,7 +702,7 @@ def test_media_is_frozen(tmp_path: Path) -> None:
 
 
 PHOTOS = ("cat.jpg", "coffee.jpg", "rocket.jpg")
-VIDEOS = ("cat_pan.mp4", "coffee_rocket_cut.mp4", "motorcycle.mp4")
+VIDEOS = ("cat_pan.mp4", "coffee_rocket_cut.mp4", "coffee_pan.mp4")
 
 
 @pytest.mark.parametrize("name", PHOTOS)

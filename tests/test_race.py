@@ -80,7 +80,7 @@ def test_race_advances_the_side_whose_own_clock_is_behind(default_target, draft,
 def test_video_race_uses_the_video_prompt(default_target, draft, single_thread):
     from flash.media import load_media
 
-    video = load_media(EXAMPLES / "motorcycle.mp4")
+    video = load_media(EXAMPLES / "coffee_pan.mp4")
     last = list(race(default_target, draft, video, "  ", _config(default_target, max_new_tokens=6)))[-1]
     assert last.summary["identical"] is True and last.flash.text
 

@@ -166,6 +166,18 @@ def evaluate(draft: FlashDraft, records: list[Record], cfg: TrainConfig, device,
     return out
 
 
+def _average_gradients(accelerator, model: torch.nn.Module) -> None:
+    """Average gradients over processes (several GPUs or CPU processes under ``accelerate launch``).
+
+    Done by hand because the loss is not computed through a module ``forward`` (it walks records of
+    different shapes), so DistributedDataParallel's hooks would never fire.
+    """
+    if accelerator.num_processes == 1:
+        return
+    for p in model.parameters():
+        p.grad = accelerator.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
+
+
 def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = TrainConfig(),
           log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> FlashDraft:
     """Train a draft for ``target`` on distilled ``records``; save it (and a log) to ``out_dir``."""
@@ -189,11 +201,12 @@ def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = Train
     with torch.no_grad():  # h's per-dimension RMS: the scale the output norm starts from
         sample = torch.cat([r.hidden[:: max(1, r.hidden.shape[0] // 64)].float() for r in train_recs])
         draft.out_norm.weight.copy_(sample.pow(2).mean(0).sqrt())
-    draft = draft.to(device).bind(target)
-    optimizer = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    draft, optimizer = accelerator.prepare(draft, optimizer)
-    model = accelerator.unwrap_model(draft)
-    shard = train_recs[accelerator.process_index :: accelerator.num_processes]
+    model = draft.to(device).bind(target)
+    optimizer = accelerator.prepare(
+        torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0))
+    # Equal shards: every process must take the same number of steps, or a gradient sync never returns.
+    per_process = len(train_recs) // accelerator.num_processes or len(train_recs)
+    shard = train_recs[accelerator.process_index :: accelerator.num_processes][:per_process]
     total_steps = cfg.epochs * math.ceil(len(shard) / cfg.grad_accum)
     rng = random.Random(cfg.seed)
     step, history, start = 0, [], time.perf_counter()
@@ -208,18 +221,21 @@ def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = Train
             if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(order):
                 for group in optimizer.param_groups:
                     group["lr"] = get_lr(step, total_steps, cfg)
-                accelerator.clip_grad_norm_(draft.parameters(), cfg.clip)
+                _average_gradients(accelerator, model)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-            if (i + 1) % 50 == 0:
+            if (i + 1) % 50 == 0 and accelerator.is_main_process:
                 log(f"epoch {epoch + 1}/{cfg.epochs} record {i + 1}/{len(order)} loss {running / (i + 1):.4f} "
                     f"({time.perf_counter() - start:.0f} s)")
-        metrics = evaluate(model, heldout, cfg, device, target.logits_rules()) if heldout else {}
+        # Held-out metrics on the main process only; the others wait at the next gradient sync.
+        metrics = (evaluate(model, heldout, cfg, device, target.logits_rules())
+                   if heldout and accelerator.is_main_process else {})
         history.append({"epoch": epoch + 1, "train_loss": running / len(order), "heldout": metrics,
                         "seconds": round(time.perf_counter() - start, 1)})
-        log(f"epoch {epoch + 1}: train loss {running / len(order):.4f} heldout {json.dumps(metrics)}")
         if accelerator.is_main_process:
+            log(f"epoch {epoch + 1}: train loss {running / len(order):.4f} heldout {json.dumps(metrics)}")
             model.save(out_dir)  # checkpoint every epoch: an interrupted run keeps its best-so-far
             (out_dir / "training_log.json").write_text(json.dumps({"config": asdict(cfg), "history": history},
                                                                   indent=2) + "\n")

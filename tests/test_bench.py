@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_cli_writes_table_json_and_plot(tmp_path):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.html"
     proc = subprocess.run([sys.executable, "-m", "flash", "bench", "assets/examples/cat.jpg",
-                           "assets/examples/coffee_pan.mp4", "--max-new-tokens", "8", "--warmup", "1", "--json", str(out),
+                           "assets/examples/coffee_pan.mp4", "--max-new-tokens", "8", "--warmup", "1",
+                           "--json", str(out),
                            "--plot", str(plot)], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "| all | flash |" in proc.stdout and "Machine:" in proc.stdout

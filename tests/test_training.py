@@ -109,3 +109,28 @@ def test_batched_distillation_matches_plain_decoding(default_target, photos):
         assert hidden.shape == ref_hidden.shape == (prompt.length + len(response), default_target.hidden_size)
         torch.testing.assert_close(hidden, ref_hidden, atol=2e-3, rtol=1e-3)
     assert rows[2][0] == rows[0][0][:3]  # the short row left the batch early, with the same start
+
+
+def test_two_cpu_processes_train_one_draft(tiny_llava, tmp_path):
+    """`torchrun --nproc_per_node 2` (accelerate's multi-process CPU mode): the processes average their
+    gradients, so both end with the same draft, and it differs from one process seeing all records."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    distill(tiny_llava, items(), tmp_path / "data", max_new_tokens=12, batch_size=4)
+    script = Path(__file__).with_name("multiprocess_train.py")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+    def run(*launcher: str) -> list[dict]:
+        out = subprocess.run([*launcher, str(script), str(tmp_path / "data"), str(tmp_path / "draft")], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+    two = run(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
+    one = run(sys.executable)
+    assert sorted(r["rank"] for r in two) == [0, 1] and all(r["world"] == 2 for r in two)
+    assert two[0]["checksum"] == pytest.approx(two[1]["checksum"], rel=1e-9)
+    assert two[0]["checksum"] != pytest.approx(one[0]["checksum"], rel=1e-9)

@@ -1,0 +1,27 @@
+"""Run by tests/test_training.py under torchrun: train a draft on a tiny LLaVA and print a checksum.
+
+Not a test module itself (no ``test_`` prefix): it needs a process group.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flash.distill import load_records  # noqa: E402
+from flash.hf_targets import tiny_llava  # noqa: E402
+from flash.training import TrainConfig, train  # noqa: E402
+
+target = tiny_llava(0)
+records = load_records(Path(sys.argv[1]), target.name)
+cfg = TrainConfig(k=2, num_latents=2, num_heads=4, intermediate_size=64, draft_vocab_size=64, epochs=2,
+                  warmup_steps=1, lr=1e-2)
+draft = train(target, records, Path(sys.argv[2]), cfg, log=lambda m: None)
+with torch.no_grad():
+    checksum = sum(float(p.double().sum()) for p in draft.parameters())
+print(json.dumps({"rank": int(os.environ.get("RANK", 0)), "world": int(os.environ.get("WORLD_SIZE", 1)),
+                  "checksum": checksum}), flush=True)

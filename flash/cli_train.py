@@ -18,16 +18,18 @@ def add_parser(sub) -> None:
     p.add_argument("--data-dir", default=None, help="distillation cache (default: <cache>/distill/<model>)")
     p.add_argument("--media", nargs="*", default=[],
                    help="folders of your own images/videos (else the built-in corpus)")
-    p.add_argument("--train-items", type=int, default=600, help="built-in corpus: training items")
+    p.add_argument("--train-items", type=int, default=876, help="built-in corpus: training items")
     p.add_argument("--heldout-items", type=int, default=40, help="built-in corpus: held-out items")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--num-latents", type=int, default=8, help="C latents per media span (0 = no compression)")
     p.add_argument("--draft-vocab", type=int, default=4096, help="reduced draft vocabulary (0 = full)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--grad-accum", type=int, default=1, help="records per optimizer step")
     p.add_argument("--ce-weight", type=float, default=1.0, help="weight of the soft cross-entropy term")
+    p.add_argument("--slot-decay", type=float, default=0.5,
+                   help="slot i's loss weight is slot_decay**i (1 = plain mean over slots)")
     p.add_argument("--noise", type=float, default=0.05, help="uniform feature noise, relative to h's std")
     p.add_argument("--max-train-records", type=int, default=0,
                    help="train on at most this many training records (0 = all; for equal-budget ablations)")
@@ -97,6 +99,7 @@ def cmd_train(args) -> int:
     print(f"training on {len(records)} records from {data_dir}", file=sys.stderr)
     cfg = TrainConfig(k=args.k, num_latents=args.num_latents, draft_vocab_size=args.draft_vocab, epochs=args.epochs,
                       lr=args.lr, grad_accum=args.grad_accum, ce_weight=args.ce_weight, noise=args.noise,
+                      slot_decay=args.slot_decay,
                       seed=args.seed)
     train(target, records, Path(args.out), cfg)
     print(f"draft saved to {args.out}", file=sys.stderr)

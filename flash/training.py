@@ -32,7 +32,7 @@ class TrainConfig:
     num_latents: int = 8
     num_heads: int = 8
     intermediate_size: int = 1536
-    draft_vocab_size: int = 8192
+    draft_vocab_size: int = 4096
     epochs: int = 10
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
@@ -41,11 +41,14 @@ class TrainConfig:
     clip: float = 0.5
     ce_weight: float = 0.1
     noise: float = 0.2  # uniform noise amplitude, relative to the hidden states' std
+    # Slot i's loss weight is slot_decay**i (normalised): slot i only pays off when slots 0..i-1 hit,
+    # so the early slots matter most. 1.0 = FLASH's plain mean over slots.
+    slot_decay: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.grad_accum < 1 or self.lr <= 0:
-            raise ValueError("epochs, grad_accum and lr must be positive")
+        if self.epochs < 1 or self.grad_accum < 1 or self.lr <= 0 or self.slot_decay <= 0:
+            raise ValueError("epochs, grad_accum, lr and slot_decay must be positive")
 
 
 def get_lr(step: int, total: int, cfg: TrainConfig) -> float:
@@ -111,11 +114,11 @@ def record_loss(draft: FlashDraft, rec: Record, cfg: TrainConfig, device, noise:
         with torch.no_grad():
             target_logits = draft.draft_logits(tgt)
         ce = -(target_logits.softmax(-1) * draft_logits.log_softmax(-1)).sum(-1).mean()
-        total = total + reg + cfg.ce_weight * ce
+        total = total + cfg.slot_decay**i * (reg + cfg.ce_weight * ce)
         actual = torch.cat([response, response.new_tensor([-1])])[1 + i : 1 + i + valid]
         with torch.no_grad():
             hits.append(_top_tokens(draft, draft_logits.detach(), rules, rec.response.tolist(), 1 + i) == actual)
-    return total / draft.cfg.k, hits
+    return total / sum(cfg.slot_decay**i for i in range(draft.cfg.k)), hits
 
 
 def _top_tokens(draft: FlashDraft, draft_logits: torch.Tensor, rules, response: list[int], start: int) -> torch.Tensor:

@@ -81,11 +81,10 @@ def cmd_train(args) -> int:
         raise UsageError("no usable media to train on; pass --media FOLDER with images or videos")
     if not args.train_only:
         print(f"distilling {len(items)} items into {data_dir} ...", file=sys.stderr)
-        try:
-            shard = tuple(int(x) for x in args.shard.split("/"))
-            assert len(shard) == 2 and 0 <= shard[0] < shard[1]
-        except (ValueError, AssertionError):
-            raise UsageError(f"--shard must look like I/N with 0 <= I < N, not '{args.shard}'") from None
+        parts = args.shard.split("/")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) >= int(parts[1]):
+            raise UsageError(f"--shard must look like I/N with 0 <= I < N, not '{args.shard}'")
+        shard = (int(parts[0]), int(parts[1]))
         distill(target, items, data_dir, max_new_tokens=args.max_new_tokens, seed=args.seed,
                 batch_size=args.batch_size, shard=shard)
     if args.distill_only:

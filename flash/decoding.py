@@ -16,7 +16,7 @@ import torch
 from flash.draft import DraftState, FlashDraft
 from flash.logits_rules import LogitsRules
 from flash.target import Prompt, TargetModel
-from flash.verification import greedy_verify, logits_to_probs, sample, sampling_verify
+from flash.verification import greedy_verify, logits_to_probs, make_generator, sample, sampling_verify
 
 METHODS = ("ar", "eagle", "flash", "pld")
 #: The confidence cut the CLI and the app use by default (see GenerationConfig.min_draft_prob).
@@ -216,7 +216,7 @@ def _prefill(target: TargetModel, prompt: Prompt, config: GenerationConfig, cloc
 def _autoregressive(target: TargetModel, prompt: Prompt, config: GenerationConfig) -> Iterator[StepEvent]:
     clock = _Clock(target.device)
     out = _Emitter("ar", target, config, clock)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = make_generator(config.seed, target.device)
     pre, token, event = _prefill(target, prompt, config, clock, out, generator)
     yield event
     clock.resume()
@@ -285,7 +285,7 @@ def _speculative(target: TargetModel, prompt: Prompt, proposer, method: str,
                  config: GenerationConfig) -> Iterator[StepEvent]:
     clock = _Clock(target.device)
     out = _Emitter(method, target, config, clock)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = make_generator(config.seed, target.device)
     device = target.device
 
     pre, token, event = _prefill(target, prompt, config, clock, out, generator)

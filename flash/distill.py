@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from flash.corpus import CorpusItem
 from flash.decoding import GenerationConfig
 from flash.target import Prompt, TargetModel
+from flash.verification import make_generator
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def _decode_with_hidden(target: TargetModel, prompt: Prompt, config: GenerationC
     """Plain decoding that keeps h: (response ids, h over prompt + response [L+R, D])."""
     from flash.decoding import _choose
 
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = make_generator(config.seed, target.device)
     pre = target.prefill(prompt)
     hidden, logits, response = [pre.hidden], pre.last_logits[None], []
     while True:

@@ -117,6 +117,23 @@ def _frames(media: Any) -> list[Image.Image]:
     return [frame.convert("RGB") for frame in media.frames]
 
 
+def _execution_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` computes. With accelerate's CPU/disk offload its weights sit on the meta
+    device and its hook moves them in for each call: the hook's execution device is the answer."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return module.weight.device
+
+
+def _real_weight(module: torch.nn.Module) -> torch.Tensor:
+    """``module.weight``, fetched from accelerate's offload map when it is only a meta placeholder."""
+    weight = module.weight
+    if weight.device.type == "meta":
+        weight = module._hf_hook.weights_map["weight"]
+    return weight.detach().to(_execution_device(module))
+
+
 def _to_device(payload: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Move every tensor of a kwargs dict to ``device``."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in payload.items()}
@@ -144,8 +161,8 @@ class _HFTarget(TargetModel):
 
     @property
     def device(self) -> torch.device:
-        """Device of the input embeddings: where inputs go (the model may be split)."""
-        return self.model.get_input_embeddings().weight.device
+        """Device of the input embeddings: where inputs go (the model may be split or offloaded)."""
+        return _execution_device(self.model.get_input_embeddings())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -207,10 +224,10 @@ class _HFTarget(TargetModel):
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: h [..., D] -> logits [..., V] (in the model dtype)."""
         head = self.model.lm_head
-        return head(hidden.to(head.weight.device, head.weight.dtype))
+        return head(hidden.to(_execution_device(head), head.weight.dtype))
 
     def lm_head_weight(self) -> torch.Tensor:
-        return self.model.lm_head.weight.detach()
+        return _real_weight(self.model.lm_head)
 
     def decode(self, token_ids: list[int]) -> str:
         """Token ids -> text, special tokens skipped."""

@@ -45,9 +45,17 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0
     return filtered / filtered.sum(dim=-1, keepdim=True)
 
 
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A seeded generator on ``device`` (the device the target's logits come out on)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One sample per row of ``probs`` [..., V] -> [...] (seeded, no global RNG)."""
-    flat = probs.reshape(-1, probs.shape[-1])
+    """One sample per row of ``probs`` [..., V] -> [...] (seeded, no global RNG).
+
+    The draw happens on the generator's device (a model split over GPUs may emit logits elsewhere).
+    """
+    flat = probs.reshape(-1, probs.shape[-1]).to(generator.device)
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
 
@@ -67,16 +75,17 @@ def sampling_verify(
     k = draft_tokens.shape[0]
     if k == 0:
         return 0, int(sample(target_probs[0], generator))
-    idx = torch.arange(k)
+    idx = torch.arange(k, device=target_probs.device)
+    draft_tokens = draft_tokens.to(target_probs.device)
     p_tok = target_probs[idx, draft_tokens]
-    q_tok = draft_probs[idx, draft_tokens]
-    uniform = torch.rand(k, generator=generator, dtype=torch.float32)
+    q_tok = draft_probs.to(target_probs.device)[idx, draft_tokens]
+    uniform = torch.rand(k, generator=generator, dtype=torch.float32, device=generator.device).to(p_tok.device)
     # u < p/q  <=>  u * q < p (no division by a zero q).
     accept = (uniform * q_tok < p_tok).to(torch.int64)
     accepted = int(accept.cumprod(dim=0).sum())
     if accepted == k:
         return k, int(sample(target_probs[k], generator))
-    residual = (target_probs[accepted] - draft_probs[accepted]).clamp_min(0.0)
+    residual = (target_probs[accepted] - draft_probs[accepted].to(target_probs.device)).clamp_min(0.0)
     total = residual.sum()
     if total <= 0:  # p == q exactly: rejection had probability 0; fall back to p itself
         residual, total = target_probs[accepted], target_probs[accepted].sum()

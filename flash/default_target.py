@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from flash.fp16_linear import Fp16Linear, convert_linears, fp16_gemm_available
 from flash.logits_rules import LogitsRules
 from flash.target import PrefillOutput, Prompt, TargetModel, TargetState
 from flash.vision import FEATURE_GRID, load_mobilenet_v2, preprocess
@@ -69,12 +70,23 @@ def _load_language_model(quiet: bool) -> tuple[torch.nn.Module, object]:
 
 
 class DefaultTarget(TargetModel):
-    """SmolLM2-135M-Instruct + MobileNetV2 grounding connector, on CPU in float32."""
+    """SmolLM2-135M-Instruct + MobileNetV2 grounding connector, on CPU.
+
+    Activations are float32. With ``fp16_weights`` (the default where the kernel exists) the LM's
+    linear layers and head hold their weights in fp16 (see :mod:`flash.fp16_linear`): the GGUF's
+    Q4_1 values rounded to fp16, logits within ~0.05 of the fp32 model's. Every decoding method
+    runs the same weights, so this is the model; ``weight_format`` says which one is in use.
+    """
 
     def __init__(self, lm: torch.nn.Module, tokenizer, vision: torch.nn.Module, labels: list[str],
-                 connector: ConnectorConfig = ConnectorConfig()) -> None:
+                 connector: ConnectorConfig = ConnectorConfig(), fp16_weights: bool = True) -> None:
         self.lm, self.tokenizer, self.vision, self.labels = lm, tokenizer, vision, labels
         self.connector = connector
+        self.weight_format = "fp16" if fp16_weights and fp16_gemm_available() else "fp32"
+        self._head: torch.nn.Module = lm.lm_head  # tied to the embeddings, which stay fp32
+        if self.weight_format == "fp16":
+            convert_linears(lm.model.layers)
+            self._head = Fp16Linear(lm.lm_head)
         self.name = DEFAULT_TARGET_NAME
         self.hidden_size = lm.config.hidden_size
         self.vocab_size = lm.config.vocab_size
@@ -237,7 +249,7 @@ class DefaultTarget(TargetModel):
         return self.lm.get_input_embeddings()(token_ids)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm.lm_head(hidden)
+        return self._head(hidden)
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.lm.lm_head.weight.detach()
@@ -246,13 +258,16 @@ class DefaultTarget(TargetModel):
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
-def load_default_target(*, quiet: bool = False) -> DefaultTarget:
-    """Assemble the default target, fetching and converting its weights on first use."""
+def load_default_target(*, quiet: bool = False, fp16_weights: bool = True) -> DefaultTarget:
+    """Assemble the default target, fetching and converting its weights on first use.
+
+    ``fp16_weights=False`` keeps the LM in fp32 (slower; for comparisons).
+    """
     start = time.perf_counter()
     lm, tok = _load_language_model(quiet)
     vision = load_mobilenet_v2(str(fetch_weight(MOBILENET_V2, quiet=quiet)))
     labels = json.loads((ASSETS / "imagenet_labels.json").read_text())
-    target = DefaultTarget(lm, tok, vision, labels)
+    target = DefaultTarget(lm, tok, vision, labels, fp16_weights=fp16_weights)
     if not quiet:
         print(f"Default model ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return target

@@ -81,7 +81,10 @@ def _load_draft(target: TargetModel, path: str | Path | None, quiet: bool) -> Fl
             raise DraftError(f"no draft at {path}: train one with `python -m flash train --out {path}`")
         draft = FlashDraft.load(path)
     dtype = torch.float32 if target.dtype == torch.float32 else target.dtype
-    return draft.to(device=target.device, dtype=dtype).bind(target).eval()
+    draft = draft.to(device=target.device, dtype=dtype).bind(target).eval()
+    if getattr(target, "weight_format", None) == "fp16":  # the default target on CPU: same kernels
+        draft.pack_fp16()
+    return draft
 
 
 def _heads_for(hidden: int) -> int:

@@ -1,0 +1,58 @@
+"""Linear layers whose weights are stored in fp16, run by fbgemm's fp16 GEMM (fp32 in, fp32 out).
+
+Why: a CPU decoding step of the default model is memory-bound. Halving the bytes per weight nearly
+halves a one-token step, and fbgemm's packed kernel keeps a 3-5 token verification at ~1.2-1.3x a
+one-token step, where fp32 MKL pays 1.7-2x (``python scripts/verify_cost.py``) — the price a
+speculative step has to beat. This is the kernel behind ``quantize_dynamic(..., dtype=torch.float16)``,
+used directly because ``torch.ao.quantization`` is deprecated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fp16_gemm_available() -> bool:
+    """Whether this torch build has fbgemm's fp16 linear (x86 CPU builds do)."""
+    try:
+        torch.ops.quantized.linear_prepack_fp16(torch.zeros(1, 1), None)
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
+class Fp16Linear(torch.nn.Module):
+    """Inference-only stand-in for an ``nn.Linear`` with its weight rounded to fp16 and pre-packed."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self._packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor) -> Fp16Linear:
+        """From a bare weight [out, in] (no bias)."""
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        linear.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+        return cls(linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 1:  # the kernel wants a batch dimension
+            return torch.ops.quantized.linear_dynamic_fp16(x[None], self._packed)[0]
+        return torch.ops.quantized.linear_dynamic_fp16(x, self._packed)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight=fp16 (fbgemm)"
+
+
+def convert_linears(module: torch.nn.Module) -> int:
+    """Replace every ``nn.Linear`` under ``module`` by an :class:`Fp16Linear`, in place; returns the count."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.Linear):
+            setattr(module, name, Fp16Linear(child))
+            count += 1
+        else:
+            count += convert_linears(child)
+    return count

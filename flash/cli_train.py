@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-train-records", type=int, default=0,
                    help="train on at most this many training records (0 = all; for equal-budget ablations)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", default="", metavar="DRAFT",
+                   help="continue training this saved draft (same shape and data) instead of fresh weights")
     p.add_argument("--batch-size", type=int, default=32, help="distillation rows decoded together")
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="distil only every N-th item from the I-th (run N processes to fill one cache)")
@@ -98,8 +100,7 @@ def cmd_train(args) -> int:
     print(f"training on {len(records)} records from {data_dir}", file=sys.stderr)
     cfg = TrainConfig(k=args.k, num_latents=args.num_latents, draft_vocab_size=args.draft_vocab, epochs=args.epochs,
                       lr=args.lr, grad_accum=args.grad_accum, ce_weight=args.ce_weight, noise=args.noise,
-                      slot_decay=args.slot_decay,
-                      seed=args.seed)
+                      slot_decay=args.slot_decay, seed=args.seed, init_from=args.init_from)
     train(target, records, Path(args.out), cfg)
     print(f"draft saved to {args.out}", file=sys.stderr)
     return 0

@@ -45,6 +45,7 @@ class TrainConfig:
     # so the early slots matter most. 1.0 = FLASH's plain mean over slots.
     slot_decay: float = 1.0
     seed: int = 0
+    init_from: str = ""  # a saved draft to continue from (same shape); "" = fresh weights
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.grad_accum < 1 or self.lr <= 0 or self.slot_decay <= 0:
@@ -181,6 +182,17 @@ def _average_gradients(accelerator, model: torch.nn.Module) -> None:
         p.grad = accelerator.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
 
 
+def _continue_from(draft: FlashDraft, path: Path) -> None:
+    """Load a saved draft's weights into ``draft``; it must have the same shape and vocabulary."""
+    saved = FlashDraft.load(path)
+    if asdict(saved.cfg) != asdict(draft.cfg):
+        raise ValueError(f"cannot continue from {path}: its config {asdict(saved.cfg)} "
+                         f"differs from {asdict(draft.cfg)}")
+    if not torch.equal(saved.draft_to_target, draft.draft_to_target):
+        raise ValueError(f"cannot continue from {path}: its draft vocabulary differs from this data's")
+    draft.load_state_dict(saved.state_dict())
+
+
 def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = TrainConfig(),
           log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> FlashDraft:
     """Train a draft for ``target`` on distilled ``records``; save it (and a log) to ``out_dir``."""
@@ -201,9 +213,12 @@ def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = Train
     if dcfg.draft_vocab_size:
         vocab = draft_vocabulary(train_recs, dcfg.draft_vocab_size, target.eos_token_ids, target.vocab_size)
         draft.register_buffer("draft_to_target", vocab, persistent=True)
-    with torch.no_grad():  # h's per-dimension RMS: the scale the output norm starts from
-        sample = torch.cat([r.hidden[:: max(1, r.hidden.shape[0] // 64)].float() for r in train_recs])
-        draft.out_norm.weight.copy_(sample.pow(2).mean(0).sqrt())
+    if cfg.init_from:
+        _continue_from(draft, Path(cfg.init_from))
+    else:
+        with torch.no_grad():  # h's per-dimension RMS: the scale the output norm starts from
+            sample = torch.cat([r.hidden[:: max(1, r.hidden.shape[0] // 64)].float() for r in train_recs])
+            draft.out_norm.weight.copy_(sample.pow(2).mean(0).sqrt())
     model = draft.to(device).bind(target)
     optimizer = accelerator.prepare(
         torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0))

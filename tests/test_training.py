@@ -134,3 +134,23 @@ def test_two_cpu_processes_train_one_draft(tiny_llava, tmp_path):
     assert sorted(r["rank"] for r in two) == [0, 1] and all(r["world"] == 2 for r in two)
     assert two[0]["checksum"] == pytest.approx(two[1]["checksum"], rel=1e-9)
     assert two[0]["checksum"] != pytest.approx(one[0]["checksum"], rel=1e-9)
+
+
+def test_training_can_continue_from_a_saved_draft(tiny_llava, tmp_path):
+    distill(tiny_llava, items(), tmp_path / "data", max_new_tokens=12, batch_size=4)
+    records = load_records(tmp_path / "data", tiny_llava.name)
+    cfg = TrainConfig(k=2, num_latents=2, num_heads=4, intermediate_size=64, draft_vocab_size=64, epochs=1,
+                      warmup_steps=1)
+    train(tiny_llava, records, tmp_path / "first", cfg, log=lambda m: None)
+    first = FlashDraft.load(tmp_path / "first")
+    # lr so small that the weights cannot move visibly: continuing starts from the saved draft.
+    again = TrainConfig(**{**cfg.__dict__, "init_from": str(tmp_path / "first"), "lr": 1e-12})
+    train(tiny_llava, records, tmp_path / "second", again, log=lambda m: None)
+    second = FlashDraft.load(tmp_path / "second")
+    for name, weight in first.state_dict().items():
+        torch.testing.assert_close(second.state_dict()[name], weight, rtol=0, atol=1e-3)
+    fresh = TrainConfig(**{**cfg.__dict__, "lr": 1e-12})  # a fresh start with the same tiny lr differs
+    train(tiny_llava, records, tmp_path / "fresh", fresh, log=lambda m: None)
+    assert not torch.allclose(FlashDraft.load(tmp_path / "fresh").block.qkv.weight, first.block.qkv.weight, atol=1e-3)
+    with pytest.raises(ValueError, match="cannot continue"):
+        train(tiny_llava, records, tmp_path / "third", TrainConfig(**{**again.__dict__, "k": 3}), log=lambda m: None)

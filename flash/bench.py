@@ -74,7 +74,8 @@ def machine_info(target: TargetModel) -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "target": target.name, "device": str(target.device)}
+            "target": target.name, "device": str(target.device),
+            "weights": getattr(target, "weight_format", str(target.dtype).removeprefix("torch."))}
 
 
 def first_difference(a: tuple[int, ...], b: tuple[int, ...]) -> int | None:
@@ -131,7 +132,8 @@ def run_benchmark(target: TargetModel, draft, samples: list[Sample], methods: li
                                                                f" tau {results[m].tau:.2f})" if m != "ar" else "")
                 for m in methods))
     return {"machine": machine_info(target), "config": {"max_new_tokens": config.max_new_tokens,
-            "temperature": config.temperature, "top_p": config.top_p, "k": config.k, "repeats": repeats,
+            "temperature": config.temperature, "top_p": config.top_p, "k": config.k,
+            "min_draft_prob": config.min_draft_prob, "repeats": repeats,
             "warmup": warmup, "draft": getattr(getattr(draft, "cfg", None), "__dict__", None)},
             "methods": {m: _aggregate([r for r in runs if r.method == m]) for m in methods},
             "by_kind": {kind: {m: _aggregate([r for r in runs if r.method == m and r.kind == kind]) for m in methods}

@@ -20,7 +20,7 @@ from flash.verification import greedy_verify, logits_to_probs, make_generator, s
 
 METHODS = ("ar", "eagle", "flash", "pld")
 #: The confidence cut the CLI and the app use by default (see GenerationConfig.min_draft_prob).
-DEFAULT_MIN_DRAFT_PROB = 0.5
+DEFAULT_MIN_DRAFT_PROB = 0.2
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,48 @@
+"""Where a decoding step's time goes (the default model, CPU): ``python scripts/profile_step.py [MEDIA]``.
+
+Runs ``ar`` and ``flash`` once each to warm up, then once each under cProfile, and prints per-step
+milliseconds split into: the target's forward (its fp16 GEMMs vs everything else inside it: norms,
+rotary, attention, cache, Python), the draft (proposing, and folding accepted tokens in), and the
+rest (logits rules, verification, the loop). cProfile adds a little overhead to Python-heavy parts.
+"""
+
+import cProfile
+import pstats
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flash.decoding import GenerationConfig, collect, generate  # noqa: E402
+from flash.media import load_media  # noqa: E402
+from flash.models import load_draft, load_target  # noqa: E402
+
+PARTS = {  # (file suffix, function name) -> label; cumulative times
+    ("default_target.py", "forward"): "target forward",
+    ("fp16_linear.py", "forward"): "  of which fp16 GEMMs (target + draft)",
+    ("decoding.py", "propose"): "draft: propose",
+    ("decoding.py", "update"): "draft: fold in accepted tokens",
+    ("logits_rules.py", "apply"): "logits rules (target and draft)",
+}
+
+target = load_target("default", quiet=True)
+draft = load_draft(target, quiet=True)
+media = load_media(sys.argv[1] if len(sys.argv) > 1 else ROOT / "assets" / "examples" / "cat.jpg")
+prompt = target.build_prompt(media, target.default_prompt(media))
+config = GenerationConfig(max_new_tokens=128, rules=target.logits_rules())
+for method in ("ar", "flash"):
+    collect(generate(target, prompt, method, draft, config))
+    profiler = cProfile.Profile()
+    profiler.enable()
+    result = collect(generate(target, prompt, method, draft, config))
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    steps = result.steps
+    decode_ms = (result.seconds - result.prefill_seconds) * 1000
+    print(f"{method}: {result.new_tokens} tokens in {steps} steps (tau {result.tau:.2f}), "
+          f"{decode_ms / steps:.1f} ms per step after the prefill")
+    for (suffix, name), label in PARTS.items():
+        total = sum(v[3] for (file, _, func), v in stats.items() if file.endswith(suffix) and func == name)
+        if total:
+            print(f"  {label:40s} {total * 1000 / steps:6.1f} ms/step")

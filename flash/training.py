@@ -183,13 +183,13 @@ def _average_gradients(accelerator, model: torch.nn.Module) -> None:
 
 
 def _continue_from(draft: FlashDraft, path: Path) -> None:
-    """Load a saved draft's weights into ``draft``; it must have the same shape and vocabulary."""
+    """Load a saved draft's weights, its draft vocabulary included, into ``draft`` (same shape)."""
     saved = FlashDraft.load(path)
     if asdict(saved.cfg) != asdict(draft.cfg):
         raise ValueError(f"cannot continue from {path}: its config {asdict(saved.cfg)} "
                          f"differs from {asdict(draft.cfg)}")
-    if not torch.equal(saved.draft_to_target, draft.draft_to_target):
-        raise ValueError(f"cannot continue from {path}: its draft vocabulary differs from this data's")
+    # The vocabulary is the saved draft's, not recomputed from this data: its head rows are trained.
+    draft.register_buffer("draft_to_target", saved.draft_to_target.clone(), persistent=True)
     draft.load_state_dict(saved.state_dict())
 
 
@@ -210,7 +210,7 @@ def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = Train
                        num_latents=cfg.num_latents,
                        draft_vocab_size=0 if cfg.draft_vocab_size >= target.vocab_size else cfg.draft_vocab_size)
     draft = FlashDraft(dcfg)
-    if dcfg.draft_vocab_size:
+    if dcfg.draft_vocab_size and not cfg.init_from:
         vocab = draft_vocabulary(train_recs, dcfg.draft_vocab_size, target.eos_token_ids, target.vocab_size)
         draft.register_buffer("draft_to_target", vocab, persistent=True)
     if cfg.init_from:

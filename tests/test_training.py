@@ -152,5 +152,13 @@ def test_training_can_continue_from_a_saved_draft(tiny_llava, tmp_path):
     fresh = TrainConfig(**{**cfg.__dict__, "lr": 1e-12})  # a fresh start with the same tiny lr differs
     train(tiny_llava, records, tmp_path / "fresh", fresh, log=lambda m: None)
     assert not torch.allclose(FlashDraft.load(tmp_path / "fresh").block.qkv.weight, first.block.qkv.weight, atol=1e-3)
+    # More data later (a different frequent-token set) keeps the saved draft's vocabulary.
+    assert torch.equal(second.draft_to_target, first.draft_to_target)
+    fewer = [r for r in records if r.split != "train"] + [r for r in records if r.split == "train"][:1]
+    fresh_vocab = draft_vocabulary([r for r in fewer if r.split == "train"], 64, tiny_llava.eos_token_ids,
+                                   tiny_llava.vocab_size)
+    assert not torch.equal(fresh_vocab, first.draft_to_target)  # so the check below means something
+    train(tiny_llava, fewer, tmp_path / "fourth", again, log=lambda m: None)
+    assert torch.equal(FlashDraft.load(tmp_path / "fourth").draft_to_target, first.draft_to_target)
     with pytest.raises(ValueError, match="cannot continue"):
         train(tiny_llava, records, tmp_path / "third", TrainConfig(**{**again.__dict__, "k": 3}), log=lambda m: None)

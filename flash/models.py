@@ -36,7 +36,7 @@ PRESETS = (
 )
 
 _TARGETS: dict[str, TargetModel] = {}  # explicit caches: one load per process
-_DRAFTS: dict[tuple[str, str | None], FlashDraft] = {}
+_DRAFTS: dict[tuple[str, str | None, int], tuple[TargetModel, FlashDraft]] = {}
 
 
 def load_target(model: str = DEFAULT_MODEL, *, quiet: bool = False) -> TargetModel:
@@ -60,10 +60,12 @@ def load_draft(target: TargetModel, path: str | Path | None = None, *, quiet: bo
     """
     if path is None and target.name.startswith("flash-default") and (DEFAULT_DRAFT / "draft_config.json").exists():
         path = DEFAULT_DRAFT
-    key = (target.name, None if path is None else str(Path(path).resolve()))
-    if key not in _DRAFTS:
-        _DRAFTS[key] = _load_draft(target, path, quiet)
-    return _DRAFTS[key]
+    # A draft is bound to one target object: the same name loaded twice (another device map, say)
+    # gets its own binding rather than a draft reading the other object's embeddings.
+    key = (target.name, None if path is None else str(Path(path).resolve()), id(target))
+    if key not in _DRAFTS or _DRAFTS[key][0] is not target:  # `is`: an id can be reused
+        _DRAFTS[key] = (target, _load_draft(target, path, quiet))
+    return _DRAFTS[key][1]
 
 
 def _load_draft(target: TargetModel, path: str | Path | None, quiet: bool) -> FlashDraft:

@@ -73,3 +73,14 @@ def test_flash_equals_ar_on_every_example(default_target, path):
     for method in ("flash", "eagle", "pld"):
         out = collect(generate(default_target, prompt, method, draft, cfg))
         assert out.tokens == ar.tokens, (method, out.tokens, ar.tokens)
+
+
+def test_load_draft_binds_each_target_object(default_target):
+    """The draft cache is per target object: a second object with the same name gets its own binding."""
+    import copy
+
+    other = copy.copy(default_target)  # same name, another object (e.g. the same model loaded twice)
+    other.embed = lambda ids: default_target.embed(ids) * 0  # observable: a different embedding
+    mine, theirs = load_draft(default_target, quiet=True), load_draft(other, quiet=True)
+    assert mine is load_draft(default_target, quiet=True)  # cached
+    assert theirs is not mine and theirs._embed == other.embed and mine._embed == default_target.embed

@@ -44,8 +44,13 @@ def _wait_for_status(page, text: str, timeout_s: float = 60) -> None:
 
 def _set_max_new_tokens(page, n: int) -> None:
     box = page.get_by_label("number input for Max new tokens")
-    if not box.is_visible():
+    # Open the Settings accordion if it is closed; the check repeats because the page may still be
+    # re-rendering after an example click (a single early look once saw it closed while it opened).
+    for _ in range(3):
+        if box.is_visible():
+            break
         page.locator("button.label-wrap", has_text="Settings").click()
+        page.wait_for_timeout(500)
     box.fill(str(n))
     box.press("Enter")
 

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from flash.fp16_linear import Fp16Linear, convert_linears, fp16_gemm_available
 from flash.logits_rules import LogitsRules
 from flash.target import PrefillOutput, Prompt, TargetModel, TargetState
+from flash.verification import make_generator
 from flash.vision import FEATURE_GRID, load_mobilenet_v2, preprocess
 from flash.weights import MOBILENET_V2, SMOLLM2, cache_dir, fetch_weight
 
@@ -208,7 +209,7 @@ class DefaultTarget(TargetModel):
         mask, next_pos = mask[pick], positions[pick, -1]
         hidden = [[out[slot[id(p)], width - p.length :]] for p in prompts]
         logits = self.lm_head(out[pick, -1]).float()
-        generators = [torch.Generator().manual_seed(c.seed) for c in configs]
+        generators = [make_generator(c.seed) for c in configs]
         responses: list[list[int]] = [[] for _ in prompts]
 
         def finished(row: int) -> bool:

@@ -188,8 +188,7 @@ def _continue_from(draft: FlashDraft, path: Path) -> None:
     if asdict(saved.cfg) != asdict(draft.cfg):
         raise ValueError(f"cannot continue from {path}: its config {asdict(saved.cfg)} "
                          f"differs from {asdict(draft.cfg)}")
-    # The vocabulary is the saved draft's, not recomputed from this data: its head rows are trained.
-    draft.register_buffer("draft_to_target", saved.draft_to_target.clone(), persistent=True)
+    # The vocabulary comes with the state dict (train() skips recomputing it): its head rows are trained.
     draft.load_state_dict(saved.state_dict())
 
 

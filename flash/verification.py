@@ -76,16 +76,16 @@ def sampling_verify(
     if k == 0:
         return 0, int(sample(target_probs[0], generator))
     idx = torch.arange(k, device=target_probs.device)
-    draft_tokens = draft_tokens.to(target_probs.device)
+    draft_tokens, draft_probs = draft_tokens.to(target_probs.device), draft_probs.to(target_probs.device)
     p_tok = target_probs[idx, draft_tokens]
-    q_tok = draft_probs.to(target_probs.device)[idx, draft_tokens]
+    q_tok = draft_probs[idx, draft_tokens]
     uniform = torch.rand(k, generator=generator, dtype=torch.float32, device=generator.device).to(p_tok.device)
     # u < p/q  <=>  u * q < p (no division by a zero q).
     accept = (uniform * q_tok < p_tok).to(torch.int64)
     accepted = int(accept.cumprod(dim=0).sum())
     if accepted == k:
         return k, int(sample(target_probs[k], generator))
-    residual = (target_probs[accepted] - draft_probs[accepted].to(target_probs.device)).clamp_min(0.0)
+    residual = (target_probs[accepted] - draft_probs[accepted]).clamp_min(0.0)
     total = residual.sum()
     if total <= 0:  # p == q exactly: rejection had probability 0; fall back to p itself
         residual, total = target_probs[accepted], target_probs[accepted].sum()

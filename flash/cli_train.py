@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--num-latents", type=int, default=8, help="C latents per media span (0 = no compression)")
+    p.add_argument("--num-layers", type=int, default=1, help="decoder blocks in the draft's SAR head")
     p.add_argument("--draft-vocab", type=int, default=4096, help="reduced draft vocabulary (0 = full)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--grad-accum", type=int, default=1, help="records per optimizer step")
@@ -98,7 +99,8 @@ def cmd_train(args) -> int:
         train_part = [r for r in records if r.split == "train"][: args.max_train_records]
         records = train_part + [r for r in records if r.split != "train"]
     print(f"training on {len(records)} records from {data_dir}", file=sys.stderr)
-    cfg = TrainConfig(k=args.k, num_latents=args.num_latents, draft_vocab_size=args.draft_vocab, epochs=args.epochs,
+    cfg = TrainConfig(k=args.k, num_latents=args.num_latents, num_layers=args.num_layers,
+                      draft_vocab_size=args.draft_vocab, epochs=args.epochs,
                       lr=args.lr, grad_accum=args.grad_accum, ce_weight=args.ce_weight, noise=args.noise,
                       slot_decay=args.slot_decay, seed=args.seed, init_from=args.init_from)
     train(target, records, Path(args.out), cfg)

@@ -44,12 +44,15 @@ class DraftConfig:
     rms_eps: float = 1e-5
     max_positions: int = 8192
     draft_vocab_size: int = 0  # 0 = the target's full vocabulary
+    num_layers: int = 1  # decoder blocks in the SAR head (FLASH and EAGLE use one)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
             raise ValueError("hidden_size must split into num_heads heads of even size")
         if self.k < 1:
             raise ValueError("k (draft tokens per pass) must be >= 1")
+        if self.num_layers < 1:
+            raise ValueError("num_layers must be >= 1")
         if self.num_latents < 0 or self.draft_vocab_size < 0:
             raise ValueError("num_latents and draft_vocab_size must be >= 0")
 
@@ -119,7 +122,7 @@ class DraftState:
     ``length`` counts exact stream entries; anything past it (speculative slots) is overwritten.
     """
 
-    keys: torch.Tensor  # [1, heads, max_positions, head_dim]
+    keys: torch.Tensor  # [num_layers, 1, heads, max_positions, head_dim]
     values: torch.Tensor
     length: int = 0
 
@@ -140,7 +143,7 @@ class FlashDraft(nn.Module):
         self.latent_proj = nn.Linear(d, d, bias=False)
         self.slot_embed = nn.Parameter(torch.randn(cfg.k, d) * 0.02)
         self.slot_gate = nn.Parameter(torch.zeros(cfg.k))
-        self.block = DecoderBlock(cfg)
+        self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.num_layers))
         # Predictions live where the target's post-norm h lives: a norm whose per-dimension scale
         # (set from data before training) carries h's large outlier dimensions, so the block only
         # has to get the direction right. Without it the draft barely learnt (measured: slot-0 hit
@@ -244,7 +247,7 @@ class FlashDraft(nn.Module):
     # --- the semi-autoregressive pass ---------------------------------------------------------
     def new_state(self, device=None, dtype=None) -> DraftState:
         cfg = self.cfg
-        shape = (1, cfg.num_heads, cfg.max_positions, cfg.head_dim)
+        shape = (cfg.num_layers, 1, cfg.num_heads, cfg.max_positions, cfg.head_dim)
         dtype = dtype or self.slot_embed.dtype
         device = device or self.slot_embed.device
         return DraftState(torch.zeros(shape, dtype=dtype, device=device),
@@ -266,15 +269,19 @@ class FlashDraft(nn.Module):
         # RoPE: stream entry j at past+j, slot i at P+i = past+m+i.
         positions = torch.arange(past, past + m + num_slots)
         cos, sin = rope_tables(positions.to(x.device), cfg.head_dim, cfg.rope_theta)
-        q, k, v = self.block.project_kv_q(x, cos, sin)
-        # Stream entries and slot 0 are exact: write them into the cache at their positions.
+        # Stream entries and slot 0 are exact (in every layer: slot 0 sees only the cache and itself),
+        # so they are written into each layer's cache at their positions.
         exact = m + 1
-        state.keys[:, :, past : past + exact] = k[:, :, :exact]
-        state.values[:, :, past : past + exact] = v[:, :, :exact]
-        keys = torch.cat([state.keys[:, :, : past + exact], k[:, :, exact:]], dim=2)
-        values = torch.cat([state.values[:, :, : past + exact], v[:, :, exact:]], dim=2)
         mask = block_mask(past, m, num_slots, x.device)
-        out = self.block.finish(x, q, keys, values, mask)[0, m:]  # [num_slots, D]
+        for layer, block in enumerate(self.blocks):
+            q, k, v = block.project_kv_q(x, cos, sin)
+            cache_k, cache_v = state.keys[layer], state.values[layer]
+            cache_k[:, :, past : past + exact] = k[:, :, :exact]
+            cache_v[:, :, past : past + exact] = v[:, :, :exact]
+            keys = torch.cat([cache_k[:, :, : past + exact], k[:, :, exact:]], dim=2)
+            values = torch.cat([cache_v[:, :, : past + exact], v[:, :, exact:]], dim=2)
+            x = block.finish(x, q, keys, values, mask)
+        out = x[0, m:]  # [num_slots, D]
         state.length = past + exact
         return self.out_norm(out + self.slot_gate[:num_slots, None] * last_hidden.to(out.dtype))
 
@@ -291,8 +298,11 @@ class FlashDraft(nn.Module):
         base = torch.arange(s - n, s, device=stream.device)
         positions = torch.cat([torch.arange(s, device=stream.device)] + [base + i for i in range(1, k)])
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-        q, keys, values = self.block.project_kv_q(x, cos, sin)
-        out = self.block.finish(x, q, keys, values, train_mask(s, n, k, stream.device))[0]
+        mask = train_mask(s, n, k, stream.device)
+        for block in self.blocks:
+            q, keys, values = block.project_kv_q(x, cos, sin)
+            x = block.finish(x, q, keys, values, mask)
+        out = x[0]
         slots = torch.cat([out[s - n : s][None], out[s:].view(k - 1, n, out.shape[-1])])  # [k, n, D]
         return self.out_norm(slots + self.slot_gate[:, None, None] * gate_hidden[None].to(slots.dtype))
 
@@ -315,6 +325,8 @@ class FlashDraft(nn.Module):
         except (OSError, ValueError, TypeError) as exc:
             raise DraftError(f"cannot load a draft from {directory}: {exc}") from None
         draft = cls(cfg)
+        # Drafts saved before num_layers existed name their one block "block.".
+        tensors = {("blocks.0." + n[6:] if n.startswith("block.") else n): t for n, t in tensors.items()}
         if "draft_to_target" in tensors:
             draft.register_buffer("draft_to_target", tensors["draft_to_target"].long(), persistent=True)
         draft.load_state_dict(tensors, strict=True)

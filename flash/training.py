@@ -30,6 +30,7 @@ class TrainConfig:
 
     k: int = 4
     num_latents: int = 8
+    num_layers: int = 1
     num_heads: int = 8
     intermediate_size: int = 1536
     draft_vocab_size: int = 4096
@@ -206,7 +207,7 @@ def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = Train
         raise ValueError("no training records: run the distillation step first")
     dcfg = DraftConfig(target_name=target.name, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
                        num_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size, k=cfg.k,
-                       num_latents=cfg.num_latents,
+                       num_latents=cfg.num_latents, num_layers=cfg.num_layers,
                        draft_vocab_size=0 if cfg.draft_vocab_size >= target.vocab_size else cfg.draft_vocab_size)
     draft = FlashDraft(dcfg)
     if dcfg.draft_vocab_size and not cfg.init_from:

@@ -138,8 +138,8 @@ def echo_draft(target: TargetModel, *, k: int = 3, num_latents: int = 4) -> Flas
         draft.slot_gate.fill_(1.0)
         draft.fuse.weight.zero_()
         draft.slot_embed.zero_()
-        draft.block.o_proj.weight.zero_()
-        draft.block.down.weight.zero_()
+        draft.blocks[0].o_proj.weight.zero_()
+        draft.blocks[0].down.weight.zero_()
     return draft
 
 

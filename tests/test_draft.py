@@ -8,16 +8,16 @@ import torch
 from flash.draft import DraftConfig, FlashDraft, block_mask, train_mask
 
 
-def small_draft(k: int = 4, seed: int = 0) -> FlashDraft:
+def small_draft(k: int = 4, seed: int = 0, num_layers: int = 1) -> FlashDraft:
     torch.manual_seed(seed)
     cfg = DraftConfig(target_name="t", hidden_size=64, vocab_size=100, num_heads=4, intermediate_size=128, k=k,
-                      max_positions=256)
+                      max_positions=256, num_layers=num_layers)
     return FlashDraft(cfg).eval()
 
 
-@pytest.mark.parametrize("k", [1, 2, 4, 6])
-def test_train_forward_equals_propose_at_every_position(k):
-    draft = small_draft(k)
+@pytest.mark.parametrize(("k", "num_layers"), [(1, 1), (2, 1), (4, 1), (6, 1), (4, 3)])
+def test_train_forward_equals_propose_at_every_position(k, num_layers):
+    draft = small_draft(k, num_layers=num_layers)
     s, n = 24, 10
     stream, gate = torch.randn(s, 64), torch.randn(s, 64)
     with torch.no_grad():
@@ -28,9 +28,10 @@ def test_train_forward_equals_propose_at_every_position(k):
             torch.testing.assert_close(got, preds[:, r], atol=1e-5, rtol=1e-5)
 
 
-def test_incremental_propose_equals_one_shot():
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_incremental_propose_equals_one_shot(num_layers):
     """Growing the cache step by step (as decoding does) gives the same slots as one pass."""
-    draft = small_draft(4)
+    draft = small_draft(4, num_layers=num_layers)
     stream, gate = torch.randn(30, 64), torch.randn(30, 64)
     with torch.no_grad():
         state = draft.new_state()

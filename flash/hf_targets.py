@@ -1,7 +1,7 @@
 """Hugging Face target adapters: LLaVA (1.5-style) and Qwen2.5-VL behind :class:`TargetModel`.
 
 Each adapter owns a ``*ForConditionalGeneration`` model plus what it needs to tokenize prompts, and
-exposes prefill / forward / crop against a ``DynamicCache`` held in the caller's
+exposes prefill / forward / crop against a KV cache (``flash.kv_cache``) held in the caller's
 :class:`TargetState`. Hidden states come from ``model.model`` (the base model, whose
 ``last_hidden_state`` is already after the final norm), logits from ``model.lm_head``.
 
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from flash.kv_cache import in_place_cache
 from flash.target import PrefillOutput, Prompt, TargetModel, TargetState
 
 __all__ = [
@@ -189,12 +190,10 @@ class _HFTarget(TargetModel):
     @torch.inference_mode()
     def prefill(self, prompt: Prompt) -> PrefillOutput:
         """Run the prompt (with its pixels) through the base model with a fresh cache."""
-        from transformers import DynamicCache
-
         inputs = _to_device(self.model_inputs(prompt), self.device)
         inputs.pop("attention_mask", None)  # single unpadded sequence: plain causal mask
         positions, rope_offset = self._prefill_positions(prompt)
-        cache = DynamicCache(config=self.model.config)
+        cache = in_place_cache(self.model.config)  # appends and crops without copying the cache
         out = self.model.model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True)
         hidden = out.last_hidden_state[0]
         state = TargetState(cache=out.past_key_values, length=prompt.length, rope_offset=rope_offset)

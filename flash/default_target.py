@@ -171,10 +171,13 @@ class DefaultTarget(TargetModel):
         return Prompt(torch.tensor([ids]), tuple(spans), visual, chat)
 
     # --- model --------------------------------------------------------------------------------
+    def _new_cache(self) -> DynamicCache:
+        return in_place_cache(self.lm.config) if self.lean_attention else DynamicCache(config=self.lm.config)
+
     @torch.inference_mode()
     def prefill(self, prompt: Prompt) -> PrefillOutput:
         embeds = self._prompt_embeds(prompt)  # [1, L, D]
-        cache = in_place_cache(self.lm.config) if self.lean_attention else DynamicCache(config=self.lm.config)
+        cache = self._new_cache()
         out = self.lm.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
         hidden = out.last_hidden_state[0]  # [L, D]
         state = TargetState(cache=cache, length=prompt.length)
@@ -208,7 +211,7 @@ class DefaultTarget(TargetModel):
             embeds[i, width - prompt.length :] = self._prompt_embeds(prompt)[0]
             mask[i, width - prompt.length :] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        cache = DynamicCache(config=self.lm.config)
+        cache = self._new_cache()
         out = self.lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True).last_hidden_state
         # Expand the unique prefills to one cache row per request.

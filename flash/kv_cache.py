@@ -64,11 +64,19 @@ class InPlaceLayer(DynamicLayer):
         self._length = 0
         super().reset()
 
+    def _reindex_rows(self, pick) -> None:
+        if self._key_buffer is None:
+            return
+        self._key_buffer, self._value_buffer = pick(self._key_buffer), pick(self._value_buffer)
+        self.keys = self._key_buffer[..., : self._length, :]
+        self.values = self._value_buffer[..., : self._length, :]
+
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("InPlaceLayer holds one request")
+        self._reindex_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("InPlaceLayer holds one request")
+        """Keep only the batch rows ``indices`` (rows that finished leave a batched decode)."""
+        self._reindex_rows(lambda t: t[indices])
 
 
 def in_place_cache(config) -> DynamicCache:

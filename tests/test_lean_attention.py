@@ -76,3 +76,19 @@ def test_gqa_sdpa_equals_repeated_heads(q_len, kv_len, masked):
     module = torch.nn.Module()
     got, _ = gqa_sdpa_attention(module, query, key, value, mask[None, None] if masked else None)
     torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_in_place_cache_drops_and_repeats_batch_rows_like_dynamic_cache():
+    model = tiny_llama()
+    prompt = torch.tensor([[4, 5, 6, 7], [8, 9, 10, 11]])
+
+    def run(cache):
+        with torch.inference_mode():
+            model(input_ids=prompt, past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(2)  # rows 0, 0, 1, 1
+            model(input_ids=torch.tensor([[1], [2], [3], [4]]), past_key_values=cache, use_cache=True)
+            cache.batch_select_indices(torch.tensor([1, 2]))  # a finished row leaves
+            return model(input_ids=torch.tensor([[5, 6], [7, 8]]), past_key_values=cache, use_cache=True).logits
+
+    torch.testing.assert_close(run(in_place_cache(model.config)), run(DynamicCache(config=model.config)),
+                               rtol=0, atol=1e-5)

@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
                    help="train on at most this many training records (0 = all; for equal-budget ablations)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", default="", metavar="DRAFT",
-                   help="continue training this saved draft (same shape; keeps its draft vocabulary)")
+                   help="continue training this saved draft (same shape, or fewer --num-layers: extra blocks "
+                        "start as the identity; keeps its draft vocabulary)")
     p.add_argument("--batch-size", type=int, default=32, help="distillation rows decoded together")
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="distil only every N-th item from the I-th (run N processes to fill one cache)")

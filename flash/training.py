@@ -46,7 +46,7 @@ class TrainConfig:
     # so the early slots matter most. 1.0 = FLASH's plain mean over slots.
     slot_decay: float = 1.0
     seed: int = 0
-    init_from: str = ""  # a saved draft to continue from (same shape); "" = fresh weights
+    init_from: str = ""  # a saved draft to continue from (same shape, or fewer layers); "" = fresh
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.grad_accum < 1 or self.lr <= 0 or self.slot_decay <= 0:
@@ -184,13 +184,25 @@ def _average_gradients(accelerator, model: torch.nn.Module) -> None:
 
 
 def _continue_from(draft: FlashDraft, path: Path) -> None:
-    """Load a saved draft's weights, its draft vocabulary included, into ``draft`` (same shape)."""
+    """Load a saved draft's weights, its draft vocabulary included, into ``draft``.
+
+    The shapes must match, except that ``draft`` may have more decoder blocks: the saved blocks come
+    first and each extra block starts as the identity (its residual branches output zero), so the
+    deeper draft starts out predicting exactly what the saved one does.
+    """
     saved = FlashDraft.load(path)
-    if asdict(saved.cfg) != asdict(draft.cfg):
+    same_shape = {**asdict(saved.cfg), "num_layers": draft.cfg.num_layers} == asdict(draft.cfg)
+    if not same_shape or saved.cfg.num_layers > draft.cfg.num_layers:
         raise ValueError(f"cannot continue from {path}: its config {asdict(saved.cfg)} "
-                         f"differs from {asdict(draft.cfg)}")
+                         f"differs from {asdict(draft.cfg)} (only more num_layers is allowed)")
     # The vocabulary comes with the state dict (train() skips recomputing it): its head rows are trained.
-    draft.load_state_dict(saved.state_dict())
+    missing, unexpected = draft.load_state_dict(saved.state_dict(), strict=False)
+    extra = [f"blocks.{i}." for i in range(saved.cfg.num_layers, draft.cfg.num_layers)]
+    assert not unexpected and all(any(n.startswith(p) for p in extra) for n in missing), (missing, unexpected)
+    with torch.no_grad():
+        for block in draft.blocks[saved.cfg.num_layers :]:
+            block.o_proj.weight.zero_()
+            block.down.weight.zero_()
 
 
 def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = TrainConfig(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from PIL import Image
 from flash.corpus import CorpusItem
 from flash.decoding import GenerationConfig, collect, generate
 from flash.distill import Record, distill, load_records
-from flash.draft import FlashDraft
+from flash.draft import DraftConfig, FlashDraft
 from flash.media import Media
 from flash.training import TrainConfig, chain_tau, draft_vocabulary, get_lr, train
 
@@ -163,3 +164,27 @@ def test_training_can_continue_from_a_saved_draft(tiny_llava, tmp_path):
     assert torch.equal(FlashDraft.load(tmp_path / "fourth").draft_to_target, first.draft_to_target)
     with pytest.raises(ValueError, match="cannot continue"):
         train(tiny_llava, records, tmp_path / "third", TrainConfig(**{**again.__dict__, "k": 3}), log=lambda m: None)
+
+
+def test_a_deeper_draft_grows_from_a_saved_one(tiny_llava, tmp_path):
+    """--init-from a 1-block draft with --num-layers 2: the new block starts as the identity."""
+    from flash.training import _continue_from
+
+    distill(tiny_llava, items(), tmp_path / "data", max_new_tokens=12, batch_size=4)
+    records = load_records(tmp_path / "data", tiny_llava.name)
+    cfg = TrainConfig(k=2, num_latents=2, num_heads=4, intermediate_size=64, draft_vocab_size=64, epochs=1,
+                      warmup_steps=1)
+    train(tiny_llava, records, tmp_path / "one", cfg, log=lambda m: None)
+    shallow = FlashDraft.load(tmp_path / "one").bind(tiny_llava)  # saved weights are fp16-rounded
+    deep = FlashDraft(DraftConfig(**{**asdict(shallow.cfg), "num_layers": 2}))
+    _continue_from(deep, tmp_path / "one")
+    deep = deep.eval().bind(tiny_llava)
+    stream, gate = torch.randn(9, tiny_llava.hidden_size), torch.randn(3, tiny_llava.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(deep.train_forward(stream, gate), shallow.train_forward(stream, gate))
+    assert not torch.equal(deep.blocks[1].qkv.weight, deep.blocks[0].qkv.weight)  # a real second block
+    train(tiny_llava, records, tmp_path / "two", TrainConfig(**{**cfg.__dict__, "num_layers": 2,
+                                                              "init_from": str(tmp_path / "one")}), log=lambda m: None)
+    assert FlashDraft.load(tmp_path / "two").cfg.num_layers == 2
+    with pytest.raises(ValueError, match="cannot continue"):  # and never shallower
+        _continue_from(FlashDraft(shallow.cfg), tmp_path / "two")

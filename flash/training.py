@@ -45,6 +45,10 @@ class TrainConfig:
     # Slot i's loss weight is slot_decay**i (normalised): slot i only pays off when slots 0..i-1 hit,
     # so the early slots matter most. 1.0 = FLASH's plain mean over slots.
     slot_decay: float = 1.0
+    # Soft cross-entropy on the logits *after* the target's logits rules (repetition penalty,
+    # n-gram ban, with the true prefix), i.e. on the distribution that picks the token. The default
+    # model's rules change 46% of its raw argmax tokens, so matching the raw distribution is not enough.
+    rules_ce: bool = False
     seed: int = 0
     init_from: str = ""  # a saved draft to continue from (same shape, or fewer layers); "" = fresh
 
@@ -93,17 +97,68 @@ def _sample_tensors(draft: FlashDraft, rec: Record, noise: float, device) -> tup
     return stream, hidden_in[L - 1 : F_ - 1], hidden[L:F_]
 
 
-def record_loss(draft: FlashDraft, rec: Record, cfg: TrainConfig, device, noise: float | None = None, rules=None):
+def rules_in_draft_vocab(rules, response: list[int], draft_to_target: torch.Tensor,
+                         vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's logits rules as masks over the draft vocabulary, for every prefix of ``response``.
+
+    Returns (seen, banned), both [R+1, Vd] bool: row j is for the logits that follow
+    ``response[:j]``; ``seen`` marks tokens the repetition penalty applies to, ``banned`` tokens the
+    no-repeat-n-gram rule forbids. Same rules as :meth:`LogitsRules.apply` (tested against it).
+    """
+    size_d, length = draft_to_target.numel(), len(response)
+    index = torch.full((vocab_size,), -1, dtype=torch.long)
+    index[draft_to_target.cpu()] = torch.arange(size_d)
+    seen = torch.zeros(length + 1, size_d, dtype=torch.bool)
+    banned = torch.zeros(length + 1, size_d, dtype=torch.bool)
+    ids = index[torch.tensor(response, dtype=torch.long)] if response else torch.zeros(0, dtype=torch.long)
+    if rules.repetition_penalty != 1.0 and length:
+        known = ids >= 0
+        onehot = torch.zeros(length, size_d)
+        onehot[torch.arange(length)[known], ids[known]] = 1
+        seen[1:] = onehot.cumsum(0) > 0
+    size = rules.no_repeat_ngram_size
+    if size > 0:
+        followers: dict[tuple[int, ...], list[int]] = {}
+        i = 0
+        for j in range(length + 1):
+            while i + size - 1 < j:  # every n-gram that ends inside the prefix
+                followers.setdefault(tuple(response[i : i + size - 1]), []).append(int(ids[i + size - 1]))
+                i += 1
+            if j + 1 >= size:
+                ban = [c for c in followers.get(tuple(response[j - size + 1 : j]), ()) if c >= 0]
+                if ban:
+                    banned[j, ban] = True
+    return seen, banned
+
+
+def apply_rule_masks(logits: torch.Tensor, seen: torch.Tensor, banned: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Logits [n, Vd] processed like :meth:`LogitsRules.apply`; banned entries get -1e4, not -inf.
+
+    Finite, so a soft cross-entropy term ``0 * log q`` at a banned token stays 0 instead of NaN.
+    """
+    if penalty != 1.0:
+        logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    return logits.masked_fill(banned, -1e4)
+
+
+def record_loss(draft: FlashDraft, rec: Record, cfg: TrainConfig, device, noise: float | None = None, rules=None,
+                loss_rules=None):
     """Loss of one record and per-slot greedy hits (teacher forcing).
 
     A hit means the draft's top token is the token the target actually emitted next. With
     ``rules`` (the target's logits rules) the draft's logits are processed as at decoding time,
-    with the true prefix, so the hit rate predicts real acceptance.
+    with the true prefix, so the hit rate predicts real acceptance. With ``loss_rules`` the
+    cross-entropy compares the draft's and the target's rule-processed logits (``cfg.rules_ce``).
     """
     stream, gate, targets = _sample_tensors(draft, rec, cfg.noise if noise is None else noise, device)
     preds = draft.train_forward(stream, gate)  # [k, n, D]
     n = gate.shape[0]
     response = rec.response.to(device)
+    masks = None
+    if loss_rules is not None and loss_rules.active:
+        seen, banned = rules_in_draft_vocab(loss_rules, rec.response.tolist(), draft.draft_to_target,
+                                            draft.cfg.vocab_size)
+        masks = seen.to(device), banned.to(device)
     total, hits = 0.0, []
     for i in range(draft.cfg.k):
         valid = n - i  # slot i at position t predicts h_{t+1+i}: needs t+1+i <= F-1
@@ -115,7 +170,14 @@ def record_loss(draft: FlashDraft, rec: Record, cfg: TrainConfig, device, noise:
         draft_logits = draft.draft_logits(pred)
         with torch.no_grad():
             target_logits = draft.draft_logits(tgt)
-        ce = -(target_logits.softmax(-1) * draft_logits.log_softmax(-1)).sum(-1).mean()
+        if masks is None:
+            ce_draft, ce_target = draft_logits, target_logits
+        else:  # row r follows the prefix response[:1+i+r]
+            rows = slice(1 + i, 1 + i + valid)
+            penalty = loss_rules.repetition_penalty
+            ce_draft = apply_rule_masks(draft_logits, masks[0][rows], masks[1][rows], penalty)
+            ce_target = apply_rule_masks(target_logits, masks[0][rows], masks[1][rows], penalty)
+        ce = -(ce_target.softmax(-1) * ce_draft.log_softmax(-1)).sum(-1).mean()
         total = total + cfg.slot_decay**i * (reg + cfg.ce_weight * ce)
         actual = torch.cat([response, response.new_tensor([-1])])[1 + i : 1 + i + valid]
         with torch.no_grad():
@@ -156,7 +218,8 @@ def evaluate(draft: FlashDraft, records: list[Record], cfg: TrainConfig, device,
                 continue
             taus, rates, losses, weights = [], [], [], []
             for rec in recs:
-                loss, hits = record_loss(draft, rec, cfg, device, noise=0.0, rules=rules)
+                loss, hits = record_loss(draft, rec, cfg, device, noise=0.0, rules=rules,
+                                         loss_rules=rules if cfg.rules_ce else None)
                 tau, r = chain_tau(hits, draft.cfg.k)
                 taus.append(tau)
                 rates.append(r)
@@ -232,6 +295,7 @@ def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = Train
             sample = torch.cat([r.hidden[:: max(1, r.hidden.shape[0] // 64)].float() for r in train_recs])
             draft.out_norm.weight.copy_(sample.pow(2).mean(0).sqrt())
     model = draft.to(device).bind(target)
+    loss_rules = target.logits_rules() if cfg.rules_ce else None
     optimizer = accelerator.prepare(
         torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0))
     # Equal shards: every process must take the same number of steps, or a gradient sync never returns.
@@ -245,7 +309,7 @@ def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = Train
         rng.shuffle(order)
         running = 0.0
         for i, rec in enumerate(order):
-            loss, _ = record_loss(model, rec, cfg, device)
+            loss, _ = record_loss(model, rec, cfg, device, loss_rules=loss_rules)
             accelerator.backward(loss / cfg.grad_accum)
             running += float(loss.detach())
             if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(order):

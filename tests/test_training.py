@@ -188,3 +188,45 @@ def test_a_deeper_draft_grows_from_a_saved_one(tiny_llava, tmp_path):
     assert FlashDraft.load(tmp_path / "two").cfg.num_layers == 2
     with pytest.raises(ValueError, match="cannot continue"):  # and never shallower
         _continue_from(FlashDraft(shallow.cfg), tmp_path / "two")
+
+
+@pytest.mark.parametrize(("penalty", "ngram"), [(1.2, 3), (1.0, 2), (1.5, 0)])
+def test_rule_masks_in_the_draft_vocabulary_equal_the_target_rules(penalty, ngram):
+    """rules_in_draft_vocab + apply_rule_masks == LogitsRules.apply, restricted to the draft's tokens."""
+    from flash.logits_rules import LogitsRules
+    from flash.training import apply_rule_masks, rules_in_draft_vocab
+
+    rules = LogitsRules(repetition_penalty=penalty, no_repeat_ngram_size=ngram)
+    gen = torch.Generator().manual_seed(0)
+    vocab, draft_to_target = 50, torch.tensor(sorted(torch.randperm(50, generator=gen)[:20].tolist()))
+    # A response that repeats itself (so n-grams recur) and uses tokens outside the draft vocabulary.
+    response = torch.randint(0, 50, (8,), generator=gen).tolist() * 3 + [draft_to_target[0].item()] * 2
+    seen, banned = rules_in_draft_vocab(rules, response, draft_to_target, vocab)
+    assert seen.shape == banned.shape == (len(response) + 1, 20)
+    assert (banned.any() if ngram else not banned.any()) and (seen.any() if penalty != 1.0 else not seen.any())
+    logits = torch.randn(len(response) + 1, vocab, generator=gen) * 5
+    want = torch.cat([rules.apply(logits[j : j + 1], response, j) for j in range(len(response) + 1)])
+    got = apply_rule_masks(logits[:, draft_to_target], seen, banned, penalty)
+    want = want[:, draft_to_target]
+    finite = torch.isfinite(want)
+    assert torch.equal(~finite, got == -1e4)
+    torch.testing.assert_close(got[finite], want[finite])
+
+
+def test_rules_ce_trains(tiny_llava, tmp_path):
+    """--rules-ce: a finite loss with repetition penalty and n-gram ban active, and a draft that learns."""
+    from flash.logits_rules import LogitsRules
+    from flash.training import record_loss
+
+    distill(tiny_llava, items(), tmp_path / "data", max_new_tokens=12, batch_size=4)
+    records = load_records(tmp_path / "data", tiny_llava.name)
+    cfg = TrainConfig(k=2, num_latents=2, num_heads=4, intermediate_size=64, draft_vocab_size=64, epochs=2,
+                      warmup_steps=1, rules_ce=True)
+    draft = train(tiny_llava, records, tmp_path / "d", cfg, log=lambda m: None)
+    rules = LogitsRules(repetition_penalty=1.3, no_repeat_ngram_size=2)
+    with torch.no_grad():
+        losses = [float(record_loss(draft, r, cfg, "cpu", noise=0.0, loss_rules=rules)[0]) for r in records]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    log = json.loads((tmp_path / "d" / "training_log.json").read_text())
+    assert log["config"]["rules_ce"] is True
+    assert log["history"][-1]["train_loss"] < log["history"][0]["train_loss"]

@@ -40,7 +40,8 @@ def _add_generation_args(p: argparse.ArgumentParser, several_prompts: bool = Fal
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=None, help="draft tokens per step (default: the draft's)")
     p.add_argument("--min-draft-prob", type=float, default=DEFAULT_MIN_DRAFT_PROB,
-                   help="stop drafting at a token the draft gives less probability (0 = always draft k)")
+                   help="stop drafting where the draft's confidence in all its tokens so far (the product of its "
+                        "top-token probabilities) falls below this (0 = always draft k)")
 
 
 def _config(args, target) -> GenerationConfig:

@@ -19,8 +19,9 @@ from flash.target import Prompt, TargetModel
 from flash.verification import greedy_verify, logits_to_probs, make_generator, sample, sampling_verify
 
 METHODS = ("ar", "eagle", "flash", "pld")
-#: The confidence cut the CLI and the app use by default (see GenerationConfig.min_draft_prob).
-DEFAULT_MIN_DRAFT_PROB = 0.2
+#: The confidence cut the CLI and the app use by default (see GenerationConfig.min_draft_prob;
+#: tuned on the shipped examples, README "Results").
+DEFAULT_MIN_DRAFT_PROB = 0.05
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,10 @@ class GenerationConfig:
     seed: int = 0
     k: int | None = None  # draft tokens per step; None = the draft's own k
     rules: LogitsRules = field(default_factory=LogitsRules)
-    # Stop a step's draft at the first token the draft itself gives less than this probability
-    # (EAGLE-2's confidence cut): a weak draft then costs little instead of making every
-    # verification longer. Decided from the draft alone, so the output stays exact.
+    # Stop a step's draft where the draft's own confidence that *all* its tokens so far are right
+    # (the product of its top-token probabilities, as EAGLE-2 ranks tree nodes) falls below this:
+    # a weak draft then costs little instead of making every verification longer. Decided from
+    # the draft alone, so the output stays exact.
     min_draft_prob: float = 0.0
 
     def __post_init__(self) -> None:
@@ -330,12 +332,14 @@ def _speculative(target: TargetModel, prompt: Prompt, proposer, method: str,
 
 
 def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationConfig, generator: torch.Generator,
-                  context: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Predicted features [n, D] -> draft token ids [n] (target vocabulary) and their q [n, V].
+                  context: list[int], joint: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """Predicted features [n, D] -> draft token ids [n] (target vocabulary), their q [n, V], and ``joint``.
 
     The target's logits rules are applied to the draft's logits too, row i with the prefix
     ``context + d_1..d_{i-1}``: the draft then proposes what the rule-processed target would pick
-    (acceptance only; verification stays exact whatever the draft proposes).
+    (acceptance only; verification stays exact whatever the draft proposes). ``joint`` is the
+    draft's confidence in the tokens proposed before these (1 at a step's start); the returned one
+    includes the kept rows. Rows stop where it would fall below ``config.min_draft_prob``.
     """
     logits = draft.draft_logits(features).float()  # [n, Vd]
     if config.rules.active:
@@ -345,43 +349,49 @@ def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationC
             row = config.rules.apply(full[i : i + 1], context + ids, len(context) + i)
             if not torch.isfinite(row).any():
                 break  # the rules ban every token the draft knows: propose fewer tokens this step
-            if config.min_draft_prob and float(row.softmax(-1).max()) < config.min_draft_prob:
+            confidence = joint * float(row.softmax(-1).max())
+            if config.min_draft_prob and confidence < config.min_draft_prob:
                 break
+            joint = confidence
             if config.greedy:
                 ids.append(int(row.argmax()))
             else:
                 q = logits_to_probs(row, config.temperature, config.top_p)
                 ids.append(int(sample(q, generator)))
                 probs.append(q)
-        return torch.tensor(ids, dtype=torch.long, device=features.device), (torch.cat(probs) if probs else None)
+        ids_t = torch.tensor(ids, dtype=torch.long, device=features.device)
+        return ids_t, (torch.cat(probs) if probs else None), joint
+    confidence = joint * logits.softmax(-1).amax(-1).cumprod(0)  # [n]
     if config.min_draft_prob:
-        confident = logits.softmax(-1).amax(-1) >= config.min_draft_prob
-        logits = logits[: int(confident.to(torch.int64).cumprod(0).sum())]
+        kept = int((confidence >= config.min_draft_prob).sum())  # non-increasing: a prefix
+        logits, confidence = logits[:kept], confidence[:kept]
+    joint = float(confidence[-1]) if confidence.numel() else joint
     if config.greedy:
-        return draft.to_target_ids(logits.argmax(-1)), None
+        return draft.to_target_ids(logits.argmax(-1)), None, joint
     probs = logits_to_probs(logits, config.temperature, config.top_p)
     ids = sample(probs, generator)
     # q over the target vocabulary: zero outside the draft's
-    return draft.to_target_ids(ids), draft.to_target_vocab(probs, 0.0)
+    return draft.to_target_ids(ids), draft.to_target_vocab(probs, 0.0), joint
 
 
 def _propose_block(draft: FlashDraft, dstate: DraftState, stream, last_feature, last_hidden, n: int,
                    config: GenerationConfig, generator: torch.Generator, context: list[int]):
     """FLASH: one semi-autoregressive pass gives n draft tokens."""
     features = draft.propose(dstate, stream, last_feature, last_hidden, n)
-    return _draft_tokens(draft, features, config, generator, context)
+    ids, probs, _ = _draft_tokens(draft, features, config, generator, context)
+    return ids, probs
 
 
 def _propose_chain(draft: FlashDraft, dstate: DraftState, stream, last_feature, last_hidden, n: int,
                    config: GenerationConfig, generator: torch.Generator, context: list[int]):
     """EAGLE: n one-token passes, each feeding back the draft's own predicted feature."""
     ids, probs = [], []
-    exact_length = None
+    exact_length, joint = None, 1.0
     for i in range(n):
         feature = draft.propose(dstate, stream, last_feature, last_hidden, 1)  # [1, D]
         if exact_length is None:
             exact_length = dstate.length  # entries past this are speculative: overwritten next step
-        tok, q = _draft_tokens(draft, feature, config, generator, context + [int(t) for t in ids])
+        tok, q, joint = _draft_tokens(draft, feature, config, generator, context + [int(t) for t in ids], joint)
         if tok.numel() == 0:
             break
         ids.append(tok)

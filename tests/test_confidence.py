@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
 from flash.decoding import GenerationConfig, collect, generate
 
@@ -43,3 +44,31 @@ def test_sampling_with_cut_runs_and_validates(tiny_llava, photos, make_echo_draf
     assert len(out.tokens) == 12 or out.tokens[-1] in tiny_llava.eos_token_ids
     with pytest.raises(ValueError):
         GenerationConfig(min_draft_prob=1.0)
+
+
+@pytest.mark.parametrize("rules_active", [False, True])
+@pytest.mark.parametrize("threshold", [0.0, 1e-6, 1e-3, 0.3])
+def test_the_cut_is_on_the_joint_confidence(tiny_llava, make_draft, rules_active, threshold):
+    """Drafts are kept while the product of the draft's top-token probabilities stays >= the cut."""
+    from flash.decoding import _draft_tokens
+    from flash.logits_rules import LogitsRules
+
+    draft = make_draft(tiny_llava, k=4)
+    rules = LogitsRules(repetition_penalty=1.3, no_repeat_ngram_size=2) if rules_active else LogitsRules()
+    config = GenerationConfig(rules=rules, min_draft_prob=threshold)
+    torch.manual_seed(0)
+    features = torch.randn(4, tiny_llava.hidden_size) * 3
+    context = [5, 6, 5]
+    ids, _, joint = _draft_tokens(draft, features, config, torch.Generator(), context, joint=0.9)
+    # The same walk by hand, one row at a time.
+    expected, conf = [], 0.9
+    for i in range(4):
+        row = rules.apply(draft.to_target_vocab(draft.draft_logits(features[i : i + 1]).float(), float("-inf")),
+                          context + expected, len(context) + i)
+        if threshold and conf * float(row.softmax(-1).max()) < threshold:
+            break
+        conf *= float(row.softmax(-1).max())
+        expected.append(int(row.argmax()))
+    assert ids.tolist() == expected and joint == pytest.approx(conf, rel=1e-5)  # float32 products
+    if threshold == 0.0:
+        assert len(expected) == 4

@@ -21,7 +21,7 @@ from flash.verification import greedy_verify, logits_to_probs, make_generator, s
 METHODS = ("ar", "eagle", "flash", "pld")
 #: The confidence cut the CLI and the app use by default (see GenerationConfig.min_draft_prob;
 #: tuned on the shipped examples, README "Results").
-DEFAULT_MIN_DRAFT_PROB = 0.05
+DEFAULT_MIN_DRAFT_PROB = 0.1
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """How much a k-token target forward costs relative to a one-token step (the default model, CPU).
 
 Speculative decoding pays off only when τ exceeds this ratio. Run: ``python scripts/verify_cost.py``.
-Prints the median of 12 forwards per size, against a cache holding the coffee example's prompt.
+For an image prompt (coffee.jpg) and a video prompt (coffee_rocket_cut.mp4, 8 frames), with the
+default lean attention (in-place KV cache, grouped-KV SDPA) and with transformers' own cache and
+sdpa, interleaved in one process: the median of 15 forwards per size, each cropped back.
 """
 
 import sys
@@ -10,23 +12,33 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
+from flash.default_target import load_default_target  # noqa: E402
 from flash.media import load_media  # noqa: E402
-from flash.models import load_target  # noqa: E402
 
-target = load_target("default", quiet=True)
-media = load_media(Path(__file__).resolve().parent.parent / "assets" / "examples" / "coffee.jpg")
-prefill = target.prefill(target.build_prompt(media, target.default_prompt(media)))
-length, median = prefill.state.length, {}
-for n in (1, 2, 3, 5, 8):
-    times = []
-    for _ in range(12):
-        start = time.perf_counter()
-        target.forward(prefill.state, torch.full((1, n), 100))
-        times.append(time.perf_counter() - start)
-        target.crop(prefill.state, length)
-    median[n] = sorted(times)[len(times) // 2]
-print(f"{torch.get_num_threads()} threads; one token: {median[1] * 1000:.1f} ms")
-for n, t in median.items():
-    print(f"{n} tokens: {t * 1000:.1f} ms = {t / median[1]:.2f}x a one-token step")
+SIZES = (1, 2, 3, 5, 8)
+targets = {"lean": load_default_target(quiet=True), "transformers": load_default_target(quiet=True,
+                                                                                        lean_attention=False)}
+print(f"{torch.get_num_threads()} threads; median ms per forward (x a one-token step of the same setting)")
+for example in ("coffee.jpg", "coffee_rocket_cut.mp4"):
+    media = load_media(ROOT / "assets" / "examples" / example)
+    states = {}
+    for name, target in targets.items():
+        prefill = target.prefill(target.build_prompt(media, target.default_prompt(media)))
+        states[name] = (target, prefill.state, prefill.state.length)
+    times = {(name, n): [] for name in targets for n in SIZES}
+    for _ in range(15):
+        for n in SIZES:
+            ids = torch.randint(200, 5000, (1, n))
+            for name, (target, state, length) in states.items():
+                start = time.perf_counter()
+                target.forward(state, ids)
+                times[name, n].append(time.perf_counter() - start)
+                target.crop(state, length)
+    length = next(iter(states.values()))[2]
+    for name in targets:
+        median = {n: sorted(times[name, n])[len(times[name, n]) // 2] for n in SIZES}
+        row = "  ".join(f"{n}: {median[n] * 1000:.1f} ({median[n] / median[1]:.2f}x)" for n in SIZES)
+        print(f"{example} (context {length}), {name:12s} {row}")

@@ -65,17 +65,24 @@ class LogitsRules:
                 if token not in seen:
                     seen.add(token)
                     out[j:, token] = self._penalise(out[j:, token])
-        size = self.no_repeat_ngram_size
-        if size > 0:
-            followers: dict[tuple[int, ...], list[int]] = {}
-            i = 0
-            for j in range(n):
-                length = start + j
-                while i + size - 1 < length:  # every n-gram that ends inside the row's prefix
-                    followers.setdefault(tuple(generated[i : i + size - 1]), []).append(generated[i + size - 1])
-                    i += 1
-                if length + 1 >= size:
-                    banned = followers.get(tuple(generated[length - size + 1 : length]))
-                    if banned:
-                        out[j, banned] = float("-inf")
+        if self.no_repeat_ngram_size > 0:
+            for j, banned in enumerate(self.ngram_bans(generated, range(start, start + n))):
+                if banned:
+                    out[j, banned] = float("-inf")
+        return out
+
+    def ngram_bans(self, generated: list[int], lengths: range) -> list[list[int]]:
+        """For each prefix length in ``lengths`` (increasing): the tokens the no-repeat-n-gram rule
+        bans after ``generated[:length]`` (one incremental walk over the prefix)."""
+        size, out = self.no_repeat_ngram_size, []
+        if size <= 0:
+            return [[] for _ in lengths]
+        followers: dict[tuple[int, ...], list[int]] = {}
+        i = 0
+        for length in lengths:
+            while i + size - 1 < length:  # every n-gram that ends inside the prefix
+                followers.setdefault(tuple(generated[i : i + size - 1]), []).append(generated[i + size - 1])
+                i += 1
+            key = tuple(generated[length - size + 1 : length])  # the last n-1 tokens
+            out.append(list(followers.get(key, ())) if length + 1 >= size else [])
         return out

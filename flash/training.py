@@ -116,18 +116,11 @@ def rules_in_draft_vocab(rules, response: list[int], draft_to_target: torch.Tens
         onehot = torch.zeros(length, size_d)
         onehot[torch.arange(length)[known], ids[known]] = 1
         seen[1:] = onehot.cumsum(0) > 0
-    size = rules.no_repeat_ngram_size
-    if size > 0:
-        followers: dict[tuple[int, ...], list[int]] = {}
-        i = 0
-        for j in range(length + 1):
-            while i + size - 1 < j:  # every n-gram that ends inside the prefix
-                followers.setdefault(tuple(response[i : i + size - 1]), []).append(int(ids[i + size - 1]))
-                i += 1
-            if j + 1 >= size:
-                ban = [c for c in followers.get(tuple(response[j - size + 1 : j]), ()) if c >= 0]
-                if ban:
-                    banned[j, ban] = True
+    if rules.no_repeat_ngram_size > 0:
+        for j, ban in enumerate(rules.ngram_bans(response, range(length + 1))):
+            columns = [c for c in index[ban].tolist() if c >= 0] if ban else []  # in the draft vocabulary
+            if columns:
+                banned[j, columns] = True
     return seen, banned
 
 

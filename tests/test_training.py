@@ -70,6 +70,19 @@ def test_training_reduces_the_loss(tiny_llava, tmp_path):
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
 
 
+@pytest.fixture(scope="module")
+def tiny_data(tiny_llava, tmp_path_factory):
+    """One small distillation cache for the tiny LLaVA, shared by the tests that only read it."""
+    data = tmp_path_factory.mktemp("tiny_data")
+    distill(tiny_llava, items(), data, max_new_tokens=12, batch_size=4)
+    return data
+
+
+#: A small draft shape for tiny-target training tests.
+SMALL = TrainConfig(k=2, num_latents=2, num_heads=4, intermediate_size=64, draft_vocab_size=64, epochs=1,
+                    warmup_steps=1)
+
+
 def test_lr_schedule_is_pure():
     cfg = TrainConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
     assert get_lr(0, 100, cfg) == pytest.approx(1e-4)
@@ -112,7 +125,7 @@ def test_batched_distillation_matches_plain_decoding(default_target, photos):
     assert rows[2][0] == rows[0][0][:3]  # the short row left the batch early, with the same start
 
 
-def test_two_cpu_processes_train_one_draft(tiny_llava, tmp_path):
+def test_two_cpu_processes_train_one_draft(tiny_data, tmp_path):
     """`torchrun --nproc_per_node 2` (accelerate's multi-process CPU mode): the processes average their
     gradients, so both end with the same draft, and it differs from one process seeing all records."""
     import os
@@ -120,12 +133,11 @@ def test_two_cpu_processes_train_one_draft(tiny_llava, tmp_path):
     import sys
     from pathlib import Path
 
-    distill(tiny_llava, items(), tmp_path / "data", max_new_tokens=12, batch_size=4)
     script = Path(__file__).with_name("multiprocess_train.py")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
     def run(*launcher: str) -> list[dict]:
-        out = subprocess.run([*launcher, str(script), str(tmp_path / "data"), str(tmp_path / "draft")], env=env,
+        out = subprocess.run([*launcher, str(script), str(tiny_data), str(tmp_path / "draft")], env=env,
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -137,11 +149,9 @@ def test_two_cpu_processes_train_one_draft(tiny_llava, tmp_path):
     assert two[0]["checksum"] != pytest.approx(one[0]["checksum"], rel=1e-9)
 
 
-def test_training_can_continue_from_a_saved_draft(tiny_llava, tmp_path):
-    distill(tiny_llava, items(), tmp_path / "data", max_new_tokens=12, batch_size=4)
-    records = load_records(tmp_path / "data", tiny_llava.name)
-    cfg = TrainConfig(k=2, num_latents=2, num_heads=4, intermediate_size=64, draft_vocab_size=64, epochs=1,
-                      warmup_steps=1)
+def test_training_can_continue_from_a_saved_draft(tiny_llava, tiny_data, tmp_path):
+    records = load_records(tiny_data, tiny_llava.name)
+    cfg = SMALL
     train(tiny_llava, records, tmp_path / "first", cfg, log=lambda m: None)
     first = FlashDraft.load(tmp_path / "first")
     # lr so small that the weights cannot move visibly: continuing starts from the saved draft.
@@ -166,14 +176,12 @@ def test_training_can_continue_from_a_saved_draft(tiny_llava, tmp_path):
         train(tiny_llava, records, tmp_path / "third", TrainConfig(**{**again.__dict__, "k": 3}), log=lambda m: None)
 
 
-def test_a_deeper_draft_grows_from_a_saved_one(tiny_llava, tmp_path):
+def test_a_deeper_draft_grows_from_a_saved_one(tiny_llava, tiny_data, tmp_path):
     """--init-from a 1-block draft with --num-layers 2: the new block starts as the identity."""
     from flash.training import _continue_from
 
-    distill(tiny_llava, items(), tmp_path / "data", max_new_tokens=12, batch_size=4)
-    records = load_records(tmp_path / "data", tiny_llava.name)
-    cfg = TrainConfig(k=2, num_latents=2, num_heads=4, intermediate_size=64, draft_vocab_size=64, epochs=1,
-                      warmup_steps=1)
+    records = load_records(tiny_data, tiny_llava.name)
+    cfg = SMALL
     train(tiny_llava, records, tmp_path / "one", cfg, log=lambda m: None)
     shallow = FlashDraft.load(tmp_path / "one").bind(tiny_llava)  # saved weights are fp16-rounded
     deep = FlashDraft(DraftConfig(**{**asdict(shallow.cfg), "num_layers": 2}))
@@ -213,15 +221,13 @@ def test_rule_masks_in_the_draft_vocabulary_equal_the_target_rules(penalty, ngra
     torch.testing.assert_close(got[finite], want[finite])
 
 
-def test_rules_ce_trains(tiny_llava, tmp_path):
+def test_rules_ce_trains(tiny_llava, tiny_data, tmp_path):
     """--rules-ce: a finite loss with repetition penalty and n-gram ban active, and a draft that learns."""
     from flash.logits_rules import LogitsRules
     from flash.training import record_loss
 
-    distill(tiny_llava, items(), tmp_path / "data", max_new_tokens=12, batch_size=4)
-    records = load_records(tmp_path / "data", tiny_llava.name)
-    cfg = TrainConfig(k=2, num_latents=2, num_heads=4, intermediate_size=64, draft_vocab_size=64, epochs=2,
-                      warmup_steps=1, rules_ce=True)
+    records = load_records(tiny_data, tiny_llava.name)
+    cfg = TrainConfig(**{**SMALL.__dict__, "epochs": 2, "rules_ce": True})
     draft = train(tiny_llava, records, tmp_path / "d", cfg, log=lambda m: None)
     rules = LogitsRules(repetition_penalty=1.3, no_repeat_ngram_size=2)
     with torch.no_grad():

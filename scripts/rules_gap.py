@@ -1,0 +1,52 @@
+"""How much the default model's logits rules change its picks, and where the draft loses to them.
+
+On the held-out distillation records (greedy), teacher-forced, draft slot 0: how often the target's
+raw argmax is the token it emitted (after repetition penalty and n-gram ban), how often the draft's
+raw argmax equals the target's raw argmax, and how often the draft's rule-processed pick is the
+emitted token. Run: ``python scripts/rules_gap.py [DRAFT_DIR]`` (default: the shipped draft).
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flash.distill import load_records  # noqa: E402
+from flash.models import load_target  # noqa: E402
+from flash.training import _sample_tensors  # noqa: E402
+from flash.weights import cache_dir  # noqa: E402
+
+target = load_target("default", quiet=True)
+if len(sys.argv) > 1:
+    from flash.draft import FlashDraft
+
+    draft = FlashDraft.load(sys.argv[1])
+    draft = (draft.pack_fp16() if target.weight_format == "fp16" else draft).bind(target)
+else:
+    from flash.models import load_draft
+
+    draft = load_draft(target, quiet=True)
+records = [r for r in load_records(cache_dir() / "distill" / "default", target.name) if r.split == "heldout"]
+if not records:
+    sys.exit("no held-out records: run `python -m flash train --distill-only` first")
+rules = target.logits_rules()
+total = target_kept = draft_raw = draft_rules = 0
+with torch.no_grad():
+    for rec in records:
+        stream, gate, targets = _sample_tensors(draft, rec, 0.0, "cpu")
+        valid = gate.shape[0] - 1  # slot 0 at response position r predicts response[r + 1]
+        draft_logits = draft.draft_logits(draft.train_forward(stream, gate)[0, :valid]).float()
+        target_raw = target.lm_head(targets[:valid].float()).float().argmax(-1)
+        response = rec.response.tolist()
+        emitted = torch.tensor(response[1 : 1 + valid])
+        processed = rules.apply(draft.to_target_vocab(draft_logits, float("-inf")), response, 1).argmax(-1)
+        total += valid
+        target_kept += int((target_raw == emitted).sum())
+        draft_raw += int((draft.to_target_ids(draft_logits.argmax(-1)) == target_raw).sum())
+        draft_rules += int((processed == emitted).sum())
+print(f"{len(records)} held-out records, {total} positions")
+print(f"target's raw argmax is the emitted token: {target_kept / total:.3f} (the rules change the rest)")
+print(f"draft's raw argmax = target's raw argmax: {draft_raw / total:.3f}")
+print(f"draft's rule-processed pick = emitted token (slot-0 hit): {draft_rules / total:.3f}")

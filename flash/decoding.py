@@ -343,10 +343,12 @@ def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationC
     """
     logits = draft.draft_logits(features).float()  # [n, Vd]
     if config.rules.active:
-        full = draft.to_target_vocab(logits, float("-inf"))
+        # Rows stay over the draft's vocabulary: the rules act on its columns only (tested equal to
+        # processing the full-vocabulary row), so no 49k-wide row is built per draft token.
+        cursor, column_of = config.rules.cursor(context), draft.target_columns()
         ids, probs = [], []
-        for i in range(full.shape[0]):
-            row = config.rules.apply(full[i : i + 1], context + ids, len(context) + i)
+        for i in range(logits.shape[0]):
+            row = cursor.process_(logits[i], column_of)
             if not torch.isfinite(row).any():
                 break  # the rules ban every token the draft knows: propose fewer tokens this step
             confidence = joint * float(row.softmax(-1).max())
@@ -354,11 +356,13 @@ def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationC
                 break
             joint = confidence
             if config.greedy:
-                ids.append(int(row.argmax()))
+                pick = int(row.argmax())
             else:
-                q = logits_to_probs(row, config.temperature, config.top_p)
-                ids.append(int(sample(q, generator)))
-                probs.append(q)
+                q = logits_to_probs(row[None], config.temperature, config.top_p)
+                pick = int(sample(q, generator)[0])
+                probs.append(draft.to_target_vocab(q, 0.0))
+            ids.append(int(draft.draft_to_target[pick]))
+            cursor.push(ids[-1])
         ids_t = torch.tensor(ids, dtype=torch.long, device=features.device)
         return ids_t, (torch.cat(probs) if probs else None), joint
     confidence = joint * logits.softmax(-1).amax(-1).cumprod(0)  # [n]

@@ -153,6 +153,8 @@ class FlashDraft(nn.Module):
         size = cfg.draft_vocab_size or cfg.vocab_size
         self.register_buffer("draft_to_target", torch.arange(size), persistent=True)
         self._embed = None
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # see _rope
+        self._columns: tuple[torch.Tensor, torch.Tensor] | None = None  # see target_columns
         self._head_weight: torch.Tensor | None = None
         self._head_fp16: nn.Module | None = None  # set by pack_fp16 (CPU inference)
         self._fp16 = False
@@ -206,6 +208,18 @@ class FlashDraft(nn.Module):
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return self.draft_to_target[draft_ids]
+
+    def target_columns(self) -> torch.Tensor | None:
+        """Target token id -> column of the draft's vocabulary, -1 where it has none (None: the full
+        vocabulary, columns are token ids)."""
+        if not self.cfg.draft_vocab_size:
+            return None
+        vocab = self.draft_to_target
+        if self._columns is None or self._columns[0] is not vocab:  # rebuilt if the vocabulary was replaced
+            columns = torch.full((self.cfg.vocab_size,), -1, dtype=torch.long, device=vocab.device)
+            columns[vocab] = torch.arange(vocab.numel(), device=vocab.device)
+            self._columns = (vocab, columns)
+        return self._columns[1]
 
     def to_target_vocab(self, values: torch.Tensor, fill: float) -> torch.Tensor:
         """Rows over the draft vocabulary [n, Vd] -> rows over the target's [n, V], ``fill`` elsewhere."""
@@ -267,23 +281,29 @@ class FlashDraft(nn.Module):
         slots = last_feature[None, :] + self.slot_embed[:num_slots]  # [num_slots, D]
         x = torch.cat([stream + self.slot_embed[0], slots])[None]  # [1, m+n, D]
         # RoPE: stream entry j at past+j, slot i at P+i = past+m+i.
-        positions = torch.arange(past, past + m + num_slots)
-        cos, sin = rope_tables(positions.to(x.device), cfg.head_dim, cfg.rope_theta)
+        cos, sin = self._rope(x.device)
+        end = past + m + num_slots
+        cos, sin = cos[past:end], sin[past:end]
         # Stream entries and slot 0 are exact (in every layer: slot 0 sees only the cache and itself),
-        # so they are written into each layer's cache at their positions.
+        # so they count towards the cache's length; slots 1.. are written past it, to be overwritten.
         exact = m + 1
         mask = block_mask(past, m, num_slots, x.device)
         for layer, block in enumerate(self.blocks):
             q, k, v = block.project_kv_q(x, cos, sin)
             cache_k, cache_v = state.keys[layer], state.values[layer]
-            cache_k[:, :, past : past + exact] = k[:, :, :exact]
-            cache_v[:, :, past : past + exact] = v[:, :, :exact]
-            keys = torch.cat([cache_k[:, :, : past + exact], k[:, :, exact:]], dim=2)
-            values = torch.cat([cache_v[:, :, : past + exact], v[:, :, exact:]], dim=2)
-            x = block.finish(x, q, keys, values, mask)
+            cache_k[:, :, past:end] = k
+            cache_v[:, :, past:end] = v
+            x = block.finish(x, q, cache_k[:, :, :end], cache_v[:, :, :end], mask)
         out = x[0, m:]  # [num_slots, D]
         state.length = past + exact
         return self.out_norm(out + self.slot_gate[:num_slots, None] * last_hidden.to(out.dtype))
+
+    def _rope(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for every position the draft can hold, computed once per device (an explicit cache)."""
+        if self._rope_cache is None or self._rope_cache[0].device != device:
+            positions = torch.arange(self.cfg.max_positions, device=device)
+            self._rope_cache = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        return self._rope_cache
 
     def train_forward(self, stream: torch.Tensor, gate_hidden: torch.Tensor) -> torch.Tensor:
         """All slots at the last n stream positions in one pass (teacher forcing).

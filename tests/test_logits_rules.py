@@ -35,3 +35,20 @@ def test_the_rules_really_act():
     out = rules.apply(logits, [1, 2, 3, 1, 2, 5], 5)
     assert out[0, 3] == float("-inf")  # "1 2 3" seen: after "1 2", 3 is banned
     assert out[1, 0] == 1.0 and out[1, 5] == 1.0 / 1.2  # 5 was generated (row 1's prefix), 0 never
+
+
+@settings(max_examples=100, deadline=None)
+@given(tokens=st.lists(st.integers(0, 11), min_size=0, max_size=30), ngram=st.sampled_from([0, 1, 2, 3]),
+       seed=st.integers(0, 99))
+def test_cursor_on_a_reduced_vocabulary_equals_the_full_row(tokens, ngram, seed):
+    """A draft's row over a subset of the vocabulary gets exactly the full row's treatment on its columns."""
+    rules = LogitsRules(repetition_penalty=1.2, no_repeat_ngram_size=ngram)
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(12, generator=g)[:7]  # reduced column j is token keep[j]
+    column_of = torch.full((12,), -1, dtype=torch.long)
+    column_of[keep] = torch.arange(7)
+    full = torch.full((1, 12), float("-inf"))
+    full[0, keep] = torch.randn(7, generator=g)
+    want = rules.apply(full, tokens, len(tokens))[0, keep]
+    got = rules.cursor(tokens).process_(full[0, keep].clone(), column_of)
+    torch.testing.assert_close(got, want)

@@ -53,12 +53,26 @@ class LogitsRules:
         """
         if not self.active:
             return logits
-        out = logits.clone()
+        n, out = logits.shape[0], logits.clone()
         cursor = self.cursor(generated[:start])
-        for j in range(logits.shape[0]):
+        if self.repetition_penalty != 1.0:
+            # The block's rows share the prefix's penalties: one indexed update for all rows, then
+            # each token the block adds, from its row on (cheaper than a full update per row).
+            seen = list(cursor.seen)
+            if seen:
+                out[:, seen] = self._penalise(out[:, seen])
+            known = set(seen)
+            for j in range(1, n):
+                token = generated[start + j - 1]
+                if token not in known:
+                    known.add(token)
+                    out[j:, token] = self._penalise(out[j:, token])
+        for j in range(n):
             if j:
                 cursor.push(generated[start + j - 1])
-            cursor.process_(out[j])
+            banned = cursor.banned()
+            if banned:
+                out[j, banned] = float("-inf")
         return out
 
     def cursor(self, generated: list[int]) -> RulesCursor:
@@ -86,11 +100,12 @@ class RulesCursor:
 
     def __init__(self, rules: LogitsRules, generated: list[int]) -> None:
         self.rules = rules
-        self.tokens: list[int] = []
-        self.seen: dict[int, None] = {}  # insertion-ordered set
+        self.tokens = list(generated)
+        self.seen = dict.fromkeys(generated)  # an insertion-ordered set
         self.followers: dict[tuple[int, ...], list[int]] = {}
-        for token in generated:
-            self.push(token)
+        size = rules.no_repeat_ngram_size
+        for end in range(size - 1, len(generated)) if size > 0 else ():  # what push() does, in one loop
+            self.followers.setdefault(tuple(generated[end - size + 1 : end]), []).append(generated[end])
 
     def push(self, token: int) -> None:
         """The prefix grows by ``token``."""

@@ -1,0 +1,131 @@
+"""Would tree drafts (EAGLE-2 / Medusa style) pay on this CPU? A prediction from measured parts.
+
+A tree verifies several candidates per position in one target pass, so it raises τ but makes the
+pass longer. This script measures both sides for the default model and the shipped draft:
+
+1. the cost of a target forward over n tokens, relative to a one-token step (video context, as in
+   ``scripts/verify_cost.py``);
+2. on the held-out distillation records (greedy, teacher-forced, the target's logits rules applied
+   with the true prefix): the rank of the emitted token in each slot's rule-processed draft
+   distribution, and the draft's top probabilities.
+
+From these it predicts τ and speed (τ over the step's cost: verification + the draft's share) for
+the chain the engine runs (joint confidence cut T) and for dynamic trees (the N most confident
+nodes by joint draft probability, cut at T). Run: ``python scripts/tree_gain.py``.
+"""
+
+import heapq
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flash.distill import load_records  # noqa: E402
+from flash.media import load_media  # noqa: E402
+from flash.models import load_draft, load_target  # noqa: E402
+from flash.training import _sample_tensors  # noqa: E402
+from flash.weights import cache_dir  # noqa: E402
+
+TOP, OUTSIDE = 6, 99  # candidates per slot; rank of a token the draft cannot propose
+DRAFT_COST = 0.15  # a draft pass, in one-token target steps (measured: ~5-6 ms of ~38 ms)
+
+target = load_target("default", quiet=True)
+draft = load_draft(target, quiet=True)
+K = draft.cfg.k
+
+# 1. verification cost by length
+media = load_media(ROOT / "assets" / "examples" / "coffee_rocket_cut.mp4")
+prefill = target.prefill(target.build_prompt(media, target.default_prompt(media)))
+state, length = prefill.state, prefill.state.length
+sizes = range(1, 14)
+times = {n: [] for n in sizes}
+for _ in range(9):
+    for n in sizes:
+        ids = torch.randint(200, 5000, (1, n))
+        start = time.perf_counter()
+        target.forward(state, ids)
+        times[n].append(time.perf_counter() - start)
+        target.crop(state, length)
+median = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+cost = {n: median[n] / median[1] for n in sizes}
+print("verify cost (x a one-token step):", " ".join(f"{n}:{c:.2f}" for n, c in cost.items()))
+
+# 2. ranks and probabilities on the held-out records
+records = [r for r in load_records(cache_dir() / "distill" / "default", target.name) if r.split == "heldout"]
+if not records:
+    sys.exit("no held-out records: run `python -m flash train --distill-only` first")
+rules = target.logits_rules()
+positions = []  # (top probabilities [K, TOP], ranks of the emitted tokens [K])
+with torch.no_grad():
+    for rec in records:
+        stream, gate, _ = _sample_tensors(draft, rec, 0.0, "cpu")
+        preds = draft.train_forward(stream, gate)
+        response = rec.response.tolist()
+        valid = gate.shape[0] - 1  # slot i at response position r predicts response[r + 1 + i]
+        probs = torch.zeros(valid, K, TOP)
+        ranks = torch.full((valid, K), OUTSIDE)
+        for i in range(K):
+            rows = valid - i
+            if rows <= 0:
+                break
+            full = rules.apply(draft.to_target_vocab(draft.draft_logits(preds[i, :rows]).float(), float("-inf")),
+                               response, 1 + i)
+            probs[:rows, i] = full.softmax(-1).topk(TOP, -1).values
+            truth = full[torch.arange(rows), torch.tensor(response[1 + i : 1 + i + rows])]
+            rank = (full > truth[:, None]).sum(-1)
+            rank[~torch.isfinite(truth)] = OUTSIDE
+            ranks[:rows, i] = rank
+        positions += list(zip(probs, ranks.tolist(), strict=True))
+
+
+def predict(select) -> tuple[float, float, float]:
+    tau = spent = 0.0
+    for probs, rank in positions:
+        nodes = select(probs)
+        accepted = 0
+        while accepted < K and tuple(rank[: accepted + 1]) in nodes:
+            accepted += 1
+        tau += 1 + accepted
+        spent += cost[min(1 + len(nodes), max(sizes))] + DRAFT_COST
+    return tau / len(positions), spent / len(positions), tau / spent
+
+
+def chain(cut: float):
+    def select(probs):
+        nodes, joint = set(), 1.0
+        for i in range(K):
+            joint *= float(probs[i, 0])
+            if joint < cut:
+                break
+            nodes.add((0,) * (i + 1))
+        return nodes
+    return select
+
+
+def tree(cut: float, size: int):
+    def select(probs):  # best-first: a child's joint probability never exceeds its parent's
+        nodes, heap = set(), [(-float(probs[0, c]), (c,)) for c in range(TOP)]
+        heapq.heapify(heap)
+        while heap and len(nodes) < size:
+            score, node = heapq.heappop(heap)
+            if -score < cut:
+                break
+            nodes.add(node)
+            if len(node) < K:
+                for c in range(TOP):
+                    heapq.heappush(heap, (score * float(probs[len(node), c]), node + (c,)))
+        return nodes
+    return select
+
+
+print(f"{len(records)} held-out records, {len(positions)} positions; speed = τ / (verify + draft {DRAFT_COST})")
+for cut in (0.0, 0.05, 0.1):
+    print(f"chain, cut {cut:<4}          τ {{:.3f}}  cost {{:.3f}}  speed {{:.3f}}".format(*predict(chain(cut))))
+for cut in (0.02, 0.05, 0.1):
+    for size in (3, 4, 6, 8, 12):
+        print(f"tree, cut {cut:<4} N {size:<3}    τ {{:.3f}}  cost {{:.3f}}  speed {{:.3f}}".format(
+            *predict(tree(cut, size))))

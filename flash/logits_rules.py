@@ -100,12 +100,11 @@ class RulesCursor:
 
     def __init__(self, rules: LogitsRules, generated: list[int]) -> None:
         self.rules = rules
-        self.tokens = list(generated)
-        self.seen = dict.fromkeys(generated)  # an insertion-ordered set
+        self.tokens: list[int] = []
+        self.seen: dict[int, None] = {}  # an insertion-ordered set
         self.followers: dict[tuple[int, ...], list[int]] = {}
-        size = rules.no_repeat_ngram_size
-        for end in range(size - 1, len(generated)) if size > 0 else ():  # what push() does, in one loop
-            self.followers.setdefault(tuple(generated[end - size + 1 : end]), []).append(generated[end])
+        for token in generated:
+            self.push(token)
 
     def push(self, token: int) -> None:
         """The prefix grows by ``token``."""

@@ -273,7 +273,6 @@ def summary_markdown(summary: dict[str, Any], note: str) -> str:
 
 def _frame_outputs(frame: RaceFrame, k: int, figures: bool) -> dict[str, Any]:
     out = {
-        "status": f"Race clock {frame.clock:.2f} s: both panels show each side after this much of its own time",
         "ar_stats": _side_line(frame.baseline, "Autoregressive"),
         "ar_text": frame.baseline.text,
         "flash_stats": _side_line(frame.flash, "FLASH", flash=True),
@@ -288,6 +287,7 @@ def _frame_outputs(frame: RaceFrame, k: int, figures: bool) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # The race handler
 
+RACING = "⏱ Racing: both panels show each side after the same amount of its own time"
 OUTPUTS = ("status", "ar_stats", "ar_text", "flash_stats", "flash_text", "accept_plot", "speed_plot",
            "summary_md", "summary_json")
 
@@ -333,6 +333,7 @@ def _race_stream(media_path, prompt, model, max_new_tokens, temperature, top_p, 
     k_used = min(config.k or draft.cfg.k, draft.cfg.k)
     yield _pack({"status": "… Encoding the media and starting both sides"})
     last_text = last_figure = 0.0
+    started = False
     for frame in on_one_clock(race(target, draft, media, prompt, config, cancel=cancel)):
         now = time.monotonic()
         final = frame.summary is not None
@@ -340,6 +341,10 @@ def _race_stream(media_path, prompt, model, max_new_tokens, temperature, top_p, 
             continue
         figures = final or now - last_figure >= FIGURE_EVERY_S
         out = _frame_outputs(frame, k_used, figures)
+        if not started:
+            # The status is set once here and once at the end, never per frame: a frame still on its
+            # way when Stop lands would otherwise overwrite Stop's "Stopped" (seen as a flaky test).
+            out["status"], started = RACING, True
         last_text, last_figure = now, (now if figures else last_figure)
         if final:
             out["status"] = _final_status(frame.summary)

@@ -55,21 +55,18 @@ class LogitsRules:
             return logits
         n, out = logits.shape[0], logits.clone()
         cursor = self.cursor(generated[:start])
-        if self.repetition_penalty != 1.0:
-            # The block's rows share the prefix's penalties: one indexed update for all rows, then
-            # each token the block adds, from its row on (cheaper than a full update per row).
+        penalise = self.repetition_penalty != 1.0
+        if penalise and cursor.seen:
+            # One indexed update for the penalties all rows share (the prefix's tokens): cheaper
+            # than a full update per row; the block's own tokens follow, each from its row on.
             seen = list(cursor.seen)
-            if seen:
-                out[:, seen] = self._penalise(out[:, seen])
-            known = set(seen)
-            for j in range(1, n):
-                token = generated[start + j - 1]
-                if token not in known:
-                    known.add(token)
-                    out[j:, token] = self._penalise(out[j:, token])
+            out[:, seen] = self._penalise(out[:, seen])
         for j in range(n):
             if j:
-                cursor.push(generated[start + j - 1])
+                token = generated[start + j - 1]
+                if penalise and token not in cursor.seen:
+                    out[j:, token] = self._penalise(out[j:, token])
+                cursor.push(token)
             banned = cursor.banned()
             if banned:
                 out[j, banned] = float("-inf")

@@ -216,9 +216,7 @@ class FlashDraft(nn.Module):
             return None
         vocab = self.draft_to_target
         if self._columns is None or self._columns[0] is not vocab:  # rebuilt if the vocabulary was replaced
-            columns = torch.full((self.cfg.vocab_size,), -1, dtype=torch.long, device=vocab.device)
-            columns[vocab] = torch.arange(vocab.numel(), device=vocab.device)
-            self._columns = (vocab, columns)
+            self._columns = (vocab, vocab_columns(vocab, self.cfg.vocab_size))
         return self._columns[1]
 
     def to_target_vocab(self, values: torch.Tensor, fill: float) -> torch.Tensor:
@@ -351,6 +349,13 @@ class FlashDraft(nn.Module):
             draft.register_buffer("draft_to_target", tensors["draft_to_target"].long(), persistent=True)
         draft.load_state_dict(tensors, strict=True)
         return draft.to(dtype).eval()
+
+
+def vocab_columns(draft_to_target: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Target token id -> its column in the reduced vocabulary ``draft_to_target``, -1 where it has none."""
+    columns = torch.full((vocab_size,), -1, dtype=torch.long, device=draft_to_target.device)
+    columns[draft_to_target] = torch.arange(draft_to_target.numel(), device=draft_to_target.device)
+    return columns
 
 
 def block_mask(past: int, m: int, num_slots: int, device=None) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from flash.distill import Record
-from flash.draft import DraftConfig, FlashDraft
+from flash.draft import DraftConfig, FlashDraft, vocab_columns
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,7 @@ def rules_in_draft_vocab(rules, response: list[int], draft_to_target: torch.Tens
     no-repeat-n-gram rule forbids. Same rules as :meth:`LogitsRules.apply` (tested against it).
     """
     size_d, length = draft_to_target.numel(), len(response)
-    index = torch.full((vocab_size,), -1, dtype=torch.long)
-    index[draft_to_target.cpu()] = torch.arange(size_d)
+    index = vocab_columns(draft_to_target.cpu(), vocab_size)
     seen = torch.zeros(length + 1, size_d, dtype=torch.bool)
     banned = torch.zeros(length + 1, size_d, dtype=torch.bool)
     ids = index[torch.tensor(response, dtype=torch.long)] if response else torch.zeros(0, dtype=torch.long)

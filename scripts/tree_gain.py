@@ -16,7 +16,6 @@ nodes by joint draft probability, cut at T). Run: ``python scripts/tree_gain.py`
 
 import heapq
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,8 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from verify_cost import forward_medians  # noqa: E402 (a sibling script)
+
 from flash.distill import load_records  # noqa: E402
-from flash.media import load_media  # noqa: E402
 from flash.models import load_draft, load_target  # noqa: E402
 from flash.training import _sample_tensors  # noqa: E402
 from flash.weights import cache_dir  # noqa: E402
@@ -38,20 +38,9 @@ draft = load_draft(target, quiet=True)
 K = draft.cfg.k
 
 # 1. verification cost by length
-media = load_media(ROOT / "assets" / "examples" / "coffee_rocket_cut.mp4")
-prefill = target.prefill(target.build_prompt(media, target.default_prompt(media)))
-state, length = prefill.state, prefill.state.length
 sizes = range(1, 14)
-times = {n: [] for n in sizes}
-for _ in range(9):
-    for n in sizes:
-        ids = torch.randint(200, 5000, (1, n))
-        start = time.perf_counter()
-        target.forward(state, ids)
-        times[n].append(time.perf_counter() - start)
-        target.crop(state, length)
-median = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
-cost = {n: median[n] / median[1] for n in sizes}
+_, medians = forward_medians({"lean": target}, "coffee_rocket_cut.mp4", sizes, repeats=9)
+cost = {n: medians["lean"][n] / medians["lean"][1] for n in sizes}
 print("verify cost (x a one-token step):", " ".join(f"{n}:{c:.2f}" for n, c in cost.items()))
 
 # 2. ranks and probabilities on the held-out records

@@ -19,18 +19,19 @@ from flash.default_target import load_default_target  # noqa: E402
 from flash.media import load_media  # noqa: E402
 
 SIZES = (1, 2, 3, 5, 8)
-targets = {"lean": load_default_target(quiet=True), "transformers": load_default_target(quiet=True,
-                                                                                        lean_attention=False)}
-print(f"{torch.get_num_threads()} threads; median ms per forward (x a one-token step of the same setting)")
-for example in ("coffee.jpg", "coffee_rocket_cut.mp4"):
+
+
+def forward_medians(targets: dict, example: str, sizes, repeats: int) -> tuple[int, dict[str, dict[int, float]]]:
+    """Median seconds of a target forward over n random tokens after ``example``'s prompt, each cropped
+    back, for every target and n, interleaved. Returns (context length, {name: {n: seconds}})."""
     media = load_media(ROOT / "assets" / "examples" / example)
     states = {}
     for name, target in targets.items():
         prefill = target.prefill(target.build_prompt(media, target.default_prompt(media)))
         states[name] = (target, prefill.state, prefill.state.length)
-    times = {(name, n): [] for name in targets for n in SIZES}
-    for _ in range(15):
-        for n in SIZES:
+    times = {(name, n): [] for name in targets for n in sizes}
+    for _ in range(repeats):
+        for n in sizes:
             ids = torch.randint(200, 5000, (1, n))
             for name, (target, state, length) in states.items():
                 start = time.perf_counter()
@@ -38,7 +39,15 @@ for example in ("coffee.jpg", "coffee_rocket_cut.mp4"):
                 times[name, n].append(time.perf_counter() - start)
                 target.crop(state, length)
     length = next(iter(states.values()))[2]
-    for name in targets:
-        median = {n: sorted(times[name, n])[len(times[name, n]) // 2] for n in SIZES}
-        row = "  ".join(f"{n}: {median[n] * 1000:.1f} ({median[n] / median[1]:.2f}x)" for n in SIZES)
-        print(f"{example} (context {length}), {name:12s} {row}")
+    return length, {name: {n: sorted(times[name, n])[repeats // 2] for n in sizes} for name in targets}
+
+
+if __name__ == "__main__":
+    targets = {"lean": load_default_target(quiet=True),
+               "transformers": load_default_target(quiet=True, lean_attention=False)}
+    print(f"{torch.get_num_threads()} threads; median ms per forward (x a one-token step of the same setting)")
+    for example in ("coffee.jpg", "coffee_rocket_cut.mp4"):
+        length, medians = forward_medians(targets, example, SIZES, repeats=15)
+        for name, median in medians.items():
+            row = "  ".join(f"{n}: {median[n] * 1000:.1f} ({median[n] / median[1]:.2f}x)" for n in SIZES)
+            print(f"{example} (context {length}), {name:12s} {row}")

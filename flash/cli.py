@@ -42,13 +42,18 @@ def _add_generation_args(p: argparse.ArgumentParser, several_prompts: bool = Fal
     p.add_argument("--min-draft-prob", type=float, default=DEFAULT_MIN_DRAFT_PROB,
                    help="stop drafting where the draft's confidence in all its tokens so far (the product of its "
                         "top-token probabilities) falls below this (0 = always draft k)")
+    p.add_argument("--tree-nodes", type=int, default=4, help="flash-tree: draft tokens per step, at most")
+    p.add_argument("--tree-branch", type=int, default=2, help="flash-tree: candidates per slot and branch")
+    p.add_argument("--tree-min-prob", type=float, default=0.02,
+                   help="flash-tree: no node whose joint draft probability is below this")
 
 
 def _config(args, target) -> GenerationConfig:
     try:
         return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed, k=args.k, rules=target.logits_rules(),
-                                min_draft_prob=args.min_draft_prob)
+                                min_draft_prob=args.min_draft_prob, tree_nodes=args.tree_nodes,
+                                tree_branch=args.tree_branch, tree_min_prob=args.tree_min_prob)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -74,7 +79,11 @@ def cmd_caption(args) -> int:
     prompt = target.build_prompt(media, args.prompt or target.default_prompt(media))
     events = []
     shown = ""
-    for event in generate(target, prompt, args.method, draft, _config(args, target)):
+    try:
+        stream = generate(target, prompt, args.method, draft, _config(args, target))
+    except ValueError as exc:  # a method this request cannot use (e.g. flash-tree with sampling)
+        raise UsageError(str(exc)) from None
+    for event in stream:
         events.append(event)
         if not args.json:  # stream the caption as it is decoded
             text = target.decode([t for e in events for t in e.tokens])
@@ -100,12 +109,17 @@ def cmd_bench(args) -> int:
     from flash.models import load_draft, load_target
 
     target = load_target(args.model)
-    needs_draft = any(m in ("flash", "eagle") for m in args.methods)
+    config = _config(args, target)
+    if "flash-tree" in args.methods and not (config.greedy and target.supports_tree):
+        why = "it is greedy only" if not config.greedy else "this target cannot verify draft trees"
+        print(f"note: skipping flash-tree ({why})", file=sys.stderr)
+        args.methods = [m for m in args.methods if m != "flash-tree"]
+    needs_draft = any(m in ("flash", "flash-tree", "eagle") for m in args.methods)
     draft = load_draft(target, args.draft) if needs_draft else None
     samples = load_samples(args.media, args.prompt or [], target)
     if not samples:
         raise UsageError("no media files found in " + " ".join(args.media))
-    report = run_benchmark(target, draft, samples, args.methods, _config(args, target), repeats=args.repeats,
+    report = run_benchmark(target, draft, samples, args.methods, config, repeats=args.repeats,
                            warmup=args.warmup)
     print(markdown_table(report))
     if args.json_path:
@@ -146,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark methods side by side (speed-up vs ar in the same run)")
     p.add_argument("media", nargs="+", help="media files or folders")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=["ar", "eagle", "flash", "pld"])
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=["ar", "eagle", "flash", "flash-tree", "pld"])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", dest="json_path", default=None, help="write the full report here")

@@ -16,9 +16,10 @@ import torch
 from flash.draft import DraftState, FlashDraft
 from flash.logits_rules import LogitsRules
 from flash.target import Prompt, TargetModel
+from flash.tree import DraftTree, build_tree, greedy_walk, tree_attention
 from flash.verification import greedy_verify, logits_to_probs, make_generator, sample, sampling_verify
 
-METHODS = ("ar", "eagle", "flash", "pld")
+METHODS = ("ar", "eagle", "flash", "flash-tree", "pld")
 #: The confidence cut the CLI and the app use by default (see GenerationConfig.min_draft_prob;
 #: tuned on the shipped examples, README "Results").
 DEFAULT_MIN_DRAFT_PROB = 0.1
@@ -39,6 +40,11 @@ class GenerationConfig:
     # a weak draft then costs little instead of making every verification longer. Decided from
     # the draft alone, so the output stays exact.
     min_draft_prob: float = 0.0
+    # ``flash-tree`` (greedy): at most this many draft tokens per step, chosen best-first by joint
+    # draft probability among each slot's ``tree_branch`` best tokens, none below ``tree_min_prob``.
+    tree_nodes: int = 4
+    tree_branch: int = 2
+    tree_min_prob: float = 0.02
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -51,6 +57,10 @@ class GenerationConfig:
             raise ValueError("k must be >= 1")
         if not 0 <= self.min_draft_prob < 1:
             raise ValueError("min_draft_prob must be in [0, 1)")
+        if self.tree_nodes < 1 or self.tree_branch < 1:
+            raise ValueError("tree_nodes and tree_branch must be >= 1")
+        if not 0 <= self.tree_min_prob < 1:
+            raise ValueError("tree_min_prob must be in [0, 1)")
 
     @property
     def greedy(self) -> bool:
@@ -200,8 +210,14 @@ def generate(target: TargetModel, prompt: Prompt, method: str = "flash", draft: 
     if draft is None:
         raise ValueError(f"method '{method}' needs a draft model")
     k = config.k or draft.cfg.k
-    if method == "flash":
-        k = min(k, draft.cfg.k)  # one slot per draft token
+    if method in ("flash", "flash-tree"):
+        k = min(k, draft.cfg.k)  # one slot per draft token (per tree depth)
+    if method == "flash-tree":
+        if not config.greedy:
+            raise ValueError("method 'flash-tree' verifies greedily; use 'flash' for sampling")
+        if not target.supports_tree:
+            raise ValueError(f"this target ({target.name}) cannot verify draft trees; use 'flash'")
+        return _speculative_tree(target, prompt, _DraftProposer(draft, False, k), config)
     return _speculative(target, prompt, _DraftProposer(draft, method == "eagle", k), method, config)
 
 
@@ -249,6 +265,28 @@ class _DraftProposer:
         propose = _propose_chain if self.eagle else _propose_block
         return propose(self.draft, self.state, self.stream, self.last_feature, self.last_hidden, n, config, generator,
                        context)
+
+    def propose_tree(self, depth: int, context: list[int], config: GenerationConfig) -> DraftTree:
+        """One semi-autoregressive pass, read as a tree: each slot's best tokens, the target's rules
+        applied along each branch's own path (see :func:`flash.tree.build_tree`)."""
+        draft = self.draft
+        logits = draft.draft_logits(draft.propose(self.state, self.stream, self.last_feature, self.last_hidden,
+                                                  depth)).float()  # [depth, Vd]
+        rules, column_of = config.rules, draft.target_columns()
+        base = rules.cursor(context) if rules.active else None
+
+        def expand(level: int, path: list[int]) -> tuple[list[int], list[float]]:
+            row = logits[level - 1]
+            if base is not None:
+                cursor = base.copy()
+                for token in path:
+                    cursor.push(token)
+                row = cursor.process_(row.clone(), column_of)
+            top = row.softmax(-1).topk(config.tree_branch)
+            keep = top.values > 0  # a token the rules ban has probability 0: never a candidate
+            return draft.to_target_ids(top.indices[keep]).tolist(), top.values[keep].tolist()
+
+        return build_tree(expand, depth, config.tree_nodes, config.tree_min_prob, config.tree_branch)
 
     def update(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> None:
         """Feed h of the verified tokens; ``next_ids`` are the tokens after each ([a+1])."""
@@ -328,6 +366,68 @@ def _speculative(target: TargetModel, prompt: Prompt, proposer, method: str,
         # 5. Emit.
         yield out.emit(accepted_ids.tolist() + [next_token], accepted, int(draft_ids.shape[0]), t1 - t0,
                        clock.now() - t1)
+        clock.resume()
+
+
+def _greedy_choice(logits: torch.Tensor, cursor):
+    """``choose(row, path)`` for :func:`flash.tree.greedy_walk`: the argmax of the target's logits row
+    after the rules (``cursor``: a :class:`RulesCursor` at the generated prefix, or None)."""
+
+    def choose(row: int, path: list[int]) -> int:
+        scores = logits[row]
+        if cursor is not None:
+            if path:
+                cursor.push(path[-1])  # called once per depth, one more accepted token each time
+            scores = cursor.process_(scores.clone())
+        return int(scores.argmax())
+
+    return choose
+
+
+@torch.inference_mode()
+def _speculative_tree(target: TargetModel, prompt: Prompt, proposer: _DraftProposer,
+                      config: GenerationConfig) -> Iterator[StepEvent]:
+    """Greedy FLASH with a draft tree: one target pass checks every branch (EAGLE-2's verification)."""
+    clock = _Clock(target.device)
+    out = _Emitter("flash-tree", target, config, clock)
+    generator = make_generator(config.seed, target.device)
+    device, rules = target.device, config.rules
+
+    pre, token, event = _prefill(target, prompt, config, clock, out, generator)
+    yield event
+    clock.resume()
+    state = pre.state
+    proposer.start(target, prompt, pre.hidden, token)
+
+    while not out.done:
+        # 1. Draft a tree no deeper than what can still be emitted after the pending token.
+        t0 = clock.now()
+        depth = min(proposer.k, out.room - 1)
+        tree = proposer.propose_tree(depth, out.generated, config) if depth > 0 else DraftTree((), (), ())
+        t1 = clock.now()
+
+        # 2. Verify the root (pending token) and every draft node in one pass.
+        cache_len = state.length
+        ids = torch.tensor([[token, *tree.tokens]], device=device)
+        if len(tree):
+            mask, positions = tree_attention(tree, cache_len, device)
+            logits, hidden = target.forward_tree(state, ids, mask, positions)
+        else:
+            logits, hidden = target.forward(state, ids)
+
+        # 3. Accept: follow the target's argmax down the tree; each row sees its own path's prefix.
+        cursor = rules.cursor(out.generated) if rules.active else None
+        accepted, next_token = greedy_walk(tree, _greedy_choice(logits, cursor))
+
+        # 4. Keep the root and the accepted path in the target cache; feed their h to the draft.
+        target.keep(state, cache_len + 1, accepted)
+        accepted_ids = [tree.tokens[i] for i in accepted]
+        rows = torch.tensor([0, *(1 + i for i in accepted)], device=hidden.device)
+        proposer.update(hidden[rows], torch.tensor(accepted_ids + [next_token], device=device))
+        token = next_token
+
+        # 5. Emit.
+        yield out.emit(accepted_ids + [next_token], len(accepted), len(tree), t1 - t0, clock.now() - t1)
         clock.resume()
 
 

@@ -190,6 +190,18 @@ class DefaultTarget(TargetModel):
         hidden = out.last_hidden_state[0]  # [n, D]
         return self.lm_head(hidden).float(), hidden
 
+    supports_tree = True
+
+    @torch.inference_mode()
+    def forward_tree(self, state: TargetState, token_ids: torch.Tensor, mask: torch.Tensor,
+                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # transformers passes a 4D boolean mask through to the attention function unchanged.
+        out = self.lm.model(input_ids=token_ids, past_key_values=state.cache, use_cache=True,
+                            attention_mask=mask[None, None], position_ids=positions[None])
+        state.length += token_ids.shape[1]
+        hidden = out.last_hidden_state[0]
+        return self.lm_head(hidden).float(), hidden
+
     @torch.inference_mode()
     def generate_batch(self, prompts: list[Prompt], configs: list) -> list[tuple[list[int], torch.Tensor]]:
         """Responses and hidden states for several (prompt, config) rows at once (left-padded batch).

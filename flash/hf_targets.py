@@ -180,10 +180,12 @@ class _HFTarget(TargetModel):
         """Rotary positions of the whole prompt (``None``: the model's default) and the rope offset."""
         return None, 0
 
-    def _positions(self, state: TargetState, n: int) -> torch.Tensor:
-        """Explicit positions of ``n`` new tokens appended at cache position ``state.length``."""
-        pos = torch.arange(state.length, state.length + n, device=self.device) + state.rope_offset
-        return pos.unsqueeze(0)
+    def _positions(self, state: TargetState, n: int, cache_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Explicit positions of ``n`` new tokens appended at cache position ``state.length`` (or at
+        ``cache_positions`` [n], a draft tree's)."""
+        if cache_positions is None:
+            cache_positions = torch.arange(state.length, state.length + n)
+        return (cache_positions.to(self.device) + state.rope_offset).unsqueeze(0)
 
     # -- TargetModel ---------------------------------------------------------------------------
 
@@ -206,6 +208,27 @@ class _HFTarget(TargetModel):
         out = self.model.model(
             input_ids=token_ids.to(self.device),
             position_ids=self._positions(state, n),
+            past_key_values=state.cache,
+            use_cache=True,
+        )
+        hidden = out.last_hidden_state[0]
+        state.cache = out.past_key_values
+        state.length += n
+        return self.lm_head(hidden).float(), hidden
+
+    @property
+    def supports_tree(self) -> bool:
+        # A tree pass needs an explicit mask: SDPA and eager attention take one, flash-attention does not.
+        return self.model.config.get_text_config()._attn_implementation in ("sdpa", "eager", "sdpa_gqa")
+
+    @torch.inference_mode()
+    def forward_tree(self, state: TargetState, token_ids: torch.Tensor, mask: torch.Tensor,
+                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = int(token_ids.shape[1])
+        out = self.model.model(
+            input_ids=token_ids.to(self.device),
+            position_ids=self._positions(state, n, positions),
+            attention_mask=mask.to(self.device)[None, None],  # a 4D mask is passed through as is
             past_key_values=state.cache,
             use_cache=True,
         )
@@ -476,9 +499,9 @@ class Qwen25VLTarget(_HFTarget):
         )
         return positions, int(deltas.reshape(-1)[0])
 
-    def _positions(self, state: TargetState, n: int) -> torch.Tensor:
+    def _positions(self, state: TargetState, n: int, cache_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Positions [3, 1, n] of new text tokens: cache position + rope delta on every axis."""
-        return super()._positions(state, n).view(1, 1, n).expand(3, 1, n)
+        return super()._positions(state, n, cache_positions).view(1, 1, n).expand(3, 1, n)
 
 
 # --------------------------------------------------------------------------------------------

@@ -61,6 +61,18 @@ class InPlaceLayer(DynamicLayer):
         self.keys = self._key_buffer[..., : self._length, :]
         self.values = self._value_buffer[..., : self._length, :]
 
+    def keep(self, start: int, offsets: torch.Tensor) -> None:
+        """Keep positions ``start + offsets`` (in that order) at ``start..``; drop the rest after ``start``."""
+        if not self.is_initialized:
+            return
+        end = start + offsets.numel()
+        # The gather copies before the write, so overlapping source and destination are safe.
+        self._key_buffer[..., start:end, :] = self._key_buffer[..., start + offsets, :]
+        self._value_buffer[..., start:end, :] = self._value_buffer[..., start + offsets, :]
+        self._length = end
+        self.keys = self._key_buffer[..., :end, :]
+        self.values = self._value_buffer[..., :end, :]
+
     def reset(self) -> None:
         self._key_buffer = self._value_buffer = None
         self._length = 0
@@ -89,3 +101,14 @@ def in_place_cache(config) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [InPlaceLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def keep_positions(cache: DynamicCache, start: int, offsets: torch.Tensor) -> None:
+    """Compact every layer of ``cache`` to positions ``[0, start) + (start + offsets)`` (a tree's
+    accepted path), in place for :class:`InPlaceLayer`, by re-slicing for transformers' own layers."""
+    for layer in cache.layers:
+        if isinstance(layer, InPlaceLayer):
+            layer.keep(start, offsets)
+        elif layer.is_initialized:
+            index = torch.cat([torch.arange(start, device=offsets.device), start + offsets])
+            layer.keys, layer.values = layer.keys[..., index, :], layer.values[..., index, :]

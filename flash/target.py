@@ -98,6 +98,24 @@ class TargetModel(ABC):
             state.cache.crop(length - state.length)  # transformers 5 takes a negative count
             state.length = length
 
+    #: Whether :meth:`forward_tree` works (tree drafts need an explicit mask and positions).
+    supports_tree: bool = False
+
+    def forward_tree(self, state: TargetState, token_ids: torch.Tensor, mask: torch.Tensor,
+                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``token_ids`` [1, n] laid out as a tree (:func:`flash.tree.tree_attention`): row i
+        attends where ``mask[i]`` ([n, state.length + n]) is True, at position ``positions[i]``.
+        Returns (logits [n, V] float32, h [n, D]); :meth:`keep` then drops the rejected branches."""
+        raise NotImplementedError(f"{type(self).__name__} does not verify draft trees")
+
+    @torch.inference_mode()  # the cache holds inference tensors: only inference mode may write them
+    def keep(self, state: TargetState, start: int, offsets: list[int]) -> None:
+        """Keep cache positions ``start + offsets`` (in order) at ``start..`` and drop the rest after ``start``."""
+        from flash.kv_cache import keep_positions
+
+        keep_positions(state.cache, start, torch.tensor(offsets, dtype=torch.long, device=self.device))
+        state.length = start + len(offsets)
+
     @abstractmethod
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """The target's (frozen) input embeddings ``e`` of ``token_ids`` ([..., n] -> [..., n, D])."""

@@ -19,7 +19,7 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "| all | flash |" in proc.stdout and "Machine:" in proc.stdout
     report = json.loads(out.read_text())
-    for method in ("ar", "eagle", "flash", "pld"):
+    for method in ("ar", "eagle", "flash", "flash-tree", "pld"):
         agg = report["methods"][method]
         for key in ("tokens_per_s", "speedup", "tau", "acceptance_rate", "time_split", "identical"):
             assert key in agg
@@ -27,5 +27,5 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path):
     assert report["methods"]["ar"]["speedup"] == 1.0
     assert set(report["by_kind"]) == {"image", "video"}
     assert report["machine"]["torch"] and report["mismatches"] == []
-    assert len(report["samples"]) == 2 * 4
+    assert len(report["samples"]) == 2 * 5
     assert "plotly" in plot.read_text()[:5000].lower()

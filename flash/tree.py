@@ -1,0 +1,117 @@
+"""Draft trees (EAGLE-2 style) for greedy decoding: build, lay out for one target pass, walk.
+
+A FLASH draft pass gives one distribution per slot (depth). A *chain* proposes each slot's top
+token; a *tree* also proposes runner-up tokens, so one target pass checks several continuations
+and keeps the longest one the target agrees with. Nodes are chosen best-first by their joint draft
+probability (the product along their path), as EAGLE-2 ranks them.
+
+Node 0 of a laid-out tree is the *root*: the pending token, which the target always accepts. Every
+other node has a parent that comes before it. Pure functions of their inputs: no models here.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """Draft tokens as a tree under the root (the pending token, not stored here).
+
+    ``parents[i]`` is the index of node i's parent among the drafts, -1 for a child of the root;
+    parents come before their children. ``depths[i]`` is 1 for a child of the root.
+    """
+
+    tokens: tuple[int, ...]
+    parents: tuple[int, ...]
+    depths: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def path(self, node: int) -> list[int]:
+        """Tokens from the root's child down to ``node`` (inclusive)."""
+        out = []
+        while node >= 0:
+            out.append(self.tokens[node])
+            node = self.parents[node]
+        return out[::-1]
+
+
+def build_tree(expand: Callable[[int, list[int]], tuple[list[int], list[float]]], max_depth: int,
+               max_nodes: int, min_joint: float, branch: int) -> DraftTree:
+    """Best-first tree of at most ``max_nodes`` draft tokens, each with joint probability >= ``min_joint``.
+
+    ``expand(depth, path)`` gives the draft's candidate tokens for ``depth`` (1-based) after the
+    draft tokens ``path`` and their probabilities, best first; up to ``branch`` of them become
+    candidates. A node is added only after its parent, so the result is a valid tree.
+    With ``branch == 1`` this is the chain cut at the joint confidence ``min_joint``.
+    """
+    tokens: list[int] = []
+    parents: list[int] = []
+    depths: list[int] = []
+    heap: list[tuple[float, int, int, int, int]] = []  # (-joint, order, parent, depth, token)
+    order = 0
+
+    def push_children(parent: int, depth: int, joint: float, path: list[int]) -> None:
+        nonlocal order
+        candidates, probs = expand(depth, path)
+        for token, prob in list(zip(candidates, probs, strict=True))[:branch]:
+            if joint * prob >= min_joint:
+                heapq.heappush(heap, (-joint * prob, order, parent, depth, token))
+                order += 1
+
+    if max_depth > 0 and max_nodes > 0:
+        push_children(-1, 1, 1.0, [])
+    while heap and len(tokens) < max_nodes:
+        neg_joint, _, parent, depth, token = heapq.heappop(heap)
+        tokens.append(token)
+        parents.append(parent)
+        depths.append(depth)
+        if depth < max_depth:
+            node = len(tokens) - 1
+            push_children(node, depth + 1, -neg_joint, DraftTree(tuple(tokens), tuple(parents), ()).path(node))
+    return DraftTree(tuple(tokens), tuple(parents), tuple(depths))
+
+
+def tree_attention(tree: DraftTree, past: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask and positions for one target pass over [root, drafts...] after ``past`` cached positions.
+
+    Returns (mask [1+n, past+1+n] bool, True = may attend; positions [1+n]): every row sees the
+    cache, the root, its ancestors and itself, at position ``past + depth`` (the root at ``past``).
+    """
+    n = len(tree)
+    mask = torch.zeros(1 + n, past + 1 + n, dtype=torch.bool, device=device)
+    mask[:, : past + 1] = True
+    for i in range(n):
+        row, node = 1 + i, i
+        while node >= 0:
+            mask[row, past + 1 + node] = True
+            node = tree.parents[node]
+    positions = torch.tensor([0, *tree.depths], device=device) + past
+    return mask, positions
+
+
+def greedy_walk(tree: DraftTree, choose: Callable[[int, list[int]], int]) -> tuple[list[int], int]:
+    """Follow the target's greedy choices down the tree.
+
+    ``choose(row, path)`` is the target's token at laid-out row ``row`` (0 = the root, 1 + i = draft
+    node i) after the accepted draft tokens ``path``. Returns (accepted node indices, in order;
+    the target's next token after them).
+    """
+    children: dict[tuple[int, int], int] = {}
+    for i, (parent, token) in enumerate(zip(tree.parents, tree.tokens, strict=True)):
+        children.setdefault((parent, token), i)
+    accepted: list[int] = []
+    node = -1
+    while True:
+        token = choose(node + 1, [tree.tokens[i] for i in accepted])
+        child = children.get((node, token))
+        if child is None:
+            return accepted, token
+        accepted.append(child)
+        node = child

@@ -1,6 +1,6 @@
 """Where a decoding step's time goes (the default model, CPU): ``python scripts/profile_step.py [MEDIA]``.
 
-Runs ``ar`` and ``flash`` once each to warm up, then once each under cProfile, and prints per-step
+Runs ``ar``, ``flash`` and ``flash-tree`` once each to warm up, then once each under cProfile, and prints per-step
 milliseconds split into: the target's forward (its fp16 GEMMs vs everything else inside it: norms,
 rotary, attention, cache, Python), the draft (proposing, and folding accepted tokens in), and the
 rest (logits rules, verification, the loop). cProfile adds a little overhead to Python-heavy parts.
@@ -20,8 +20,11 @@ from flash.models import load_draft, load_target  # noqa: E402
 
 PARTS = {  # (file suffix, function name) -> label; cumulative times
     ("default_target.py", "forward"): "target forward",
+    ("default_target.py", "forward_tree"): "target forward (tree pass)",
     ("fp16_linear.py", "forward"): "  of which fp16 GEMMs (target + draft)",
     ("decoding.py", "propose"): "draft: propose",
+    ("decoding.py", "propose_tree"): "draft: propose a tree",
+    ("target.py", "keep"): "target cache: keep the accepted path",
     ("decoding.py", "update"): "draft: fold in accepted tokens",
     ("logits_rules.py", "apply"): "logits rules (target and draft)",
 }
@@ -31,7 +34,7 @@ draft = load_draft(target, quiet=True)
 media = load_media(sys.argv[1] if len(sys.argv) > 1 else ROOT / "assets" / "examples" / "cat.jpg")
 prompt = target.build_prompt(media, target.default_prompt(media))
 config = GenerationConfig(max_new_tokens=128, rules=target.logits_rules())
-for method in ("ar", "flash"):
+for method in ("ar", "flash", "flash-tree"):
     collect(generate(target, prompt, method, draft, config))
     profiler = cProfile.Profile()
     profiler.enable()

@@ -64,13 +64,13 @@ def test_missing_file_and_bad_settings(tmp_path):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_flash_equals_ar_on_every_example(default_target, path):
-    """The issue's acceptance check, in-process: greedy flash and ar give identical tokens."""
+    """The issue's acceptance check, in-process: greedy flash (chain and tree) and ar give identical tokens."""
     media = load_media(path)
     draft = load_draft(default_target, quiet=True)
     prompt = default_target.build_prompt(media, default_target.default_prompt(media))
     cfg = GenerationConfig(max_new_tokens=64, rules=default_target.logits_rules())
     ar = collect(generate(default_target, prompt, "ar", None, cfg))
-    for method in ("flash", "eagle", "pld"):
+    for method in ("flash", "flash-tree", "eagle", "pld"):
         out = collect(generate(default_target, prompt, method, draft, cfg))
         assert out.tokens == ar.tokens, (method, out.tokens, ar.tokens)
 

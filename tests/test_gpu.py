@@ -2,7 +2,7 @@
 
 Skipped on CPU-only machines (CI). On a GPU: ``python -m pytest -q tests/test_gpu.py``.
 What runs is what a hub model goes through: ``load_hf_target`` from a saved checkpoint, bf16 through
-accelerate's ``device_map`` (one GPU, and split over GPU + CPU), greedy ``ar`` = ``eagle`` = ``flash``
+accelerate's ``device_map`` (one GPU, and split over GPU + CPU), greedy ``ar`` = ``eagle`` = ``flash`` = ``flash-tree``
 token for token, distillation + a training epoch on the GPU, and the benchmark recording the GPU.
 """
 
@@ -95,7 +95,7 @@ def _check_lossless(target, draft, label: str) -> dict[str, float]:
         prompt = target.build_prompt(media, target.default_prompt(media))
         ar = collect(generate(target, prompt, "ar", None, config))
         assert len(ar.tokens) > 0
-        for method in ("eagle", "flash"):
+        for method in ("eagle", "flash", "flash-tree"):
             got = collect(generate(target, prompt, method, draft, config))
             _near_tie_or_fail(target, prompt, config, ar.tokens, got.tokens, f"{label} {kind} {method}")
             taus[f"{kind}-{method}"] = got.tau

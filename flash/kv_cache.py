@@ -66,6 +66,7 @@ class InPlaceLayer(DynamicLayer):
         if not self.is_initialized:
             return
         end = start + offsets.numel()
+        offsets = offsets.to(self._key_buffer.device)  # layers of a split model live on several devices
         # The gather copies before the write, so overlapping source and destination are safe.
         self._key_buffer[..., start:end, :] = self._key_buffer[..., start + offsets, :]
         self._value_buffer[..., start:end, :] = self._value_buffer[..., start + offsets, :]
@@ -110,5 +111,6 @@ def keep_positions(cache: DynamicCache, start: int, offsets: torch.Tensor) -> No
         if isinstance(layer, InPlaceLayer):
             layer.keep(start, offsets)
         elif layer.is_initialized:
-            index = torch.cat([torch.arange(start, device=offsets.device), start + offsets])
+            device = layer.keys.device
+            index = torch.cat([torch.arange(start, device=device), start + offsets.to(device)])
             layer.keys, layer.values = layer.keys[..., index, :], layer.values[..., index, :]

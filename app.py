@@ -267,7 +267,8 @@ def summary_markdown(summary: dict[str, Any], note: str) -> str:
     ]
     tau, rate = summary["tau"], summary["acceptance_rate"]
     stats = (f"τ (tokens per target pass, counting the target's own token) **{tau:.2f}** · acceptance rate "
-             f"**{100 * rate:.0f} %** of the drafts proposed (k = {summary['k']})") if tau is not None else ""
+             f"**{100 * rate:.0f} %** of the drafts proposed (k = {summary['k']}"
+             f"{', a draft tree' if summary.get('method') == 'flash-tree' else ''})") if tau is not None else ""
     return "\n".join([head, "", *rows, "", stats, "", _verdict(summary), "", f"<small>{note}</small>"])
 
 

@@ -31,7 +31,8 @@ from flash.decoding import GenerationConfig, StepEvent, collect, generate
 from flash.draft import FlashDraft
 from flash.target import TargetModel
 
-__all__ = ["BASELINE", "FLASH", "RaceFrame", "RaceUpdate", "SideView", "compare_outputs", "on_one_clock", "race"]
+__all__ = ["BASELINE", "FLASH", "RaceFrame", "RaceUpdate", "SideView", "compare_outputs", "flash_method",
+           "on_one_clock", "race"]
 
 BASELINE = "ar"
 FLASH = "flash"
@@ -228,16 +229,23 @@ def _behind(sides: list[_Side]) -> _Side:
 # The race
 
 
+def flash_method(target: TargetModel, config: GenerationConfig) -> str:
+    """The FLASH variant the race runs: the draft tree for greedy requests on targets that verify trees
+    (measured faster than the chain, README "Results"), the chain otherwise (sampling, flash-attention)."""
+    return "flash-tree" if config.greedy and target.supports_tree else "flash"
+
+
 def race(target: TargetModel, draft: FlashDraft, media: Any, prompt_text: str, config: GenerationConfig, *,
          cancel: Event | None = None) -> Iterator[RaceUpdate]:
-    """Race ``generate(..., "ar")`` against ``generate(..., "flash")``, yielding after every step.
+    """Race ``generate(..., "ar")`` against FLASH (:func:`flash_method`), yielding after every step.
 
     ``prompt_text`` empty means ``target.default_prompt(media)``. Setting ``cancel`` stops both
     sides before their next step; the race then ends with a summary marked ``cancelled: True``.
     """
     prompt = target.build_prompt(media, prompt_text.strip() or target.default_prompt(media))
     sides = [_Side(BASELINE, generate(target, prompt, "ar", None, config), _IncrementalText(target.decode)),
-             _Side(FLASH, generate(target, prompt, "flash", draft, config), _IncrementalText(target.decode))]
+             _Side(FLASH, generate(target, prompt, flash_method(target, config), draft, config),
+                   _IncrementalText(target.decode))]
     baseline, flash = sides
     try:
         while not (baseline.done and flash.done):
@@ -272,6 +280,7 @@ def _summarize(target: TargetModel, draft: FlashDraft, config: GenerationConfig,
         "baseline": base_stats,
         "flash": flash_stats,
         "k": min(config.k or draft.cfg.k, draft.cfg.k),
+        "method": flash_method(target, config),
         "model": target.name,
         "temperature": config.temperature,
         "cancelled": cancelled,

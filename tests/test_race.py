@@ -15,7 +15,7 @@ from flash.race import BASELINE, FLASH, compare_outputs, on_one_clock, race
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 SUMMARY_KEYS = {"speedup", "tau", "acceptance_rate", "identical", "first_difference", "baseline", "flash", "k",
-                "model", "cancelled"}
+                "method", "model", "cancelled"}
 SIDE_KEYS = {"new_tokens", "steps", "seconds", "tokens_per_s"}
 
 
@@ -54,6 +54,7 @@ def test_greedy_race_is_identical_and_summarised(default_target, draft, cat, sin
     base, flash = summary["baseline"], summary["flash"]
     assert summary["speedup"] == pytest.approx(flash["tokens_per_s"] / base["tokens_per_s"], rel=1e-2)
     assert summary["k"] == draft.cfg.k and summary["model"] == default_target.name
+    assert summary["method"] == "flash-tree"  # greedy on a target that verifies trees
 
     # Text: decoded from the tokens, and FLASH's tagged pieces add up to exactly that text.
     assert last.baseline.text == default_target.decode(list(last.baseline.tokens)) == last.flash.text
@@ -90,6 +91,7 @@ def test_sampling_race_has_no_exactness_verdict(default_target, draft, cat, sing
     summary = list(race(default_target, draft, cat, "What is this?", config))[-1].summary
     assert summary["identical"] is None and summary["first_difference"] is None
     assert summary["temperature"] == 0.8 and summary["flash"]["new_tokens"] > 0
+    assert summary["method"] == "flash"  # the tree is greedy only: sampling races the chain
 
 
 def test_cancel_stops_both_sides_promptly(default_target, draft, cat, single_thread):
@@ -149,7 +151,7 @@ def scripted_race(monkeypatch):
             return _scripted(clock, method, steps, cost)
 
         monkeypatch.setattr(race_module, "generate", fake_generate)
-        target = SimpleNamespace(name="bytes", build_prompt=lambda media, text: text,
+        target = SimpleNamespace(name="bytes", supports_tree=False, build_prompt=lambda media, text: text,
                                  default_prompt=lambda media: "describe",
                                  decode=lambda ids: bytes(ids).decode("utf-8", errors="replace"))
         draft = SimpleNamespace(cfg=SimpleNamespace(k=4))

@@ -61,15 +61,16 @@ class InPlaceLayer(DynamicLayer):
         self.keys = self._key_buffer[..., : self._length, :]
         self.values = self._value_buffer[..., : self._length, :]
 
-    def keep(self, start: int, offsets: torch.Tensor) -> None:
-        """Keep positions ``start + offsets`` (in that order) at ``start..``; drop the rest after ``start``."""
+    def keep(self, start: int, offsets: torch.Tensor | None) -> None:
+        """Keep positions ``start + offsets`` (in that order) at ``start..``; drop the rest after ``start``
+        (``offsets`` None: keep nothing after ``start``)."""
         if not self.is_initialized:
             return
-        end = start + offsets.numel()
-        offsets = offsets.to(self._key_buffer.device)  # layers of a split model live on several devices
-        # The gather copies before the write, so overlapping source and destination are safe.
-        self._key_buffer[..., start:end, :] = self._key_buffer[..., start + offsets, :]
-        self._value_buffer[..., start:end, :] = self._value_buffer[..., start + offsets, :]
+        end = start if offsets is None else start + offsets.numel()
+        if offsets is not None:
+            # The gather copies before the write, so overlapping source and destination are safe.
+            self._key_buffer[..., start:end, :] = self._key_buffer[..., start + offsets, :]
+            self._value_buffer[..., start:end, :] = self._value_buffer[..., start + offsets, :]
         self._length = end
         self.keys = self._key_buffer[..., :end, :]
         self.values = self._value_buffer[..., :end, :]
@@ -104,13 +105,24 @@ def in_place_cache(config) -> DynamicCache:
     return cache
 
 
-def keep_positions(cache: DynamicCache, start: int, offsets: torch.Tensor) -> None:
+def keep_positions(cache: DynamicCache, start: int, offsets: list[int]) -> None:
     """Compact every layer of ``cache`` to positions ``[0, start) + (start + offsets)`` (a tree's
-    accepted path), in place for :class:`InPlaceLayer`, by re-slicing for transformers' own layers."""
+    accepted path; ``offsets`` increasing), in place for :class:`InPlaceLayer`, by re-slicing for
+    transformers' own layers. Positions already where they belong are not copied."""
+    # The accepted path often begins with the tree's first nodes: those stay, only the rest moves.
+    first = next((i for i, offset in enumerate(offsets) if offset != i), len(offsets))
+    start, moved = start + first, [offset - first for offset in offsets[first:]]
+    index: dict[torch.device, torch.Tensor] = {}  # layers of a split model live on several devices
     for layer in cache.layers:
+        if not layer.is_initialized:
+            continue
+        device = layer.keys.device
+        if moved and device not in index:
+            index[device] = torch.tensor(moved, dtype=torch.long, device=device)
         if isinstance(layer, InPlaceLayer):
-            layer.keep(start, offsets)
-        elif layer.is_initialized:
-            device = layer.keys.device
-            index = torch.cat([torch.arange(start, device=device), start + offsets.to(device)])
-            layer.keys, layer.values = layer.keys[..., index, :], layer.values[..., index, :]
+            layer.keep(start, index.get(device))
+        else:
+            rows = torch.arange(start, device=device)
+            if moved:
+                rows = torch.cat([rows, start + index[device]])
+            layer.keys, layer.values = layer.keys[..., rows, :], layer.values[..., rows, :]

@@ -113,7 +113,7 @@ class TargetModel(ABC):
         """Keep cache positions ``start + offsets`` (in order) at ``start..`` and drop the rest after ``start``."""
         from flash.kv_cache import keep_positions
 
-        keep_positions(state.cache, start, torch.tensor(offsets, dtype=torch.long, device=self.device))
+        keep_positions(state.cache, start, offsets)
         state.length = start + len(offsets)
 
     @abstractmethod

@@ -131,11 +131,15 @@ def test_keep_positions_compacts_every_layer(in_place):
     keys = torch.arange(9.0).view(1, 1, 9, 1).expand(1, 1, 9, 8).contiguous()
     for layer in range(2):
         cache.update(keys + layer, -keys, layer)
-    keep_positions(cache, 4, torch.tensor([3, 0, 4]))
+    keep_positions(cache, 3, [0, 1, 3, 5])  # positions 3 and 4 stay, 6 and 8 move to 5 and 6
     for layer in range(2):
-        assert cache.layers[layer].keys[0, 0, :, 0].tolist() == [v + layer for v in [0, 1, 2, 3, 7, 4, 8]]
-        assert cache.layers[layer].values[0, 0, :, 0].tolist() == [-v for v in [0, 1, 2, 3, 7, 4, 8]]
+        assert cache.layers[layer].keys[0, 0, :, 0].tolist() == [v + layer for v in [0, 1, 2, 3, 4, 6, 8]]
+        assert cache.layers[layer].values[0, 0, :, 0].tolist() == [-v for v in [0, 1, 2, 3, 4, 6, 8]]
     assert cache.get_seq_length() == 7
+    keep_positions(cache, 4, [0, 1])  # already in place: a crop
+    assert cache.layers[1].keys[0, 0, :, 0].tolist() == [v + 1 for v in [0, 1, 2, 3, 4, 6]]
+    keep_positions(cache, 2, [])  # nothing accepted after position 2
+    assert cache.get_seq_length() == 2 and cache.layers[0].values[0, 0, :, 0].tolist() == [0, -1]
 
 
 def test_tree_pass_equals_one_chain_pass_per_branch_and_keep_leaves_a_chain_cache(default_target, photos):

@@ -230,12 +230,21 @@ def _prefill(target: TargetModel, prompt: Prompt, config: GenerationConfig, cloc
     return pre, token, out.emit([token], 0, 0, 0.0, clock.now() - t0)
 
 
-@torch.inference_mode()
-def _autoregressive(target: TargetModel, prompt: Prompt, config: GenerationConfig) -> Iterator[StepEvent]:
+def _begin(target: TargetModel, prompt: Prompt, method: str, config: GenerationConfig):
+    """What every loop starts with: its clock, emitter and generator, then the prefill (step 0).
+
+    Returns (clock, emitter, generator, prefill output, the target's first token, step 0's event).
+    """
     clock = _Clock(target.device)
-    out = _Emitter("ar", target, config, clock)
+    out = _Emitter(method, target, config, clock)
     generator = make_generator(config.seed, target.device)
     pre, token, event = _prefill(target, prompt, config, clock, out, generator)
+    return clock, out, generator, pre, token, event
+
+
+@torch.inference_mode()
+def _autoregressive(target: TargetModel, prompt: Prompt, config: GenerationConfig) -> Iterator[StepEvent]:
+    clock, out, generator, pre, token, event = _begin(target, prompt, "ar", config)
     yield event
     clock.resume()
     state = pre.state
@@ -323,12 +332,8 @@ class _PromptLookupProposer:
 @torch.inference_mode()
 def _speculative(target: TargetModel, prompt: Prompt, proposer, method: str,
                  config: GenerationConfig) -> Iterator[StepEvent]:
-    clock = _Clock(target.device)
-    out = _Emitter(method, target, config, clock)
-    generator = make_generator(config.seed, target.device)
     device = target.device
-
-    pre, token, event = _prefill(target, prompt, config, clock, out, generator)
+    clock, out, generator, pre, token, event = _begin(target, prompt, method, config)
     yield event
     clock.resume()
     state = pre.state
@@ -388,12 +393,8 @@ def _greedy_choice(logits: torch.Tensor, cursor):
 def _speculative_tree(target: TargetModel, prompt: Prompt, proposer: _DraftProposer,
                       config: GenerationConfig) -> Iterator[StepEvent]:
     """Greedy FLASH with a draft tree: one target pass checks every branch (EAGLE-2's verification)."""
-    clock = _Clock(target.device)
-    out = _Emitter("flash-tree", target, config, clock)
-    generator = make_generator(config.seed, target.device)
     device, rules = target.device, config.rules
-
-    pre, token, event = _prefill(target, prompt, config, clock, out, generator)
+    clock, out, generator, pre, token, event = _begin(target, prompt, "flash-tree", config)
     yield event
     clock.resume()
     state = pre.state

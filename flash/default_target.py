@@ -185,10 +185,7 @@ class DefaultTarget(TargetModel):
 
     @torch.inference_mode()
     def forward(self, state: TargetState, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.lm.model(input_ids=token_ids, past_key_values=state.cache, use_cache=True)
-        state.length += token_ids.shape[1]
-        hidden = out.last_hidden_state[0]  # [n, D]
-        return self.lm_head(hidden).float(), hidden
+        return self._append(state, token_ids)
 
     supports_tree = True
 
@@ -196,10 +193,12 @@ class DefaultTarget(TargetModel):
     def forward_tree(self, state: TargetState, token_ids: torch.Tensor, mask: torch.Tensor,
                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # transformers passes a 4D boolean mask through to the attention function unchanged.
-        out = self.lm.model(input_ids=token_ids, past_key_values=state.cache, use_cache=True,
-                            attention_mask=mask[None, None], position_ids=positions[None])
+        return self._append(state, token_ids, attention_mask=mask[None, None], position_ids=positions[None])
+
+    def _append(self, state: TargetState, token_ids: torch.Tensor, **tree_inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.lm.model(input_ids=token_ids, past_key_values=state.cache, use_cache=True, **tree_inputs)
         state.length += token_ids.shape[1]
-        hidden = out.last_hidden_state[0]
+        hidden = out.last_hidden_state[0]  # [n, D]
         return self.lm_head(hidden).float(), hidden
 
     @torch.inference_mode()

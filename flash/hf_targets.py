@@ -204,17 +204,7 @@ class _HFTarget(TargetModel):
     @torch.inference_mode()
     def forward(self, state: TargetState, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``token_ids`` ([1, n]) at ``state.length``; return (logits [n, V] fp32, h [n, D])."""
-        n = int(token_ids.shape[1])
-        out = self.model.model(
-            input_ids=token_ids.to(self.device),
-            position_ids=self._positions(state, n),
-            past_key_values=state.cache,
-            use_cache=True,
-        )
-        hidden = out.last_hidden_state[0]
-        state.cache = out.past_key_values
-        state.length += n
-        return self.lm_head(hidden).float(), hidden
+        return self._append(state, token_ids, self._positions(state, int(token_ids.shape[1])), None)
 
     @property
     def supports_tree(self) -> bool:
@@ -224,17 +214,22 @@ class _HFTarget(TargetModel):
     @torch.inference_mode()
     def forward_tree(self, state: TargetState, token_ids: torch.Tensor, mask: torch.Tensor,
                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = int(token_ids.shape[1])
+        # A 4D mask is passed through to the attention function as is.
+        return self._append(state, token_ids, self._positions(state, int(token_ids.shape[1]), positions),
+                            mask.to(self.device)[None, None])
+
+    def _append(self, state: TargetState, token_ids: torch.Tensor, position_ids: torch.Tensor,
+                mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model.model(
             input_ids=token_ids.to(self.device),
-            position_ids=self._positions(state, n, positions),
-            attention_mask=mask.to(self.device)[None, None],  # a 4D mask is passed through as is
+            position_ids=position_ids,
+            attention_mask=mask,
             past_key_values=state.cache,
             use_cache=True,
         )
         hidden = out.last_hidden_state[0]
         state.cache = out.past_key_values
-        state.length += n
+        state.length += int(token_ids.shape[1])
         return self.lm_head(hidden).float(), hidden
 
     @torch.inference_mode()

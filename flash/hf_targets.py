@@ -184,7 +184,7 @@ class _HFTarget(TargetModel):
         """Explicit positions of ``n`` new tokens appended at cache position ``state.length`` (or at
         ``cache_positions`` [n], a draft tree's)."""
         if cache_positions is None:
-            cache_positions = torch.arange(state.length, state.length + n)
+            cache_positions = torch.arange(state.length, state.length + n, device=self.device)
         return (cache_positions.to(self.device) + state.rope_offset).unsqueeze(0)
 
     # -- TargetModel ---------------------------------------------------------------------------

@@ -66,14 +66,13 @@ class InPlaceLayer(DynamicLayer):
         (``offsets`` None: keep nothing after ``start``)."""
         if not self.is_initialized:
             return
-        end = start if offsets is None else start + offsets.numel()
+        end = start
         if offsets is not None:
+            end += offsets.numel()
             # The gather copies before the write, so overlapping source and destination are safe.
             self._key_buffer[..., start:end, :] = self._key_buffer[..., start + offsets, :]
             self._value_buffer[..., start:end, :] = self._value_buffer[..., start + offsets, :]
-        self._length = end
-        self.keys = self._key_buffer[..., :end, :]
-        self.values = self._value_buffer[..., :end, :]
+        self.crop(end - self._length)
 
     def reset(self) -> None:
         self._key_buffer = self._value_buffer = None

@@ -231,7 +231,8 @@ def _behind(sides: list[_Side]) -> _Side:
 
 def flash_method(target: TargetModel, config: GenerationConfig) -> str:
     """The FLASH variant the race runs: the draft tree for greedy requests on targets that verify trees
-    (measured faster than the chain, README "Results"), the chain otherwise (sampling, flash-attention)."""
+    (a few percent ahead of the chain in paired runs, README "Results"), the chain otherwise (sampling,
+    flash-attention)."""
     return "flash-tree" if config.greedy and target.supports_tree else "flash"
 
 

@@ -54,27 +54,26 @@ def build_tree(expand: Callable[[int, list[int]], tuple[list[int], list[float]]]
     tokens: list[int] = []
     parents: list[int] = []
     depths: list[int] = []
-    heap: list[tuple[float, int, int, int, int]] = []  # (-joint, order, parent, depth, token)
+    heap: list[tuple[float, int, int, list[int]]] = []  # (-joint, order, parent, path ending in the node)
     order = 0
 
-    def push_children(parent: int, depth: int, joint: float, path: list[int]) -> None:
+    def push_children(parent: int, joint: float, path: list[int]) -> None:
         nonlocal order
-        candidates, probs = expand(depth, path)
+        candidates, probs = expand(len(path) + 1, path)
         for token, prob in list(zip(candidates, probs, strict=True))[:branch]:
             if joint * prob >= min_joint:
-                heapq.heappush(heap, (-joint * prob, order, parent, depth, token))
+                heapq.heappush(heap, (-joint * prob, order, parent, path + [token]))
                 order += 1
 
     if max_depth > 0 and max_nodes > 0:
-        push_children(-1, 1, 1.0, [])
+        push_children(-1, 1.0, [])
     while heap and len(tokens) < max_nodes:
-        neg_joint, _, parent, depth, token = heapq.heappop(heap)
-        tokens.append(token)
+        neg_joint, _, parent, path = heapq.heappop(heap)
+        tokens.append(path[-1])
         parents.append(parent)
-        depths.append(depth)
-        if depth < max_depth:
-            node = len(tokens) - 1
-            push_children(node, depth + 1, -neg_joint, DraftTree(tuple(tokens), tuple(parents), ()).path(node))
+        depths.append(len(path))
+        if len(path) < max_depth:
+            push_children(len(tokens) - 1, -neg_joint, path)
     return DraftTree(tuple(tokens), tuple(parents), tuple(depths))
 
 

@@ -14,7 +14,6 @@ the chain the engine runs (joint confidence cut T) and for dynamic trees (the N 
 nodes by joint draft probability, cut at T). Run: ``python scripts/tree_gain.py``.
 """
 
-import heapq
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from verify_cost import forward_medians  # noqa: E402 (a sibling script)
 from flash.distill import load_records  # noqa: E402
 from flash.models import load_draft, load_target  # noqa: E402
 from flash.training import _sample_tensors  # noqa: E402
+from flash.tree import build_tree  # noqa: E402
 from flash.weights import cache_dir  # noqa: E402
 
 TOP, OUTSIDE = 6, 99  # candidates per slot; rank of a token the draft cannot propose
@@ -84,30 +84,14 @@ def predict(select) -> tuple[float, float, float]:
 
 
 def chain(cut: float):
+    return tree(cut, K, branch=1)  # the chain is the one-branch tree cut at the joint confidence
+
+
+def tree(cut: float, size: int, branch: int = TOP):
+    """The engine's own tree building (flash.tree.build_tree) over ranks: node = tuple of slot ranks."""
     def select(probs):
-        nodes, joint = set(), 1.0
-        for i in range(K):
-            joint *= float(probs[i, 0])
-            if joint < cut:
-                break
-            nodes.add((0,) * (i + 1))
-        return nodes
-    return select
-
-
-def tree(cut: float, size: int):
-    def select(probs):  # best-first: a child's joint probability never exceeds its parent's
-        nodes, heap = set(), [(-float(probs[0, c]), (c,)) for c in range(TOP)]
-        heapq.heapify(heap)
-        while heap and len(nodes) < size:
-            score, node = heapq.heappop(heap)
-            if -score < cut:
-                break
-            nodes.add(node)
-            if len(node) < K:
-                for c in range(TOP):
-                    heapq.heappush(heap, (score * float(probs[len(node), c]), node + (c,)))
-        return nodes
+        built = build_tree(lambda depth, path: (list(range(TOP)), probs[depth - 1].tolist()), K, size, cut, branch)
+        return {tuple(built.path(i)) for i in range(len(built))}
     return select
 
 

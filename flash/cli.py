@@ -81,7 +81,7 @@ def cmd_caption(args) -> int:
     shown = ""
     try:
         stream = generate(target, prompt, args.method, draft, _config(args, target))
-    except ValueError as exc:  # a method this request cannot use (e.g. flash-tree with sampling)
+    except ValueError as exc:  # a method this target cannot use (e.g. flash-tree with flash-attention)
         raise UsageError(str(exc)) from None
     for event in stream:
         events.append(event)
@@ -110,9 +110,8 @@ def cmd_bench(args) -> int:
 
     target = load_target(args.model)
     config = _config(args, target)
-    if "flash-tree" in args.methods and not (config.greedy and target.supports_tree):
-        why = "it is greedy only" if not config.greedy else "this target cannot verify draft trees"
-        print(f"note: skipping flash-tree ({why})", file=sys.stderr)
+    if "flash-tree" in args.methods and not target.supports_tree:
+        print("note: skipping flash-tree (this target cannot verify draft trees)", file=sys.stderr)
         args.methods = [m for m in args.methods if m != "flash-tree"]
     needs_draft = any(m in ("flash", "flash-tree", "eagle") for m in args.methods)
     draft = load_draft(target, args.draft) if needs_draft else None

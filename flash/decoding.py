@@ -16,7 +16,7 @@ import torch
 from flash.draft import DraftState, FlashDraft
 from flash.logits_rules import LogitsRules
 from flash.target import Prompt, TargetModel
-from flash.tree import DraftTree, build_tree, greedy_walk, tree_attention
+from flash.tree import DraftTree, build_tree, tree_attention, walk_tree
 from flash.verification import greedy_verify, logits_to_probs, make_generator, sample, sampling_verify
 
 METHODS = ("ar", "eagle", "flash", "flash-tree", "pld")
@@ -40,8 +40,8 @@ class GenerationConfig:
     # a weak draft then costs little instead of making every verification longer. Decided from
     # the draft alone, so the output stays exact.
     min_draft_prob: float = 0.0
-    # ``flash-tree`` (greedy): at most this many draft tokens per step, chosen best-first by joint
-    # draft probability among each slot's ``tree_branch`` best tokens, none below ``tree_min_prob``.
+    # ``flash-tree``: at most this many draft tokens per step, chosen best-first by joint draft
+    # probability among each slot's ``tree_branch`` best tokens, none below ``tree_min_prob``.
     tree_nodes: int = 4
     tree_branch: int = 2
     tree_min_prob: float = 0.02
@@ -213,8 +213,6 @@ def generate(target: TargetModel, prompt: Prompt, method: str = "flash", draft: 
     if method in ("flash", "flash-tree"):
         k = min(k, draft.cfg.k)  # one slot per draft token (per tree depth)
     if method == "flash-tree":
-        if not config.greedy:
-            raise ValueError("method 'flash-tree' verifies greedily; use 'flash' for sampling")
         if not target.supports_tree:
             raise ValueError(f"this target ({target.name}) cannot verify draft trees; use 'flash'")
         return _speculative_tree(target, prompt, _DraftProposer(draft, False, k), config)
@@ -291,7 +289,9 @@ class _DraftProposer:
                 for token in path:
                     cursor.push(token)
                 row = cursor.process_(row.clone(), column_of)
-            top = row.softmax(-1).topk(config.tree_branch)
+            # Sampling: rank by the draft's tempered distribution, the target's top-p left out (it only
+            # rescales the few top tokens, and its sort cost ~2 ms per step); the shape never affects exactness.
+            top = (row if config.greedy else row / config.temperature).softmax(-1).topk(config.tree_branch)
             keep = top.values > 0  # a token the rules ban has probability 0: never a candidate
             return draft.to_target_ids(top.indices[keep]).tolist(), top.values[keep].tolist()
 
@@ -374,9 +374,10 @@ def _speculative(target: TargetModel, prompt: Prompt, proposer, method: str,
         clock.resume()
 
 
-def _greedy_choice(logits: torch.Tensor, cursor):
-    """``choose(row, path)`` for :func:`flash.tree.greedy_walk`: the argmax of the target's logits row
-    after the rules (``cursor``: a :class:`RulesCursor` at the generated prefix, or None)."""
+def _target_choice(logits: torch.Tensor, cursor, config: GenerationConfig, generator: torch.Generator):
+    """``choose(row, path)`` for :func:`flash.tree.walk_tree`: the target's own token from its logits row
+    after the rules (``cursor``: a :class:`RulesCursor` at the generated prefix, or None), chosen by
+    :func:`_choose` exactly as the ``ar`` loop chooses it."""
 
     def choose(row: int, path: list[int]) -> int:
         scores = logits[row]
@@ -384,7 +385,7 @@ def _greedy_choice(logits: torch.Tensor, cursor):
             if path:
                 cursor.push(path[-1])  # called once per depth, one more accepted token each time
             scores = cursor.process_(scores.clone())
-        return int(scores.argmax())
+        return _choose(scores, config, generator)
 
     return choose
 
@@ -392,7 +393,14 @@ def _greedy_choice(logits: torch.Tensor, cursor):
 @torch.inference_mode()
 def _speculative_tree(target: TargetModel, prompt: Prompt, proposer: _DraftProposer,
                       config: GenerationConfig) -> Iterator[StepEvent]:
-    """Greedy FLASH with a draft tree: one target pass checks every branch (EAGLE-2's verification)."""
+    """FLASH with a draft tree: one target pass checks every branch (EAGLE-2's verification).
+
+    Exact for greedy and sampling alike: every emitted token is the target's own choice at its exact
+    prefix (argmax, or one draw from its processed distribution with the request's generator, in the
+    order ``ar`` draws); a draft node only saves the pass that would compute the next row. The
+    drafts never touch the generator, so a seeded sampling run emits what ``ar`` emits with the same
+    seed, up to the float differences between a tree pass's logits and a one-token step's.
+    """
     device, rules = target.device, config.rules
     clock, out, generator, pre, token, event = _begin(target, prompt, "flash-tree", config)
     yield event
@@ -416,9 +424,9 @@ def _speculative_tree(target: TargetModel, prompt: Prompt, proposer: _DraftPropo
         else:
             logits, hidden = target.forward(state, ids)
 
-        # 3. Accept: follow the target's argmax down the tree; each row sees its own path's prefix.
+        # 3. Accept: follow the target's own choices down the tree; each row sees its own path's prefix.
         cursor = rules.cursor(out.generated) if rules.active else None
-        accepted, next_token = greedy_walk(tree, _greedy_choice(logits, cursor))
+        accepted, next_token = walk_tree(tree, _target_choice(logits, cursor, config, generator))
 
         # 4. Keep the root and the accepted path in the target cache; feed their h to the draft.
         target.keep(state, cache_len + 1, accepted)

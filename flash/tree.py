@@ -1,4 +1,4 @@
-"""Draft trees (EAGLE-2 style) for greedy decoding: build, lay out for one target pass, walk.
+"""Draft trees (EAGLE-2 style): build, lay out for one target pass, walk.
 
 A FLASH draft pass gives one distribution per slot (depth). A *chain* proposes each slot's top
 token; a *tree* also proposes runner-up tokens, so one target pass checks several continuations
@@ -95,12 +95,15 @@ def tree_attention(tree: DraftTree, past: int, device=None) -> tuple[torch.Tenso
     return mask, positions
 
 
-def greedy_walk(tree: DraftTree, choose: Callable[[int, list[int]], int]) -> tuple[list[int], int]:
-    """Follow the target's greedy choices down the tree.
+def walk_tree(tree: DraftTree, choose: Callable[[int, list[int]], int]) -> tuple[list[int], int]:
+    """Follow the target's own choices down the tree.
 
     ``choose(row, path)`` is the target's token at laid-out row ``row`` (0 = the root, 1 + i = draft
-    node i) after the accepted draft tokens ``path``. Returns (accepted node indices, in order;
-    the target's next token after them).
+    node i) after the accepted draft tokens ``path``: its argmax (greedy) or a sample from its
+    distribution (sampling). It is called once per emitted token, in order, exactly as plain
+    decoding would choose them; a draft node is accepted when the chosen token is one of the
+    current node's children, so the tree only decides which rows' logits are already computed.
+    Returns (accepted node indices, in order; the target's next token after them).
     """
     children: dict[tuple[int, int], int] = {}
     for i, (parent, token) in enumerate(zip(tree.parents, tree.tokens, strict=True)):

@@ -598,11 +598,13 @@ SAMPLING_CASES = [
     ("flash", 1.0, 1.0, PENALTIES, 600),  # rules see each verified row's exact prefix, drafts' included
     ("flash", 1.0, 0.8, None, 1500),  # the most samples: top-p makes q's bookkeeping easiest to get wrong
     ("eagle", 0.8, 0.9, None, 500),
+    ("flash-tree", 1.0, 0.8, None, 600),  # the walk draws the target's own token at every node
 ]
 
 
 @pytest.mark.parametrize("method,temperature,top_p,rules,samples", SAMPLING_CASES,
-                         ids=["flash-T1", "flash-T1-penalties", "flash-T1-top_p0.8", "eagle-T0.8-top_p0.9"])
+                         ids=["flash-T1", "flash-T1-penalties", "flash-T1-top_p0.8", "eagle-T0.8-top_p0.9",
+                              "flash-tree-T1-top_p0.8"])
 def test_sampling_has_the_target_law(peaked_llava, photos, make_echo_draft, method, temperature, top_p, rules,
                                      samples):
     target, vocab = peaked_llava, peaked_llava.vocab_size

@@ -1,5 +1,6 @@
 """Draft trees: the pure tree math, the target's tree pass and cache compaction, and ``flash-tree``
-decoding against plain greedy decoding (the default target, real photos and videos)."""
+decoding against plain decoding, greedy and seeded sampling (the default target, real photos and
+videos). The law of ``flash-tree``'s samples is tested with the other methods' in test_decoding.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from test_decoding import ArReference, ScriptedDraft, assert_same_tokens, greedy
 
 from flash.decoding import GenerationConfig, collect, generate
 from flash.kv_cache import in_place_cache, keep_positions
-from flash.tree import DraftTree, build_tree, greedy_walk, tree_attention
+from flash.tree import DraftTree, build_tree, tree_attention, walk_tree
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -104,7 +105,7 @@ def test_tree_attention_sees_the_cache_the_ancestors_and_itself():
     assert sees == {0: [0], 1: [0, 1], 2: [0, 2], 3: [0, 1, 3], 4: [0, 1, 3, 4], 5: [0, 2, 5]}
 
 
-def test_greedy_walk_follows_the_target_and_returns_its_next_token():
+def test_walk_tree_follows_the_target_and_returns_its_next_token():
     tree = DraftTree(tokens=(10, 11, 12, 13, 14), parents=(-1, -1, 0, 2, 1), depths=(1, 1, 2, 3, 2))
     target_path = {(): 11, (11,): 14, (11, 14): 99}  # root -> b -> e -> the target's own 99
     calls = []
@@ -113,9 +114,9 @@ def test_greedy_walk_follows_the_target_and_returns_its_next_token():
         calls.append((row, tuple(path)))
         return target_path[tuple(path)]
 
-    assert greedy_walk(tree, choose) == ([1, 4], 99)
+    assert walk_tree(tree, choose) == ([1, 4], 99)
     assert calls == [(0, ()), (2, (11,)), (5, (11, 14))]
-    assert greedy_walk(DraftTree((), (), ()), lambda row, path: 7) == ([], 7)
+    assert walk_tree(DraftTree((), (), ()), lambda row, path: 7) == ([], 7)
 
 
 # --- the target's tree pass and the cache compaction --------------------------------------------
@@ -218,10 +219,27 @@ def test_flash_tree_with_a_random_draft_matches_ar(default_target, media, ar_ref
     assert_same_tokens(default_target, prompt, config.rules, expected, result.tokens, "flash-tree")
 
 
-def test_flash_tree_refuses_sampling(default_target, photos, make_draft):
-    prompt = default_target.build_prompt(photos["coffee"], "Describe this image.")
-    with pytest.raises(ValueError, match="greedily"):
-        generate(default_target, prompt, "flash-tree", make_draft(default_target), GenerationConfig(temperature=0.7))
+@pytest.mark.parametrize("media_name,wrong_at", [("coffee", {2, 5, 6, 11}), ("cat-pan-4", {1, 8, 9, 15})])
+def test_seeded_flash_tree_sampling_emits_what_ar_samples(default_target, media, make_draft, media_name, wrong_at):
+    """The walk draws each token as ``ar`` does (the request's generator, one draw per token, in order)
+    and the drafts never draw, so a seeded sampling run emits ar's tokens with the same seed."""
+    config = GenerationConfig(max_new_tokens=24, temperature=0.8, top_p=0.95, seed=5,
+                              rules=default_target.logits_rules(), tree_nodes=8, tree_branch=2, tree_min_prob=0.01)
+    item = media(media_name)
+    prompt = default_target.build_prompt(item, default_target.default_prompt(item))
+    expected = collect(generate(default_target, prompt, "ar", None, config)).tokens
+    near_tie = ("(a float difference between the tree pass's logits and a one-token step's can flip a draw "
+                "only at a near-tie of the sampler)")
+    # A draft that knows ar's samples but sometimes ranks them second: chosen children at depth > 1,
+    # and runner-up branches taken.
+    draft = make_draft(default_target, k=4, num_latents=8, cls=RunnerUpDraft, script=expected, wrong_at=wrong_at)
+    result = collect(generate(default_target, prompt, "flash-tree", draft, config))
+    assert result.tokens == expected, f"differs from ar's seeded samples {near_tie}:\n{expected}\n{result.tokens}"
+    assert result.accepted >= len(expected) // 2 and result.steps < len(expected) // 2
+    # A random draft: nearly every node rejected, the target's own draws emitted.
+    result = collect(generate(default_target, prompt, "flash-tree", make_draft(default_target, k=4, seed=7), config))
+    assert result.tokens == expected, f"differs from ar's seeded samples {near_tie}:\n{expected}\n{result.tokens}"
+    assert result.proposed > result.accepted
 
 
 @pytest.mark.parametrize("target_fixture", ["tiny_llava", "tiny_qwen"])

@@ -22,8 +22,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from flash.fp16_linear import Fp16Linear, convert_linears, fp16_gemm_available
-from flash.gqa_attention import use_gqa_sdpa
 from flash.kv_cache import in_place_cache
+from flash.lean_llama import LeanLlama, fp32_linear
 from flash.logits_rules import LogitsRules
 from flash.target import PrefillOutput, Prompt, TargetModel, TargetState
 from flash.verification import make_generator
@@ -79,23 +79,31 @@ class DefaultTarget(TargetModel):
     linear layers and head hold their weights in fp16 (see :mod:`flash.fp16_linear`): the GGUF's
     Q4_1 values rounded to fp16, logits within ~0.05 of the fp32 model's. Every decoding method
     runs the same weights, so this is the model; ``weight_format`` says which one is in use.
+
+    With ``lean`` (the default) the LM runs through :class:`flash.lean_llama.LeanLlama` (fused
+    projections, one loop, in-place KV cache, grouped-KV SDPA: the same numbers, less overhead);
+    otherwise through transformers' own modules, cache and ``sdpa`` (for comparisons).
     """
 
     def __init__(self, lm: torch.nn.Module, tokenizer, vision: torch.nn.Module, labels: list[str],
                  connector: ConnectorConfig = ConnectorConfig(), fp16_weights: bool = True,
-                 lean_attention: bool = True) -> None:
+                 lean: bool = True) -> None:
         self.lm, self.tokenizer, self.vision, self.labels = lm, tokenizer, vision, labels
         self.connector = connector
-        # Lean attention: a KV cache that grows in place, and grouped KV heads kept grouped in
-        # multi-token passes (see flash.kv_cache, flash.gqa_attention). Same numbers, fewer copies.
-        self.lean_attention = lean_attention
-        if lean_attention:
-            use_gqa_sdpa(lm)
+        self.lean = lean
         self.weight_format = "fp16" if fp16_weights and fp16_gemm_available() else "fp32"
         self._head: torch.nn.Module = lm.lm_head  # tied to the embeddings, which stay fp32
         if self.weight_format == "fp16":
-            convert_linears(lm.model.layers)
             self._head = Fp16Linear(lm.lm_head)
+        self._lean: LeanLlama | None = None
+        if lean:
+            self._lean = LeanLlama(lm.model, Fp16Linear.from_weight if self.weight_format == "fp16" else fp32_linear)
+            # The fused copies above now hold the layers' weights: drop transformers' layers, and make
+            # running them an error rather than a silent no-op.
+            lm.model.layers = torch.nn.ModuleList()
+            lm.model.forward = _runs_through_lean_llama
+        elif self.weight_format == "fp16":
+            convert_linears(lm.model.layers)
         self.name = DEFAULT_TARGET_NAME
         self.hidden_size = lm.config.hidden_size
         self.vocab_size = lm.config.vocab_size
@@ -172,14 +180,20 @@ class DefaultTarget(TargetModel):
 
     # --- model --------------------------------------------------------------------------------
     def _new_cache(self) -> DynamicCache:
-        return in_place_cache(self.lm.config) if self.lean_attention else DynamicCache(config=self.lm.config)
+        return in_place_cache(self.lm.config) if self.lean else DynamicCache(config=self.lm.config)
+
+    def _run_lm(self, cache: DynamicCache, **inputs) -> torch.Tensor:
+        """The LM's last hidden states [B, n, D] for ``inputs`` (``input_ids`` or ``inputs_embeds``,
+        optional ``attention_mask`` and ``position_ids``), appended to ``cache``."""
+        if self._lean is not None:
+            return self._lean(cache, **inputs)
+        return self.lm.model(past_key_values=cache, use_cache=True, **inputs).last_hidden_state
 
     @torch.inference_mode()
     def prefill(self, prompt: Prompt) -> PrefillOutput:
         embeds = self._prompt_embeds(prompt)  # [1, L, D]
         cache = self._new_cache()
-        out = self.lm.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
-        hidden = out.last_hidden_state[0]  # [L, D]
+        hidden = self._run_lm(cache, inputs_embeds=embeds)[0]  # [L, D]
         state = TargetState(cache=cache, length=prompt.length)
         return PrefillOutput(state, self.lm_head(hidden[-1]).float(), hidden)
 
@@ -192,13 +206,12 @@ class DefaultTarget(TargetModel):
     @torch.inference_mode()
     def forward_tree(self, state: TargetState, token_ids: torch.Tensor, mask: torch.Tensor,
                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # transformers passes a 4D boolean mask through to the attention function unchanged.
+        # A 4D boolean mask reaches the attention unchanged (LeanLlama and transformers alike).
         return self._append(state, token_ids, attention_mask=mask[None, None], position_ids=positions[None])
 
     def _append(self, state: TargetState, token_ids: torch.Tensor, **tree_inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.lm.model(input_ids=token_ids, past_key_values=state.cache, use_cache=True, **tree_inputs)
+        hidden = self._run_lm(state.cache, input_ids=token_ids, **tree_inputs)[0]  # [n, D]
         state.length += token_ids.shape[1]
-        hidden = out.last_hidden_state[0]  # [n, D]
         return self.lm_head(hidden).float(), hidden
 
     @torch.inference_mode()
@@ -223,8 +236,7 @@ class DefaultTarget(TargetModel):
             mask[i, width - prompt.length :] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = self._new_cache()
-        out = self.lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True).last_hidden_state
+        out = self._run_lm(cache, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         # Expand the unique prefills to one cache row per request.
         pick = torch.tensor([slot[id(p)] for p in prompts])
         cache.batch_select_indices(pick)
@@ -248,8 +260,7 @@ class DefaultTarget(TargetModel):
             ids = torch.tensor([[responses[row][-1]] for row in rows])
             mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
             next_pos = next_pos + 1
-            out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=next_pos[:, None],
-                                past_key_values=cache, use_cache=True).last_hidden_state
+            out = self._run_lm(cache, input_ids=ids, attention_mask=mask, position_ids=next_pos[:, None])
             logits = self.lm_head(out[:, -1]).float()
             for i, row in enumerate(rows):
                 hidden[row].append(out[i])
@@ -281,18 +292,22 @@ class DefaultTarget(TargetModel):
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
-def load_default_target(*, quiet: bool = False, fp16_weights: bool = True, lean_attention: bool = True
-                        ) -> DefaultTarget:
+def _runs_through_lean_llama(*args, **kwargs):
+    raise RuntimeError("this model's layers run through LeanLlama (DefaultTarget._run_lm); "
+                       "load_default_target(lean=False) keeps transformers' own modules")
+
+
+def load_default_target(*, quiet: bool = False, fp16_weights: bool = True, lean: bool = True) -> DefaultTarget:
     """Assemble the default target, fetching and converting its weights on first use.
 
-    ``fp16_weights=False`` keeps the LM in fp32, ``lean_attention=False`` transformers' own KV cache
-    and attention (slower; for comparisons).
+    ``fp16_weights=False`` keeps the LM in fp32, ``lean=False`` runs transformers' own modules, KV
+    cache and attention (slower; for comparisons).
     """
     start = time.perf_counter()
     lm, tok = _load_language_model(quiet)
     vision = load_mobilenet_v2(str(fetch_weight(MOBILENET_V2, quiet=quiet)))
     labels = json.loads((ASSETS / "imagenet_labels.json").read_text())
-    target = DefaultTarget(lm, tok, vision, labels, fp16_weights=fp16_weights, lean_attention=lean_attention)
+    target = DefaultTarget(lm, tok, vision, labels, fp16_weights=fp16_weights, lean=lean)
     if not quiet:
         print(f"Default model ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return target

@@ -4,21 +4,17 @@ transformers' ``sdpa`` attention copies every layer's keys and values ``num_key_
 times (``repeat_kv``) whenever a mask is passed, i.e. for every verification pass of more than one
 token; ``enable_gqa`` only where the mask is ``None`` (one-token steps). torch's CPU kernel takes
 ``enable_gqa`` together with a mask, so speculative decoding need not pay that copy (measured
-with :mod:`flash.kv_cache`, whose docstring gives the numbers).
-Registered under :data:`NAME` with transformers' attention and mask interfaces.
+with :mod:`flash.kv_cache`, whose docstring gives the numbers). Used by :mod:`flash.lean_llama`;
+the signature is transformers' attention-function convention.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-NAME = "sdpa_gqa"
 
 
-def gqa_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def gqa_sdpa_attention(module: torch.nn.Module | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query [B, H, q, d], key/value [B, H_kv, kv, d] -> output [B, q, H, d] (transformers' convention)."""
@@ -32,10 +28,3 @@ def gqa_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                          scale=scaling, is_causal=causal, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
-
-
-def use_gqa_sdpa(model) -> None:
-    """Switch ``model`` (a transformers model using SDPA) to :func:`gqa_sdpa_attention`."""
-    AttentionInterface.register(NAME, gqa_sdpa_attention)
-    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    model.set_attn_implementation(NAME)

@@ -209,7 +209,7 @@ class _HFTarget(TargetModel):
     @property
     def supports_tree(self) -> bool:
         # A tree pass needs an explicit mask: SDPA and eager attention take one, flash-attention does not.
-        return self.model.config.get_text_config()._attn_implementation in ("sdpa", "eager", "sdpa_gqa")
+        return self.model.config.get_text_config()._attn_implementation in ("sdpa", "eager")
 
     @torch.inference_mode()
     def forward_tree(self, state: TargetState, token_ids: torch.Tensor, mask: torch.Tensor,

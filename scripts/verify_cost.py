@@ -44,7 +44,7 @@ def forward_medians(targets: dict, example: str, sizes, repeats: int) -> tuple[i
 
 if __name__ == "__main__":
     targets = {"lean": load_default_target(quiet=True),
-               "transformers": load_default_target(quiet=True, lean_attention=False)}
+               "transformers": load_default_target(quiet=True, lean=False)}
     print(f"{torch.get_num_threads()} threads; median ms per forward (x a one-token step of the same setting)")
     for example in ("coffee.jpg", "coffee_rocket_cut.mp4"):
         length, medians = forward_medians(targets, example, SIZES, repeats=15)

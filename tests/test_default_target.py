@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flash.decoding import GenerationConfig, collect, generate
-from flash.default_target import TOKENS_PER_FRAME
+from flash.default_target import TOKENS_PER_FRAME, load_default_target
 from flash.media import load_media
 from flash.weights import MOBILENET_V2, SMOLLM2, WeightsError, cache_dir, fetch_weight
 
@@ -74,17 +74,20 @@ def test_prompt_has_49_visual_tokens_per_frame(default_target):
 
 
 def test_ar_matches_transformers_generate(default_target):
-    """Our prefill + cached decoding reproduces transformers' own generate() with the same rules."""
+    """Our prefill + cached decoding (through LeanLlama) reproduces transformers' own generate() on its
+    own modules (the same fp16 weights) with the same rules."""
     media = load_media(EXAMPLES / "coffee.jpg")
     prompt = default_target.build_prompt(media, "Describe this image in detail.")
     rules = default_target.logits_rules()
     ours = collect(generate(default_target, prompt, "ar", None, GenerationConfig(max_new_tokens=24, rules=rules)))
-    embeds = default_target._prompt_embeds(prompt)
+    reference = load_default_target(quiet=True, lean=False)
+    assert reference.weight_format == default_target.weight_format
+    embeds = reference._prompt_embeds(prompt)
     with torch.inference_mode():
         mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-        out = default_target.lm.generate(inputs_embeds=embeds, attention_mask=mask,
+        out = reference.lm.generate(inputs_embeds=embeds, attention_mask=mask,
                                          max_new_tokens=24, do_sample=False, logits_processor=rules.processors(),
-                                         eos_token_id=sorted(default_target.eos_token_ids), pad_token_id=0)
+                                         eos_token_id=sorted(reference.eos_token_ids), pad_token_id=0)
     theirs = out[0].tolist()
     assert list(ours.tokens) == theirs[: len(ours.tokens)]
 

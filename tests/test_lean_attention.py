@@ -1,4 +1,4 @@
-"""The in-place KV cache and grouped-KV SDPA give transformers' own numbers, with fewer copies."""
+"""The in-place KV cache, grouped-KV SDPA and the lean forward give transformers' own numbers."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from flash.gqa_attention import gqa_sdpa_attention, use_gqa_sdpa
+from flash.fp16_linear import Fp16Linear, convert_linears
+from flash.gqa_attention import gqa_sdpa_attention
 from flash.kv_cache import InPlaceLayer, in_place_cache
+from flash.lean_llama import LeanLlama
+from flash.tree import DraftTree, tree_attention
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -53,14 +56,85 @@ def test_in_place_cache_matches_dynamic_cache_through_crops_and_growth():
     assert cache.layers[0].keys.data_ptr() == buffer.data_ptr() and cache.get_seq_length() == 252
 
 
-def test_gqa_sdpa_matches_transformers_sdpa_in_a_model():
-    reference, lean = tiny_llama(), tiny_llama()
-    use_gqa_sdpa(lean)
-    assert lean.config._attn_implementation == "sdpa_gqa"
-    want = run_steps(reference, DynamicCache(config=reference.config), STEPS)
-    got = run_steps(lean, in_place_cache(lean.config), STEPS)
+class LeanModel:
+    """A LeanLlama over ``model``'s weights, called like the model in :func:`run_steps`."""
+
+    def __init__(self, model: LlamaForCausalLM, linear=None) -> None:
+        self.model, self.config = model, model.config
+        self.lean = LeanLlama(model.model) if linear is None else LeanLlama(model.model, linear)
+
+    def __call__(self, *, input_ids, past_key_values, use_cache=True, **inputs):
+        hidden = self.lean(past_key_values, input_ids=input_ids, **inputs)
+        return type("Out", (), {"logits": self.model.lm_head(hidden)})
+
+
+def test_lean_llama_matches_transformers_through_crops_and_growth():
+    model = tiny_llama()
+    want = run_steps(model, DynamicCache(config=model.config), STEPS)
+    got = run_steps(LeanModel(model), in_place_cache(model.config), STEPS)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_lean_llama_with_fp16_weights_equals_transformers_with_fp16_weights():
+    """Fusing q/k/v and gate/up changes no output column's arithmetic: the same numbers, bit for bit."""
+    reference, source = tiny_llama(), tiny_llama()
+    convert_linears(reference.model.layers)
+    want = run_steps(reference, in_place_cache(reference.config), STEPS)
+    got = run_steps(LeanModel(source, Fp16Linear.from_weight), in_place_cache(source.config), STEPS)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_lean_llama_tree_pass_equals_one_chain_per_branch():
+    model = tiny_llama()
+    lean = LeanLlama(model.model)
+    prompt = torch.arange(1, 12)[None]
+    tree = DraftTree(tokens=(5, 9, 7, 3), parents=(-1, -1, 0, 2), depths=(1, 1, 2, 3))
+    cache = in_place_cache(model.config)
+    lean(cache, input_ids=prompt)
+    mask, positions = tree_attention(tree, 11)
+    got = lean(cache, input_ids=torch.tensor([[40, *tree.tokens]]), attention_mask=mask[None, None],
+               position_ids=positions[None])[0]
+    for nodes in ([0, 2, 3], [1]):
+        chain = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            ids = torch.cat([prompt, torch.tensor([[40, *(tree.tokens[i] for i in nodes)]])], dim=1)
+            want = model.model(input_ids=ids, past_key_values=chain, use_cache=True).last_hidden_state[0, 11:]
+        torch.testing.assert_close(got[[0, *(1 + i for i in nodes)]], want, rtol=0, atol=1e-5)
+
+
+def test_lean_llama_left_padded_batch_equals_each_row_alone():
+    """The batched distillation's pattern: left-padded prompts with a 2D mask, then one-token steps."""
+    model = tiny_llama()
+    lean = LeanLlama(model.model)
+    prompts = [list(range(3, 12)), list(range(20, 25))]
+    steps = [[7, 8], [9, 10]]  # two decoding steps, one token per row each
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    cache = in_place_cache(model.config)
+    batch = [lean(cache, input_ids=ids, attention_mask=mask, position_ids=positions)]
+    for step in steps:
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        positions = positions[:, -1:] + 1
+        batch.append(lean(cache, input_ids=torch.tensor(step)[:, None], attention_mask=mask, position_ids=positions))
+    assert all(torch.isfinite(out).all() for out in batch)  # pad rows included
+    for row, prompt in enumerate(prompts):
+        alone = in_place_cache(model.config)
+        want = [lean(alone, input_ids=torch.tensor([prompt]))[0]]
+        want += [lean(alone, input_ids=torch.tensor([[step[row]]]))[0] for step in steps]
+        torch.testing.assert_close(batch[0][row, width - len(prompt):], want[0], rtol=0, atol=1e-5)
+        for got, expected in zip(batch[1:], want[1:], strict=True):
+            torch.testing.assert_close(got[row], expected, rtol=0, atol=1e-5)
+
+
+def test_lean_llama_refuses_layers_it_does_not_run():
+    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=6, num_key_value_heads=2, attention_bias=True)
+    with pytest.raises(ValueError, match="no biases"):
+        LeanLlama(LlamaForCausalLM(cfg).model)
 
 
 @pytest.mark.parametrize(("q_len", "kv_len", "masked"), [(1, 9, False), (4, 4, False), (3, 10, False), (3, 10, True)])

@@ -1,0 +1,108 @@
+"""A lean forward pass for a transformers Llama-architecture LM (the default model's SmolLM2), CPU.
+
+transformers' decoder layers run q, k, v, gate and up as five separate GEMMs and wrap every layer
+in generic machinery (mask building, keyword plumbing, attention dispatch). On a 2-core CPU that
+fixed cost is a large share of a one-token step. This runs the same weights the way gpt-fast does:
+q/k/v fused into one GEMM and gate/up into one (each output column is computed exactly as before,
+so the numbers do not change), one plain loop over the layers, the in-place KV cache
+(:mod:`flash.kv_cache`) and grouped-KV SDPA (:func:`flash.gqa_attention.gqa_sdpa_attention`).
+The model's own embedding, norms and rotary embedding modules are reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from flash.gqa_attention import gqa_sdpa_attention
+
+#: Builds an inference linear layer (no bias) from a weight [out, in]: fp32 or fp16-packed.
+LinearFactory = Callable[[torch.Tensor], nn.Module]
+
+
+def fp32_linear(weight: torch.Tensor) -> nn.Module:
+    """A plain fp32 ``nn.Linear`` (no bias) holding ``weight``."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = nn.Parameter(weight.detach().float(), requires_grad=False)
+    return layer
+
+
+class LeanBlock(nn.Module):
+    """One decoder layer: pre-norm attention with fused q/k/v, pre-norm SwiGLU MLP with fused gate/up."""
+
+    def __init__(self, layer: nn.Module, linear: LinearFactory) -> None:
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
+        self.heads, self.kv_heads = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.intermediate = mlp.gate_proj.out_features
+        with torch.no_grad():
+            self.qkv = linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+            self.o_proj = linear(attn.o_proj.weight)
+            self.gate_up = linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+            self.down_proj = linear(mlp.down_proj.weight)
+
+    def forward(self, x: torch.Tensor, cache_layer, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(self.input_layernorm(x)).view(b, n, self.heads + 2 * self.kv_heads, self.head_dim)
+        qkv = qkv.transpose(1, 2)
+        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = cache_layer.update(k, v)
+        attn, _ = gqa_sdpa_attention(None, q, k, v, mask, scaling=self.scaling, is_causal=True)
+        x = x + self.o_proj(attn.reshape(b, n, -1))
+        gate, up = self.gate_up(self.post_attention_layernorm(x)).split(self.intermediate, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class LeanLlama(nn.Module):
+    """The decoder stack of a transformers ``LlamaModel`` (its weights, fused), run in one loop.
+
+    Supports what the decoding loops and the batched distillation need: token ids or input
+    embeddings, explicit positions, a 4D boolean mask (a draft tree) or a 2D padding mask (a
+    left-padded batch), and causal attention after the cached prefix otherwise.
+    """
+
+    def __init__(self, model: nn.Module, linear: LinearFactory = fp32_linear) -> None:
+        super().__init__()
+        cfg = model.config
+        if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "attention_bias", False) \
+                or getattr(cfg, "mlp_bias", False):
+            raise ValueError("LeanLlama supports Llama layers with SiLU and no biases")
+        self.embed_tokens, self.rotary_emb, self.norm = model.embed_tokens, model.rotary_emb, model.norm
+        self.layers = nn.ModuleList(LeanBlock(layer, linear) for layer in model.layers)
+
+    @torch.inference_mode()
+    def forward(self, cache, *, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Append to ``cache`` (one :class:`flash.kv_cache.InPlaceLayer` per layer); returns the last
+        hidden states [B, n, D] (after the final norm)."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, n = x.shape[:2]
+        past = cache.get_seq_length()
+        if position_ids is None:
+            position_ids = torch.arange(past, past + n, device=x.device)[None]
+        cos, sin = self.rotary_emb(x, position_ids)
+        mask = _attention_mask(attention_mask, n, past + n, x.device)
+        for block, cache_layer in zip(self.layers, cache.layers, strict=True):
+            x = block(x, cache_layer, cos, sin, mask)
+        return self.norm(x)
+
+
+def _attention_mask(attention_mask: torch.Tensor | None, n: int, kv: int, device) -> torch.Tensor | None:
+    """None (causal, handled by the attention), a 4D boolean mask as given, or a 2D padding mask
+    [B, kv] turned into [B, 1, n, kv] causal-and-not-padding."""
+    if attention_mask is None or attention_mask.dim() == 4:
+        return attention_mask
+    causal = torch.ones(n, kv, dtype=torch.bool, device=device).tril(kv - n)
+    mask = causal[None] & attention_mask.bool()[:, None, :]
+    # A left-pad query sees no key; let it see every key so its (unused) output stays finite on every
+    # SDPA kernel (some return NaN for such a row, and a NaN value would poison the others through P @ V).
+    mask |= ~mask.any(-1, keepdim=True)
+    return mask[:, None]

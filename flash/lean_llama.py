@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flash.gqa_attention import gqa_sdpa_attention
+from flash.rope import apply_rope
 
 #: Builds an inference linear layer (no bias) from a weight [out, in]: fp32 or fp16-packed.
 LinearFactory = Callable[[torch.Tensor], nn.Module]
@@ -52,7 +53,7 @@ class LeanBlock(nn.Module):
         qkv = self.qkv(_rms_norm(self.input_layernorm, x)).view(b, n, self.heads + 2 * self.kv_heads, self.head_dim)
         qkv = qkv.transpose(1, 2)
         qk, v = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=1)
-        qk = _rotate(qk, cos, sin)  # q and k heads in one go: the same elementwise ops, half the calls
+        qk = apply_rope(qk, cos, sin)  # q and k heads in one go: the same elementwise ops, half the calls
         q, k = qk.split([self.heads, self.kv_heads], dim=1)
         k, v = cache_layer.update(k, v)
         attn, _ = gqa_sdpa_attention(None, q, k, v, mask, scaling=self.scaling, is_causal=True)
@@ -65,13 +66,6 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """transformers' ``LlamaRMSNorm`` (fp32 activations) as torch's one-call ``rms_norm``: the same
     numbers (tested bit for bit), without its six Python-level ops."""
     return F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x [B, heads, n, d] (transformers' rotate-half form, cos/sin [B, n, d])."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 class LeanLlama(nn.Module):
@@ -102,6 +96,7 @@ class LeanLlama(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + n, device=x.device)[None]
         cos, sin = self.rotary_emb(x, position_ids)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, n, d]: broadcast over heads
         mask = _attention_mask(attention_mask, n, past + n, x.device)
         for block, cache_layer in zip(self.layers, cache.layers, strict=True):
             x = block(x, cache_layer, cos, sin, mask)

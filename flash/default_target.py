@@ -90,7 +90,6 @@ class DefaultTarget(TargetModel):
                  lean: bool = True) -> None:
         self.lm, self.tokenizer, self.vision, self.labels = lm, tokenizer, vision, labels
         self.connector = connector
-        self.lean = lean
         self.weight_format = "fp16" if fp16_weights and fp16_gemm_available() else "fp32"
         self._head: torch.nn.Module = lm.lm_head  # tied to the embeddings, which stay fp32
         if self.weight_format == "fp16":
@@ -180,7 +179,7 @@ class DefaultTarget(TargetModel):
 
     # --- model --------------------------------------------------------------------------------
     def _new_cache(self) -> DynamicCache:
-        return in_place_cache(self.lm.config) if self.lean else DynamicCache(config=self.lm.config)
+        return in_place_cache(self.lm.config) if self._lean is not None else DynamicCache(config=self.lm.config)
 
     def _run_lm(self, cache: DynamicCache, **inputs) -> torch.Tensor:
         """The LM's last hidden states [B, n, D] for ``inputs`` (``input_ids`` or ``inputs_embeds``,

@@ -4,9 +4,11 @@ transformers' decoder layers run q, k, v, gate and up as five separate GEMMs and
 in generic machinery (mask building, keyword plumbing, attention dispatch). On a 2-core CPU that
 fixed cost is a large share of a one-token step. This runs the same weights the way gpt-fast does:
 q/k/v fused into one GEMM and gate/up into one (each output column is computed exactly as before,
-so the numbers do not change), one plain loop over the layers, the in-place KV cache
-(:mod:`flash.kv_cache`) and grouped-KV SDPA (:func:`flash.gqa_attention.gqa_sdpa_attention`).
-The model's own embedding, norms and rotary embedding modules are reused.
+so the numbers do not change), one plain loop over the layers, torch's one-call RMSNorm, one rotary
+call for the q and k heads together, the in-place KV cache (:mod:`flash.kv_cache`) and grouped-KV
+SDPA (:func:`flash.gqa_attention.gqa_sdpa_attention`). The model's own embedding, norm weights and
+rotary embedding module are reused. Tested bit-identical to transformers' modules
+(``tests/test_lean_attention.py``); README "Lean forward" has the timings.
 """
 
 from __future__ import annotations

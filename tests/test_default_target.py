@@ -86,8 +86,8 @@ def test_ar_matches_transformers_generate(default_target):
     with torch.inference_mode():
         mask = torch.ones(embeds.shape[:2], dtype=torch.long)
         out = reference.lm.generate(inputs_embeds=embeds, attention_mask=mask,
-                                         max_new_tokens=24, do_sample=False, logits_processor=rules.processors(),
-                                         eos_token_id=sorted(reference.eos_token_ids), pad_token_id=0)
+                                    max_new_tokens=24, do_sample=False, logits_processor=rules.processors(),
+                                    eos_token_id=sorted(reference.eos_token_ids), pad_token_id=0)
     theirs = out[0].tolist()
     assert list(ours.tokens) == theirs[: len(ours.tokens)]
 

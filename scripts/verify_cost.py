@@ -2,8 +2,9 @@
 
 Speculative decoding pays off only when τ exceeds this ratio. Run: ``python scripts/verify_cost.py``.
 For an image prompt (coffee.jpg) and a video prompt (coffee_rocket_cut.mp4, 8 frames), with the
-default lean attention (in-place KV cache, grouped-KV SDPA) and with transformers' own cache and
-sdpa, interleaved in one process: the median of 15 forwards per size, each cropped back.
+default lean forward (:mod:`flash.lean_llama`: fused projections, in-place KV cache, grouped-KV SDPA)
+and with transformers' own modules, cache and sdpa, interleaved in one process: the median of 15
+forwards per size, each cropped back.
 """
 
 import sys

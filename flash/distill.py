@@ -80,6 +80,10 @@ def distill(target: TargetModel, items: list[CorpusItem], out_dir: Path, *, max_
     todo = [(item, mode) for item in items[index::count] for mode in modes
             if not (out_dir / f"{item.item_id}-{mode}.safetensors").exists()
             and not (item.split == "heldout" and mode == "sampled")]
+    # A batch is left-padded to its longest prompt, and a video prompt is ~5x an image's: batching
+    # media with the same number of frames together cuts the prefill's padded tokens ~2.3x on the
+    # built-in corpus (stable sort: items keep their order within a frame count).
+    todo.sort(key=lambda job: len(job[0].media.frames))
     start, done, tokens = time.perf_counter(), 0, 0
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]

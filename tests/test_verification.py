@@ -132,6 +132,55 @@ def test_probs_sum_to_one_and_keep_the_top_token(logits, temperature, top_p):
     assert (full[kept].min() >= full[~kept].max()) if (~kept).any() else True
 
 
+def nucleus_by_full_sort(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The nucleus filter written the direct way: sort each whole row (the reference)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    top, order = probs.sort(dim=-1, descending=True)
+    kept = top.masked_fill((top.cumsum(dim=-1) - top) >= top_p, 0.0)
+    filtered = torch.zeros_like(probs).scatter(-1, order, kept)
+    return filtered / filtered.sum(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("scale, nucleus_within_guess", [(8.0, True), (0.01, False)])
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.99])
+def test_top_p_equals_sorting_whole_rows(scale, nucleus_within_guess, top_p):
+    """Sharp rows take the partial-sort path, flat rows (nucleus wider than NUCLEUS_GUESS) the full
+    sort; both must give exactly what sorting whole rows gives."""
+    from flash.verification import NUCLEUS_GUESS
+
+    generator = torch.Generator().manual_seed(int(scale * 100 + top_p * 10))
+    logits = torch.randn(3, 5000, generator=generator) * scale
+    top = torch.softmax(logits / 0.7, dim=-1).topk(NUCLEUS_GUESS, dim=-1).values.sum(-1)
+    assert bool((top >= 0.99).all()) == nucleus_within_guess  # the case is the one it claims to be
+    probs = logits_to_probs(logits, 0.7, top_p)
+    assert torch.equal(probs, nucleus_by_full_sort(logits, 0.7, top_p))
+    assert (probs > 0).sum(-1).min() >= 1
+
+
+def test_sample_has_the_distribution_and_never_draws_a_zero():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    draws = sample(probs.expand(40000, -1), generator)
+    assert draws.shape == (40000,)
+    freq = torch.bincount(draws, minlength=6).double() / draws.numel()
+    assert freq[probs == 0].sum() == 0
+    # 4 standard errors of a frequency near 0.5 at n = 40000 is 0.01.
+    assert torch.allclose(freq, probs.double(), atol=0.01)
+
+
+def test_sample_keeps_leading_shape_and_is_seeded():
+    probs = torch.softmax(torch.randn(2, 3, 50), dim=-1)
+    a = sample(probs, torch.Generator().manual_seed(7))
+    b = sample(probs, torch.Generator().manual_seed(7))
+    assert a.shape == (2, 3) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(4), torch.tensor([0.5, float("nan"), 0.5, 0.0])])
+def test_sample_refuses_rows_without_mass(bad):
+    with pytest.raises(ValueError, match="cannot sample"):
+        sample(bad, torch.Generator().manual_seed(0))
+
+
 # --- sampling_verify: properties ----------------------------------------------------------------
 
 

@@ -82,7 +82,7 @@ def draft_vocabulary(records: list[Record], size: int, eos_ids, vocab_size: int)
 
 
 def _sample_tensors(draft: FlashDraft, rec: Record, noise: float, device) -> tuple[torch.Tensor, ...]:
-    """(stream [S, D], gate h [n, D], targets h [n + k, D] padded) for one record."""
+    """(stream [S, D], gate h [n, D], target h [n, D]: h_{t+1} for each trained position t) for one record."""
     ids = torch.cat([rec.prompt_ids, rec.response]).to(device)
     hidden = rec.hidden.to(device=device, dtype=torch.float32)
     if noise > 0:
@@ -151,6 +151,13 @@ def record_loss(draft: FlashDraft, rec: Record, cfg: TrainConfig, device, noise:
         seen, banned = rules_in_draft_vocab(loss_rules, rec.response.tolist(), draft.draft_to_target,
                                             draft.cfg.vocab_size)
         masks = seen.to(device), banned.to(device)
+    # Slot i's targets are rows i.. of the same h (and of the same rule masks, row r following the
+    # prefix response[:1+r]): the target's side of the cross-entropy is computed once for all slots.
+    with torch.no_grad():
+        target_logits = draft.draft_logits(targets)
+        if masks is not None:
+            target_logits = apply_rule_masks(target_logits, masks[0][1:], masks[1][1:], loss_rules.repetition_penalty)
+        target_probs = target_logits.softmax(-1)
     total, hits = 0.0, []
     for i in range(draft.cfg.k):
         valid = n - i  # slot i at position t predicts h_{t+1+i}: needs t+1+i <= F-1
@@ -160,16 +167,11 @@ def record_loss(draft: FlashDraft, rec: Record, cfg: TrainConfig, device, noise:
         pred, tgt = preds[i, :valid], targets[i : i + valid]
         reg = F.smooth_l1_loss(pred, tgt)
         draft_logits = draft.draft_logits(pred)
-        with torch.no_grad():
-            target_logits = draft.draft_logits(tgt)
-        if masks is None:
-            ce_draft, ce_target = draft_logits, target_logits
-        else:  # row r follows the prefix response[:1+i+r]
+        ce_draft = draft_logits
+        if masks is not None:  # row r follows the prefix response[:1+i+r]
             rows = slice(1 + i, 1 + i + valid)
-            penalty = loss_rules.repetition_penalty
-            ce_draft = apply_rule_masks(draft_logits, masks[0][rows], masks[1][rows], penalty)
-            ce_target = apply_rule_masks(target_logits, masks[0][rows], masks[1][rows], penalty)
-        ce = -(ce_target.softmax(-1) * ce_draft.log_softmax(-1)).sum(-1).mean()
+            ce_draft = apply_rule_masks(draft_logits, masks[0][rows], masks[1][rows], loss_rules.repetition_penalty)
+        ce = -(target_probs[i : i + valid] * ce_draft.log_softmax(-1)).sum(-1).mean()
         total = total + cfg.slot_decay**i * (reg + cfg.ce_weight * ce)
         actual = torch.cat([response, response.new_tensor([-1])])[1 + i : 1 + i + valid]
         with torch.no_grad():

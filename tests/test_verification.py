@@ -157,6 +157,14 @@ def test_top_p_equals_sorting_whole_rows(scale, nucleus_within_guess, top_p):
     assert (probs > 0).sum(-1).min() >= 1
 
 
+def test_top_p_sorts_only_the_rows_whose_nucleus_is_wide():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 5000, generator=generator)
+    logits[:, ::2] *= 8.0  # sharp rows next to flat ones, in a [2, 3, V] batch
+    logits[:, 1] *= 0.01
+    assert torch.equal(logits_to_probs(logits, 0.7, 0.9), nucleus_by_full_sort(logits, 0.7, 0.9))
+
+
 def test_sample_has_the_distribution_and_never_draws_a_zero():
     probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
     generator = torch.Generator().manual_seed(0)

@@ -82,8 +82,9 @@ def distill(target: TargetModel, items: list[CorpusItem], out_dir: Path, *, max_
             and not (item.split == "heldout" and mode == "sampled")]
     # A batch is left-padded to its longest prompt, and a video prompt is ~5x an image's: batching
     # media with the same number of frames together cuts the prefill's padded tokens ~2.3x on the
-    # built-in corpus (stable sort: items keep their order within a frame count).
-    todo.sort(key=lambda job: len(job[0].media.frames))
+    # built-in corpus. Held-out items stay first (an interrupted run still has its evaluation split);
+    # the sort is stable, so items keep their order otherwise.
+    todo.sort(key=lambda job: (job[0].split != "heldout", len(job[0].media.frames)))
     start, done, tokens = time.perf_counter(), 0, 0
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]

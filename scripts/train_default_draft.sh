@@ -10,8 +10,8 @@
 set -euo pipefail
 OUT=${1:?usage: scripts/train_default_draft.sh OUT_DIR [DATA_DIR]}
 DATA=${2:-${FLASH_CACHE:-$HOME/.cache/flash}/distill/default-recipe}
-ITEMS=${ITEMS:-560}
-EPOCHS=${EPOCHS:-5}
+ITEMS=${ITEMS:-900}
+EPOCHS=${EPOCHS:-3}
 HELDOUT=${HELDOUT:-40}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}
 export OMP_NUM_THREADS=1  # one thread per process: two processes keep both cores busy

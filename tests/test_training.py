@@ -30,6 +30,23 @@ def items() -> list[CorpusItem]:
     return out
 
 
+def test_distill_orders_held_out_first_then_by_frame_count(tiny_llava, tmp_path, monkeypatch):
+    """A batch is padded to its longest prompt: media with the same number of frames are decoded
+    together (the video last), and held-out items come first so an interrupted run can evaluate."""
+    seen = []
+    real = tiny_llava.build_prompt
+
+    def spy(media, text):
+        seen.append(media.source)
+        return real(media, text)
+
+    monkeypatch.setattr(tiny_llava, "build_prompt", spy)
+    distill(tiny_llava, items(), tmp_path / "data", max_new_tokens=4, batch_size=2)
+    # Rows: c3 (held out: greedy only), then c0..c2 greedy + sampled, then the video; one prompt
+    # per distinct item in each batch of two rows.
+    assert seen == ["c3", "c0", "c0", "c1", "c1", "c2", "c2", "v", "v"]
+
+
 @pytest.mark.parametrize("target_fixture", ["tiny_llava", "tiny_qwen"])
 def test_distill_train_and_decode_end_to_end(request, target_fixture, tmp_path):
     target = request.getfixturevalue(target_fixture)

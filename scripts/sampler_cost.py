@@ -21,17 +21,15 @@ sys.path.insert(0, str(ROOT))
 from flash.decoding import GenerationConfig, collect, generate  # noqa: E402
 from flash.media import load_media  # noqa: E402
 from flash.models import load_target  # noqa: E402
-from flash.verification import NUCLEUS_GUESS, logits_to_probs, sample  # noqa: E402
+from flash.verification import NUCLEUS_GUESS, _nucleus, logits_to_probs, sample  # noqa: E402
 
 TEMPERATURE, TOP_P, TOKENS = 0.7, 0.9, 64
 
 
 def sorted_nucleus(logits: torch.Tensor) -> torch.Tensor:
-    """Top-p by sorting each whole row (what logits_to_probs did before its partial-sort path)."""
+    """Top-p by sorting each whole row (logits_to_probs's path for wide rows, taken for every row)."""
     probs = torch.softmax(logits.float() / TEMPERATURE, dim=-1)
-    top, order = probs.sort(dim=-1, descending=True)
-    kept = top.masked_fill((top.cumsum(dim=-1) - top) >= TOP_P, 0.0)
-    filtered = torch.zeros_like(probs).scatter(-1, order, kept)
+    filtered = _nucleus(*probs.sort(dim=-1, descending=True), TOP_P, probs)
     return filtered / filtered.sum(dim=-1, keepdim=True)
 
 

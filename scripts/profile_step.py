@@ -6,6 +6,7 @@ rotary, attention, cache, Python), the draft (proposing, and folding accepted to
 rest (logits rules, verification, the loop). cProfile adds a little overhead to Python-heavy parts.
 """
 
+import argparse
 import cProfile
 import pstats
 import sys
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from flash.decoding import GenerationConfig, collect, generate  # noqa: E402
-from flash.media import load_media  # noqa: E402
+from flash.media import MediaError, load_media  # noqa: E402
 from flash.models import load_draft, load_target  # noqa: E402
 
 PARTS = {  # (file suffix, function name) -> label; cumulative times
@@ -29,9 +30,16 @@ PARTS = {  # (file suffix, function name) -> label; cumulative times
     ("logits_rules.py", "apply"): "logits rules (target and draft)",
 }
 
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+parser.add_argument("media", nargs="?", default=str(ROOT / "assets" / "examples" / "cat.jpg"),
+                    help="image or video to caption (default: the shipped cat.jpg)")
+args = parser.parse_args()
+try:
+    media = load_media(args.media)
+except MediaError as exc:
+    sys.exit(f"error: {exc}")
 target = load_target("default", quiet=True)
 draft = load_draft(target, quiet=True)
-media = load_media(sys.argv[1] if len(sys.argv) > 1 else ROOT / "assets" / "examples" / "cat.jpg")
 prompt = target.build_prompt(media, target.default_prompt(media))
 config = GenerationConfig(max_new_tokens=128, rules=target.logits_rules())
 for method in ("ar", "flash", "flash-tree"):

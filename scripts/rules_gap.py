@@ -6,6 +6,7 @@ raw argmax equals the target's raw argmax, and how often the draft's rule-proces
 emitted token. Run: ``python scripts/rules_gap.py [DRAFT_DIR]`` (default: the shipped draft).
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -18,12 +19,18 @@ from flash.models import load_target  # noqa: E402
 from flash.training import _sample_tensors  # noqa: E402
 from flash.weights import cache_dir  # noqa: E402
 
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+parser.add_argument("draft_dir", nargs="?", help="a saved draft (default: the shipped one)")
+args = parser.parse_args()
 target = load_target("default", quiet=True)
-if len(sys.argv) > 1:
-    from flash.draft import FlashDraft
+if args.draft_dir:
+    from flash.draft import DraftError, FlashDraft
 
-    draft = FlashDraft.load(sys.argv[1])
-    draft = (draft.pack_fp16() if target.weight_format == "fp16" else draft).bind(target)
+    try:
+        draft = FlashDraft.load(args.draft_dir)
+        draft = (draft.pack_fp16() if target.weight_format == "fp16" else draft).bind(target)
+    except DraftError as exc:
+        sys.exit(f"error: {exc}")
 else:
     from flash.models import load_draft
 

@@ -111,16 +111,20 @@ def distill(target: TargetModel, items: list[CorpusItem], out_dir: Path, *, max_
 
 def load_records(data_dir: Path, target_name: str) -> list[Record]:
     """Read every record in ``data_dir`` that was distilled from ``target_name``."""
+    paths = sorted(Path(data_dir).glob("*.safetensors"))
+    return [load_record(path) for path in paths if record_meta(path)["target"] == target_name]
+
+
+def record_meta(path: Path) -> dict:
+    """A record file's metadata (split, kind, prompt, target), read without its tensors."""
     from safetensors import safe_open
 
-    records = []
-    for path in sorted(Path(data_dir).glob("*.safetensors")):
-        with safe_open(str(path), "pt") as fh:
-            meta = json.loads(fh.metadata()["meta"])
-        if meta["target"] != target_name:
-            continue
-        t = load_file(str(path))
-        spans = tuple((int(a), int(b)) for a, b in t["media_spans"].tolist())
-        records.append(Record(t["prompt_ids"].long(), spans, t["response"].long(), t["hidden"], meta["split"],
-                              meta["kind"]))
-    return records
+    with safe_open(str(path), "pt") as fh:
+        return json.loads(fh.metadata()["meta"])
+
+
+def load_record(path: Path) -> Record:
+    """One record file."""
+    meta, t = record_meta(path), load_file(str(path))
+    spans = tuple((int(a), int(b)) for a, b in t["media_spans"].tolist())
+    return Record(t["prompt_ids"].long(), spans, t["response"].long(), t["hidden"], meta["split"], meta["kind"])

@@ -18,6 +18,7 @@ layer is checked against the record's h. Run: ``python scripts/draft_probes.py V
 """
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -114,8 +115,6 @@ def multilayer_sample_tensors(extra: dict):
 
 def from_target_layer(n: int):
     """A draft factory whose block starts as the target's layer ``n`` (transformers' fp32 weights)."""
-    import dataclasses
-
     from transformers import AutoModelForCausalLM
 
     layer = AutoModelForCausalLM.from_pretrained(cache_dir() / "smollm2-135m-instruct",
@@ -161,7 +160,7 @@ def main() -> None:
     cfg = training.TrainConfig(k=4, num_latents=8, num_layers=1, draft_vocab_size=4096, epochs=EPOCHS, lr=1e-3,
                                grad_accum=1, ce_weight=1.0, noise=0.05, slot_decay=0.5, rules_ce=True, seed=0)
     if args.variant.startswith("ce:"):
-        cfg = training.TrainConfig(**{**cfg.__dict__, "ce_weight": float(args.variant[3:])})
+        cfg = dataclasses.replace(cfg, ce_weight=float(args.variant[3:]))
     elif args.variant.startswith("layer:"):
         training.FlashDraft = from_target_layer(int(args.variant[6:]))
     elif args.variant == "multilayer":

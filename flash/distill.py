@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from flash.corpus import CorpusItem
 from flash.decoding import GenerationConfig
@@ -111,20 +112,22 @@ def distill(target: TargetModel, items: list[CorpusItem], out_dir: Path, *, max_
 
 def load_records(data_dir: Path, target_name: str) -> list[Record]:
     """Read every record in ``data_dir`` that was distilled from ``target_name``."""
-    paths = sorted(Path(data_dir).glob("*.safetensors"))
-    return [load_record(path) for path in paths if record_meta(path)["target"] == target_name]
-
-
-def record_meta(path: Path) -> dict:
-    """A record file's metadata (split, kind, prompt, target), read without its tensors."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as fh:
-        return json.loads(fh.metadata()["meta"])
+    records = []
+    for path in sorted(Path(data_dir).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as fh:  # one open: the metadata decides, then the tensors
+            meta = json.loads(fh.metadata()["meta"])
+            if meta["target"] == target_name:
+                records.append(_read_record(fh, meta))
+    return records
 
 
 def load_record(path: Path) -> Record:
     """One record file."""
-    meta, t = record_meta(path), load_file(str(path))
-    spans = tuple((int(a), int(b)) for a, b in t["media_spans"].tolist())
-    return Record(t["prompt_ids"].long(), spans, t["response"].long(), t["hidden"], meta["split"], meta["kind"])
+    with safe_open(str(path), "pt") as fh:
+        return _read_record(fh, json.loads(fh.metadata()["meta"]))
+
+
+def _read_record(fh, meta: dict) -> Record:
+    spans = tuple((int(a), int(b)) for a, b in fh.get_tensor("media_spans").tolist())
+    return Record(fh.get_tensor("prompt_ids").long(), spans, fh.get_tensor("response").long(),
+                  fh.get_tensor("hidden"), meta["split"], meta["kind"])

@@ -48,15 +48,17 @@ heldout = [r for r in records if r.split == "heldout"]
 if not heldout:
     sys.exit("no held-out records: run `python -m flash train --distill-only` first")
 own = draft.draft_to_target.tolist()
+own_set = set(own)
 emitted = [t for r in heldout for t in r.response.tolist()]
-print(f"{len(heldout)} held-out records: {sum(t in set(own) for t in emitted) / len(emitted):.3f} of their "
+print(f"{len(heldout)} held-out records: {sum(t in own_set for t in emitted) / len(emitted):.3f} of their "
       f"{len(emitted)} emitted tokens are in the draft's {len(own)}-token vocabulary")
 counts = Counter(t for r in records if r.split == "train" for t in r.response.tolist())
-frequent = [t for t, _ in counts.most_common()] + list(range(target.vocab_size))  # then every other id
-cfg = TrainConfig(rules_ce=True)
-for size in [len(own)] + sorted(s for s in args.sizes if s > len(own)) + [target.vocab_size]:
-    vocab = list(dict.fromkeys(own + frequent))[: min(size, target.vocab_size)]
+# The draft's own tokens first, then by training frequency, then every other id: each size takes a prefix.
+ranked = list(dict.fromkeys(own + [t for t, _ in counts.most_common()] + list(range(target.vocab_size))))
+cfg, rules = TrainConfig(rules_ce=True), target.logits_rules()
+for size in [len(own)] + sorted({s for s in args.sizes if len(own) < s < target.vocab_size}) + [target.vocab_size]:
+    vocab = ranked[:size]
     candidate = extended(draft, torch.tensor(sorted(vocab))).bind(target)
-    metrics = evaluate(candidate, heldout, cfg, torch.device("cpu"), target.logits_rules())
+    metrics = evaluate(candidate, heldout, cfg, torch.device("cpu"), rules)
     print(f"vocabulary {len(vocab)}: " + "; ".join(
         f"{kind} tau {m['tau']:.3f}, slot hits {m['slot_hit_rate']}" for kind, m in metrics.items()), flush=True)

@@ -19,6 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument("--media", nargs="*", default=[],
                    help="folders of your own images/videos (else the built-in corpus)")
     p.add_argument("--train-items", type=int, default=876, help="built-in corpus: training items")
+    p.add_argument("--first-item", type=int, default=0,
+                   help="built-in corpus: distil training items from this index on (the earlier ones, e.g. "
+                        "those the draft you continue from was trained on, are skipped)")
     p.add_argument("--heldout-items", type=int, default=40, help="built-in corpus: held-out items")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--epochs", type=int, default=4)
@@ -83,6 +86,9 @@ def cmd_train(args) -> int:
         items = _user_corpus(args.media, args.seed)
     else:
         items = build_corpus(args.train_items, args.heldout_items, seed=args.seed)
+        # Items are drawn in sequence from one seed, so item i is the same whatever the count.
+        held = [item for item in items if item.split != "train"]
+        items = held + [item for item in items if item.split == "train"][args.first_item:]
     if not items and not args.train_only:
         raise UsageError("no usable media to train on; pass --media FOLDER with images or videos")
     if not args.train_only:

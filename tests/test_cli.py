@@ -62,6 +62,20 @@ def test_missing_file_and_bad_settings(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
 
 
+def test_train_first_item_distils_only_the_later_corpus_items(tmp_path):
+    """``--first-item`` skips the training items an earlier draft already learnt from; the held-out
+    split is always distilled (every evaluation needs it)."""
+    data = tmp_path / "data"
+    proc = flash_cli("train", "--out", str(tmp_path / "draft"), "--data-dir", str(data), "--distill-only",
+                     "--train-items", "3", "--first-item", "2", "--heldout-items", "1", "--max-new-tokens", "4",
+                     timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = sorted(path.name for path in data.glob("*.safetensors"))
+    train = [name for name in written if name.startswith("train-")]
+    assert train == ["train-00002-greedy.safetensors", "train-00002-sampled.safetensors"]
+    assert len(written) == 3  # plus the held-out item's greedy answer
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_flash_equals_ar_on_every_example(default_target, path):
     """The issue's acceptance check, in-process: greedy flash (chain and tree) and ar give identical tokens."""

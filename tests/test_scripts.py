@@ -1,0 +1,97 @@
+"""The measurement scripts the README quotes (``scripts/*.py``), run for real on a tiny distillation cache.
+
+Each runs as a user runs it (a subprocess) with ``$FLASH_CACHE`` pointing at a temporary cache that
+borrows the real weights and holds a few freshly distilled records of the default model, and must
+print well-formed numbers. ``draft_probes.py`` is left out: its probes need the built-in corpus's
+first 400 training records.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flash.corpus import CorpusItem
+from flash.distill import distill, load_records
+from flash.weights import cache_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
+
+
+@pytest.fixture(scope="module")
+def script_cache(tmp_path_factory, default_target, photos, videos) -> Path:
+    """A ``$FLASH_CACHE`` with the real weights (linked) and 2 held-out + 1 training records."""
+    root = tmp_path_factory.mktemp("flash-cache")
+    for name in ("weights", "smollm2-135m-instruct"):
+        (root / name).symlink_to(cache_dir() / name)
+    items = [CorpusItem("heldout-cat", photos["chelsea"], "Describe this photo.", "heldout"),
+             CorpusItem("heldout-pan", videos["coffee-pan-3"], "What happens in this video?", "heldout"),
+             CorpusItem("train-rocket", photos["rocket"], "Describe this photo.", "train")]
+    distill(default_target, items, root / "distill" / "default", max_new_tokens=12, batch_size=4)
+    assert len(load_records(root / "distill" / "default", default_target.name)) == 4  # train: greedy + sampled
+    return root
+
+
+def run_script(name: str, cache: Path, *args: str, timeout: int = 600) -> str:
+    env = {**os.environ, "FLASH_CACHE": str(cache)}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def rates(line: str) -> list[float]:
+    return [float(x) for x in re.findall(NUMBER, line)]
+
+
+def test_rules_gap_reports_three_rates(script_cache):
+    out = run_script("rules_gap.py", script_cache).splitlines()
+    assert re.fullmatch(r"2 held-out records, [0-9]+ positions", out[0])
+    for line in out[1:4]:
+        value = rates(line.split(":")[-1])[0]
+        assert 0.0 <= value <= 1.0, line
+
+
+def test_vocab_gain_evaluates_each_size(script_cache):
+    out = run_script("vocab_gain.py", script_cache, "--sizes", "8192").splitlines()
+    assert "held-out records" in out[0] and "4096-token vocabulary" in out[0]
+    sizes = [int(m.group(1)) for line in out[1:] if (m := re.match(r"vocabulary ([0-9]+):", line))]
+    assert sizes == [4096, 8192, 49152]
+    for line in out[1:]:
+        taus = [float(t) for t in re.findall(r"tau " + NUMBER, line)]
+        assert len(taus) == 2 and all(1.0 <= t <= 5.0 for t in taus), line  # image and video records
+
+
+def test_tree_gain_predicts_chain_and_trees(script_cache):
+    out = run_script("tree_gain.py", script_cache)
+    costs = dict(re.findall(r"([0-9]+):([0-9.]+)", out.splitlines()[0]))
+    assert sorted(int(n) for n in costs) == list(range(1, 14)) and float(costs["1"]) == 1.0
+    rows = re.findall(r"τ ([0-9.]+)\s+cost ([0-9.]+)\s+speed ([0-9.]+)", out)
+    assert len(rows) == 3 + 3 * 5  # three chain cuts, three tree cuts x five sizes
+    for tau, cost, speed in rows:
+        assert 1.0 <= float(tau) <= 5.0 and abs(float(tau) / float(cost) - float(speed)) < 2e-3
+
+
+def test_sampler_cost_times_both_filters(script_cache):
+    out = run_script("sampler_cost.py", script_cache)  # the script itself asserts the two filters agree
+    timed = re.findall(r"^([15]) row\(s\), median ms: .*", out, flags=re.M)
+    assert timed == ["1", "5"]
+    for line in out.splitlines()[1:]:
+        assert len(rates(line.split("median ms:")[1])) == 4, line
+
+
+def test_verify_cost_and_profile_step_run(script_cache):
+    out = run_script("verify_cost.py", script_cache)
+    rows = re.findall(r"^(\S+) \(context [0-9]+\), (lean|transformers)\s+1: [0-9.]+ \(1\.00x\)", out, flags=re.M)
+    assert len(rows) == 4  # two contexts x two settings
+    out = run_script("profile_step.py", script_cache)
+    runs = {m: (int(n), float(tau)) for m, n, tau in
+            re.findall(r"^(ar|flash|flash-tree): ([0-9]+) tokens in [0-9]+ steps \(tau ([0-9.]+)\)", out, flags=re.M)}
+    assert set(runs) == {"ar", "flash", "flash-tree"}
+    assert runs["ar"][1] == 1.0 and runs["flash"][0] == runs["flash-tree"][0] == runs["ar"][0]

@@ -3,10 +3,13 @@
 On the held-out distillation records (greedy), teacher-forced, draft slot 0: how often the target's
 raw argmax is the token it emitted (after repetition penalty and n-gram ban), how often the draft's
 raw argmax equals the target's raw argmax, and how often the draft's rule-processed pick is the
-emitted token. Run: ``python scripts/rules_gap.py [DRAFT_DIR]`` (default: the shipped draft).
+emitted token; then that slot-0 hit rate by how sure the target itself was (the probability of its
+top token after the rules): a draft can only guess an argmax the target's own logits barely decide.
+Run: ``python scripts/rules_gap.py [DRAFT_DIR]`` (default: the shipped draft).
 """
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -40,6 +43,8 @@ if not records:
     sys.exit("no held-out records: run `python -m flash train --distill-only` first")
 rules = target.logits_rules()
 total = target_kept = draft_raw = draft_rules = 0
+BUCKETS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
+confidence, hits = [], []  # per position: the target's top probability after the rules; slot-0 hit
 with torch.no_grad():
     for rec in records:
         stream, gate, targets = _sample_tensors(draft, rec, 0.0, "cpu")
@@ -53,7 +58,18 @@ with torch.no_grad():
         target_kept += int((target_raw == emitted).sum())
         draft_raw += int((draft.to_target_ids(draft_logits.argmax(-1)) == target_raw).sum())
         draft_rules += int((processed == emitted).sum())
+        target_processed = rules.apply(target.lm_head(targets[:valid].float()).float(), response, 1)
+        confidence.append(target_processed.softmax(-1).amax(-1))
+        hits.append(processed == emitted)
 print(f"{len(records)} held-out records, {total} positions")
 print(f"target's raw argmax is the emitted token: {target_kept / total:.3f} (the rules change the rest)")
 print(f"draft's raw argmax = target's raw argmax: {draft_raw / total:.3f}")
 print(f"draft's rule-processed pick = emitted token (slot-0 hit): {draft_rules / total:.3f}")
+confidence, hits = torch.cat(confidence), torch.cat(hits).float()
+print(f"target's top probability after the rules: mean {float(confidence.mean()):.3f}; by it, share of positions "
+      "and the draft's slot-0 hit rate:")
+for low, high in itertools.pairwise(BUCKETS):
+    inside = (confidence >= low) & ((confidence < high) if high < 1.0 else (confidence <= high))
+    if inside.any():
+        print(f"  [{low:.1f}, {high:.1f}{']' if high == 1.0 else ')'}: {float(inside.float().mean()):.3f} of "
+              f"positions, hit {float(hits[inside].mean()):.3f}")

@@ -36,6 +36,8 @@ def add_parser(sub) -> None:
                    help="slot i's loss weight is slot_decay**i (1 = plain mean over slots)")
     p.add_argument("--rules-ce", action="store_true",
                    help="cross-entropy on the logits after the target's logits rules (what picks the token)")
+    p.add_argument("--teacher-temperature", type=float, default=1.0,
+                   help="the cross-entropy's target is softmax(target logits / this); < 1 sharpens it")
     p.add_argument("--noise", type=float, default=0.05, help="uniform feature noise, relative to h's std")
     p.add_argument("--max-train-records", type=int, default=0,
                    help="train on at most this many training records (0 = all; for equal-budget ablations)")
@@ -111,7 +113,8 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(k=args.k, num_latents=args.num_latents, num_layers=args.num_layers,
                       draft_vocab_size=args.draft_vocab, epochs=args.epochs,
                       lr=args.lr, grad_accum=args.grad_accum, ce_weight=args.ce_weight, noise=args.noise,
-                      slot_decay=args.slot_decay, rules_ce=args.rules_ce, seed=args.seed, init_from=args.init_from)
+                      slot_decay=args.slot_decay, rules_ce=args.rules_ce,
+                      teacher_temperature=args.teacher_temperature, seed=args.seed, init_from=args.init_from)
     train(target, records, Path(args.out), cfg)
     print(f"draft saved to {args.out}", file=sys.stderr)
     return 0

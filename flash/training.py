@@ -49,12 +49,16 @@ class TrainConfig:
     # n-gram ban, with the true prefix), i.e. on the distribution that picks the token. The default
     # model's rules change 46% of its raw argmax tokens, so matching the raw distribution is not enough.
     rules_ce: bool = False
+    # The cross-entropy's target is softmax(target logits / teacher_temperature): below 1 it weighs
+    # the target's top tokens more, which is what greedy acceptance asks the draft to rank right.
+    teacher_temperature: float = 1.0
     seed: int = 0
     init_from: str = ""  # a saved draft to continue from (same shape, or fewer layers); "" = fresh
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.grad_accum < 1 or self.lr <= 0 or self.slot_decay <= 0:
-            raise ValueError("epochs, grad_accum, lr and slot_decay must be positive")
+        if self.epochs < 1 or self.grad_accum < 1 or self.lr <= 0 or self.slot_decay <= 0 \
+                or self.teacher_temperature <= 0:
+            raise ValueError("epochs, grad_accum, lr, slot_decay and teacher_temperature must be positive")
 
 
 def get_lr(step: int, total: int, cfg: TrainConfig) -> float:
@@ -157,7 +161,7 @@ def record_loss(draft: FlashDraft, rec: Record, cfg: TrainConfig, device, noise:
         target_logits = draft.draft_logits(targets)
         if masks is not None:
             target_logits = apply_rule_masks(target_logits, masks[0][1:], masks[1][1:], loss_rules.repetition_penalty)
-        target_probs = target_logits.softmax(-1)
+        target_probs = (target_logits / cfg.teacher_temperature).softmax(-1)
     total, hits = 0.0, []
     for i in range(draft.cfg.k):
         valid = n - i  # slot i at position t predicts h_{t+1+i}: needs t+1+i <= F-1

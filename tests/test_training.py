@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 
 import pytest
@@ -253,3 +254,29 @@ def test_rules_ce_trains(tiny_llava, tiny_data, tmp_path):
     log = json.loads((tmp_path / "d" / "training_log.json").read_text())
     assert log["config"]["rules_ce"] is True
     assert log["history"][-1]["train_loss"] < log["history"][0]["train_loss"]
+
+
+def test_teacher_temperature_sharpens_the_cross_entropy_target(tiny_llava, tiny_data):
+    """Below 1 the cross-entropy's target sharpens towards the target's top token: the loss changes,
+    stays finite with the rules' masks, and converges as the temperature goes to 0 (hard labels)."""
+    from flash.training import record_loss
+
+    torch.manual_seed(0)
+    rec = load_records(tiny_data, tiny_llava.name)[0]
+    from flash.logits_rules import LogitsRules
+
+    cfg = DraftConfig(tiny_llava.name, hidden_size=tiny_llava.hidden_size, vocab_size=tiny_llava.vocab_size,
+                      num_heads=4, intermediate_size=64, k=2, num_latents=2)
+    draft = FlashDraft(cfg).bind(tiny_llava)
+    rules = LogitsRules(repetition_penalty=1.3, no_repeat_ngram_size=2)
+
+    def loss(temperature: float) -> float:
+        cfg = TrainConfig(**{**SMALL.__dict__, "rules_ce": True, "teacher_temperature": temperature})
+        with torch.no_grad():
+            return float(record_loss(draft, rec, cfg, "cpu", noise=0.0, loss_rules=rules)[0])
+
+    soft, sharp, sharper = loss(1.0), loss(1e-3), loss(1e-4)
+    assert all(map(math.isfinite, (soft, sharp, sharper)))
+    assert sharp != pytest.approx(soft, rel=1e-3) and sharp == pytest.approx(sharper, rel=1e-4)
+    with pytest.raises(ValueError):
+        TrainConfig(teacher_temperature=0.0)

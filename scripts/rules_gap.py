@@ -5,6 +5,8 @@ raw argmax is the token it emitted (after repetition penalty and n-gram ban), ho
 raw argmax equals the target's raw argmax, and how often the draft's rule-processed pick is the
 emitted token; then that slot-0 hit rate by how sure the target itself was (the probability of its
 top token after the rules): a draft can only guess an argmax the target's own logits barely decide.
+Last, for sampling: the expected slot-0 acceptance sum_x min(p(x), q(x)) of the target's and the
+draft's rule-processed distributions at ``--temperature`` (the rejection sampler's acceptance).
 Run: ``python scripts/rules_gap.py [DRAFT_DIR]`` (default: the shipped draft).
 """
 
@@ -24,6 +26,7 @@ from flash.weights import cache_dir  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
 parser.add_argument("draft_dir", nargs="?", help="a saved draft (default: the shipped one)")
+parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for the last line")
 args = parser.parse_args()
 target = load_target("default", quiet=True)
 if args.draft_dir:
@@ -45,22 +48,27 @@ rules = target.logits_rules()
 total = target_kept = draft_raw = draft_rules = 0
 BUCKETS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
 confidence, hits = [], []  # per position: the target's top probability after the rules; slot-0 hit
+overlap = []  # per position: sum_x min(p, q) at --temperature
 with torch.no_grad():
     for rec in records:
         stream, gate, targets = _sample_tensors(draft, rec, 0.0, "cpu")
         valid = gate.shape[0] - 1  # slot 0 at response position r predicts response[r + 1]
         draft_logits = draft.draft_logits(draft.train_forward(stream, gate)[0, :valid]).float()
-        target_raw = target.lm_head(targets[:valid].float()).float().argmax(-1)
+        target_logits = target.lm_head(targets[:valid].float()).float()
+        target_raw = target_logits.argmax(-1)
         response = rec.response.tolist()
         emitted = torch.tensor(response[1 : 1 + valid])
-        processed = rules.apply(draft.to_target_vocab(draft_logits, float("-inf")), response, 1).argmax(-1)
+        draft_processed = rules.apply(draft.to_target_vocab(draft_logits, float("-inf")), response, 1)
+        processed = draft_processed.argmax(-1)
         total += valid
         target_kept += int((target_raw == emitted).sum())
         draft_raw += int((draft.to_target_ids(draft_logits.argmax(-1)) == target_raw).sum())
         draft_rules += int((processed == emitted).sum())
-        target_processed = rules.apply(target.lm_head(targets[:valid].float()).float(), response, 1)
+        target_processed = rules.apply(target_logits, response, 1)
         confidence.append(target_processed.softmax(-1).amax(-1))
         hits.append(processed == emitted)
+        p, q = (target_processed / args.temperature).softmax(-1), (draft_processed / args.temperature).softmax(-1)
+        overlap.append(torch.minimum(p, q).sum(-1))
 print(f"{len(records)} held-out records, {total} positions")
 print(f"target's raw argmax is the emitted token: {target_kept / total:.3f} (the rules change the rest)")
 print(f"draft's raw argmax = target's raw argmax: {draft_raw / total:.3f}")
@@ -73,3 +81,4 @@ for low, high in itertools.pairwise(BUCKETS):
     if inside.any():
         print(f"  [{low:.1f}, {high:.1f}{']' if high == 1.0 else ')'}: {float(inside.float().mean()):.3f} of "
               f"positions, hit {float(hits[inside].mean()):.3f}")
+print(f"sampling at temperature {args.temperature}: expected slot-0 acceptance {float(torch.cat(overlap).mean()):.3f}")

@@ -56,8 +56,10 @@ def test_rules_gap_reports_three_rates(script_cache):
     for line in out[1:4]:
         value = rates(line.split(":")[-1])[0]
         assert 0.0 <= value <= 1.0, line
-    buckets = [re.match(r"  \[[0-9.]+, [0-9.]+[])]: ([0-9.]+) of positions, hit ([0-9.]+)$", line) for line in out[5:]]
-    assert buckets and all(buckets), out[5:]
+    buckets = [re.match(r"  \[[0-9.]+, [0-9.]+[])]: ([0-9.]+) of positions, hit ([0-9.]+)$", line)
+               for line in out[5:-1]]
+    assert buckets and all(buckets), out[5:-1]
+    assert 0.0 < rates(out[-1].split("acceptance")[1])[0] <= 1.0, out[-1]
     assert abs(sum(float(b.group(1)) for b in buckets) - 1.0) < 0.01  # every position in one bucket
 
 

@@ -80,6 +80,8 @@ def cmd_train(args) -> int:
     from flash.training import TrainConfig, train
     from flash.weights import cache_dir
 
+    if args.media and args.first_item:
+        raise UsageError("--first-item counts the built-in corpus's items; it does not apply to --media")
     target = load_target(args.model)
     data_dir = Path(args.data_dir or cache_dir() / "distill" / args.model.replace("/", "--"))
     if args.train_only:

@@ -45,7 +45,7 @@ records = [r for r in load_records(cache_dir() / "distill" / "default", target.n
 if not records:
     sys.exit("no held-out records: run `python -m flash train --distill-only` first")
 rules = target.logits_rules()
-total = target_kept = draft_raw = draft_rules = 0
+total = target_kept = draft_raw = 0
 BUCKETS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
 confidence, hits = [], []  # per position: the target's top probability after the rules; slot-0 hit
 overlap = []  # per position: sum_x min(p, q) at --temperature
@@ -63,7 +63,6 @@ with torch.no_grad():
         total += valid
         target_kept += int((target_raw == emitted).sum())
         draft_raw += int((draft.to_target_ids(draft_logits.argmax(-1)) == target_raw).sum())
-        draft_rules += int((processed == emitted).sum())
         target_processed = rules.apply(target_logits, response, 1)
         confidence.append(target_processed.softmax(-1).amax(-1))
         hits.append(processed == emitted)
@@ -72,8 +71,8 @@ with torch.no_grad():
 print(f"{len(records)} held-out records, {total} positions")
 print(f"target's raw argmax is the emitted token: {target_kept / total:.3f} (the rules change the rest)")
 print(f"draft's raw argmax = target's raw argmax: {draft_raw / total:.3f}")
-print(f"draft's rule-processed pick = emitted token (slot-0 hit): {draft_rules / total:.3f}")
 confidence, hits = torch.cat(confidence), torch.cat(hits).float()
+print(f"draft's rule-processed pick = emitted token (slot-0 hit): {float(hits.mean()):.3f}")
 print(f"target's top probability after the rules: mean {float(confidence.mean()):.3f}; by it, share of positions "
       "and the draft's slot-0 hit rate:")
 for low, high in itertools.pairwise(BUCKETS):

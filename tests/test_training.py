@@ -259,15 +259,14 @@ def test_rules_ce_trains(tiny_llava, tiny_data, tmp_path):
 def test_teacher_temperature_sharpens_the_cross_entropy_target(tiny_llava, tiny_data):
     """Below 1 the cross-entropy's target sharpens towards the target's top token: the loss changes,
     stays finite with the rules' masks, and converges as the temperature goes to 0 (hard labels)."""
+    from flash.logits_rules import LogitsRules
     from flash.training import record_loss
 
     torch.manual_seed(0)
     rec = load_records(tiny_data, tiny_llava.name)[0]
-    from flash.logits_rules import LogitsRules
-
-    cfg = DraftConfig(tiny_llava.name, hidden_size=tiny_llava.hidden_size, vocab_size=tiny_llava.vocab_size,
-                      num_heads=4, intermediate_size=64, k=2, num_latents=2)
-    draft = FlashDraft(cfg).bind(tiny_llava)
+    shape = DraftConfig(tiny_llava.name, hidden_size=tiny_llava.hidden_size, vocab_size=tiny_llava.vocab_size,
+                        num_heads=4, intermediate_size=64, k=2, num_latents=2)
+    draft = FlashDraft(shape).bind(tiny_llava)
     rules = LogitsRules(repetition_penalty=1.3, no_repeat_ngram_size=2)
 
     def loss(temperature: float) -> float:

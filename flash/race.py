@@ -267,16 +267,19 @@ def race(target: TargetModel, draft: FlashDraft, media: Any, prompt_text: str, c
 
 def _summarize(target: TargetModel, draft: FlashDraft, config: GenerationConfig, baseline: _Side, flash: _Side,
               *, cancelled: bool = False) -> dict[str, Any]:
-    """The race's numbers: speed-up on the sides' own clocks, τ, acceptance rate, exactness."""
+    """The race's numbers: speed-up on the sides' own clocks, τ, acceptance rate, exactness.
+
+    Unrounded: the app formats them next to numbers it formats from the sides' views, and a value
+    rounded twice (here, then for display) could show 5.92 s in one place and 5.91 s in the other."""
     flash_result = collect(flash.events) if flash.events else None
     base_stats, flash_stats = _side_stats(baseline), _side_stats(flash)
     base_rate, flash_rate = base_stats["tokens_per_s"], flash_stats["tokens_per_s"]
     identical, first_difference = compare_outputs(baseline.text.tokens, flash.text.tokens, greedy=config.greedy,
                                                   complete=not cancelled)
     return {
-        "speedup": round(flash_rate / base_rate, 3) if base_rate > 0 else None,
-        "tau": round(flash_result.tau, 3) if flash_result else None,
-        "acceptance_rate": round(flash_result.acceptance_rate, 4) if flash_result else None,
+        "speedup": flash_rate / base_rate if base_rate > 0 else None,
+        "tau": flash_result.tau if flash_result else None,
+        "acceptance_rate": flash_result.acceptance_rate if flash_result else None,
         "identical": identical,
         "first_difference": first_difference,
         "baseline": base_stats,
@@ -294,8 +297,8 @@ def _side_stats(side: _Side) -> dict[str, Any]:
     return {
         "new_tokens": tokens,
         "steps": max(len(side.events) - 1, 0),
-        "seconds": round(side.seconds, 4),
-        "tokens_per_s": round(tokens / side.seconds, 3) if side.seconds > 0 else 0.0,
+        "seconds": side.seconds,
+        "tokens_per_s": tokens / side.seconds if side.seconds > 0 else 0.0,
     }
 
 

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from flash.decoding import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, collect, generate
+from flash.decoding import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, collect, flash_method, generate
 from flash.models import DEFAULT_MODEL
 
 
@@ -75,12 +75,14 @@ def cmd_caption(args) -> int:
     media = load_media(args.media)
     quiet = args.json or not sys.stderr.isatty()  # progress lines are for people, not for pipes
     target = load_target(args.model, quiet=quiet)
-    draft = None if args.method == "ar" else load_draft(target, args.draft, quiet=quiet)
+    config = _config(args, target)
+    method = flash_method(target, config) if args.method == "auto" else args.method
+    draft = None if method == "ar" else load_draft(target, args.draft, quiet=quiet)
     prompt = target.build_prompt(media, args.prompt or target.default_prompt(media))
     events = []
     shown = ""
     try:
-        stream = generate(target, prompt, args.method, draft, _config(args, target))
+        stream = generate(target, prompt, method, draft, config)
     except ValueError as exc:  # a method this target cannot use (e.g. flash-tree with flash-attention)
         raise UsageError(str(exc)) from None
     for event in stream:
@@ -152,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("caption", help="caption an image or a video")
     p.add_argument("media", help="image or video file")
-    p.add_argument("--method", choices=METHODS, default="flash")
+    p.add_argument("--method", choices=("auto", *METHODS), default="auto",
+                   help="auto (default): flash-tree when greedy and the target verifies trees, else flash")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_generation_args(p)
     p.set_defaults(func=cmd_caption)

@@ -27,7 +27,7 @@ from itertools import pairwise
 from threading import Event
 from typing import Any, Literal
 
-from flash.decoding import GenerationConfig, StepEvent, collect, generate
+from flash.decoding import GenerationConfig, StepEvent, collect, flash_method, generate
 from flash.draft import FlashDraft
 from flash.target import TargetModel
 
@@ -227,14 +227,6 @@ def _behind(sides: list[_Side]) -> _Side:
 
 # ---------------------------------------------------------------------------------------------
 # The race
-
-
-def flash_method(target: TargetModel, config: GenerationConfig) -> str:
-    """The FLASH variant the race runs: the draft tree for greedy requests on targets that verify trees
-    (a few percent ahead of the chain in paired runs), the chain otherwise: with sampling the chain
-    measured faster (1.20x vs the tree's 1.09x over ``ar``, README "Results"), and flash-attention
-    targets cannot verify trees."""
-    return "flash-tree" if config.greedy and target.supports_tree else "flash"
 
 
 def race(target: TargetModel, draft: FlashDraft, media: Any, prompt_text: str, config: GenerationConfig, *,

@@ -31,8 +31,7 @@ from flash.decoding import GenerationConfig, StepEvent, collect, flash_method, g
 from flash.draft import FlashDraft
 from flash.target import TargetModel
 
-__all__ = ["BASELINE", "FLASH", "RaceFrame", "RaceUpdate", "SideView", "compare_outputs", "flash_method",
-           "on_one_clock", "race"]
+__all__ = ["BASELINE", "FLASH", "RaceFrame", "RaceUpdate", "SideView", "compare_outputs", "on_one_clock", "race"]
 
 BASELINE = "ar"
 FLASH = "flash"

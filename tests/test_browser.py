@@ -1,6 +1,6 @@
 """The real app in a real browser: headless Chromium (the system's) driven by Playwright.
 
-Saves ``artifacts/screenshot.png``. For the README picture, run a longer race and copy it:
+Saves ``artifacts/screenshot.png``, the README's picture:
 ``pytest tests/test_browser.py && cp artifacts/screenshot.png docs/``.
 """
 

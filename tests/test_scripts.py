@@ -28,8 +28,9 @@ NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
 def script_cache(tmp_path_factory, default_target, photos, videos) -> Path:
     """A ``$FLASH_CACHE`` with the real weights (linked) and 2 held-out + 1 training records."""
     root = tmp_path_factory.mktemp("flash-cache")
-    for name in ("weights", "smollm2-135m-instruct"):
-        (root / name).symlink_to(cache_dir() / name)
+    for name in ("weights", "smollm2-135m-instruct", "kernels"):  # kernels: no second ~20 s compile
+        if (cache_dir() / name).exists():
+            (root / name).symlink_to(cache_dir() / name)
     items = [CorpusItem("heldout-cat", photos["chelsea"], "Describe this photo.", "heldout"),
              CorpusItem("heldout-pan", videos["coffee-pan-3"], "What happens in this video?", "heldout"),
              CorpusItem("train-rocket", photos["rocket"], "Describe this photo.", "train")]
@@ -93,10 +94,21 @@ def test_sampler_cost_times_both_filters(script_cache):
 
 def test_verify_cost_and_profile_step_run(script_cache):
     out = run_script("verify_cost.py", script_cache)
-    rows = re.findall(r"^(\S+) \(context [0-9]+\), (lean|transformers)\s+1: [0-9.]+ \(1\.00x\)", out, flags=re.M)
-    assert len(rows) == 4  # two contexts x two settings
+    rows = re.findall(r"^(\S+) \(context [0-9]+\), (lean|lean, fbgemm|transformers)\s+1: [0-9.]+ \(1\.00x\)", out,
+                      flags=re.M)
+    assert len(rows) == 6 and {r[1] for r in rows} == {"lean", "lean, fbgemm", "transformers"}  # 2 contexts x 3
     out = run_script("profile_step.py", script_cache)
     runs = {m: (int(n), float(tau)) for m, n, tau in
             re.findall(r"^(ar|flash|flash-tree): ([0-9]+) tokens in [0-9]+ steps \(tau ([0-9.]+)\)", out, flags=re.M)}
     assert set(runs) == {"ar", "flash", "flash-tree"}
     assert runs["ar"][1] == 1.0 and runs["flash"][0] == runs["flash-tree"][0] == runs["ar"][0]
+
+
+def test_gemm_cost_compares_both_kernels(script_cache):
+    out = run_script("gemm_cost.py", script_cache).splitlines()
+    assert out[0].endswith("FLASH kernel / fbgemm")
+    names = [line.split()[0] for line in out[1:]]
+    assert names == ["qkv", "o", "gate_up", "down", "head", "layer"]
+    for line in out[1:]:
+        cells = re.findall(r"([0-9]+): +([0-9]+) / +([0-9]+)", line)
+        assert [int(c[0]) for c in cells] == [1, 2, 4, 5, 8] and all(int(c[1]) > 0 and int(c[2]) > 0 for c in cells)

@@ -1,0 +1,92 @@
+// FLASH's fp16-weight GEMM for CPU decoding: y[M, N] = x[M, K] @ W[N, K]^T, x and y fp32, W fp16.
+//
+// Built once on first use by flash/fp16_kernel.py (AVX2 + FMA + F16C). Weights are packed as
+// [N/16, K, 16] fp16: each 16-column block is one contiguous stream, read once per call and
+// converted to fp32 in registers; up to six rows of x share each converted weight vector.
+// Every output element is one fp32 FMA chain over k = 0..K-1, whatever M, the row chunking or the
+// thread count, so a row's result does not depend on which other rows share the call: a draft
+// verification computes exactly what one-token steps compute.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace {
+
+constexpr int64_t kCols = 16;  // output columns per packed block (two AVX2 registers)
+constexpr int64_t kRows = 6;   // rows per chunk: 12 accumulators + 2 weights + 1 broadcast <= 16 registers
+
+template <int M>
+inline void block_kernel(const float* x, int64_t K, const uint16_t* w, float* y, int64_t ldy, int64_t ncols) {
+  __m256 acc[M][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    acc[m][0] = _mm256_setzero_ps();
+    acc[m][1] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * kCols)));
+    const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * kCols + 8)));
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m256 a = _mm256_broadcast_ss(x + m * K + k);
+      acc[m][0] = _mm256_fmadd_ps(a, w0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(a, w1, acc[m][1]);
+    }
+  }
+  // Stored through a local buffer after the loop: indexing acc with a run-time column count would
+  // make the compiler keep the accumulators in memory inside the loop (3x slower).
+  float out[M][kCols];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    _mm256_storeu_ps(out[m], acc[m][0]);
+    _mm256_storeu_ps(out[m] + 8, acc[m][1]);
+  }
+  for (int m = 0; m < M; ++m) std::copy(out[m], out[m] + ncols, y + m * ldy);
+}
+
+at::Tensor fp16_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "fp16_linear: x must be a float32 CPU tensor");
+  TORCH_CHECK(packed.scalar_type() == at::kHalf && packed.dim() == 3 && packed.size(2) == kCols &&
+                  packed.is_contiguous(), "fp16_linear: packed must be fp16 [N/16, K, 16], contiguous");
+  const int64_t K = x.size(-1), blocks = packed.size(0);
+  TORCH_CHECK(packed.size(1) == K && blocks * kCols >= n && (blocks - 1) * kCols < n,
+              "fp16_linear: shapes do not match");
+  const at::Tensor rows = x.reshape({-1, K}).contiguous();
+  const int64_t M = rows.size(0);
+  at::Tensor y = at::empty({M, n}, x.options());
+  const float* xp = rows.const_data_ptr<float>();
+  const auto* wp = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<at::Half>());
+  float* yp = y.mutable_data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint16_t* wb = wp + b * K * kCols;
+      const int64_t n0 = b * kCols, ncols = std::min(kCols, n - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const float* xm = xp + m0 * K;
+        float* ym = yp + m0 * n + n0;
+        switch (std::min(kRows, M - m0)) {
+          case 1: block_kernel<1>(xm, K, wb, ym, n, ncols); break;
+          case 2: block_kernel<2>(xm, K, wb, ym, n, ncols); break;
+          case 3: block_kernel<3>(xm, K, wb, ym, n, ncols); break;
+          case 4: block_kernel<4>(xm, K, wb, ym, n, ncols); break;
+          case 5: block_kernel<5>(xm, K, wb, ym, n, ncols); break;
+          default: block_kernel<6>(xm, K, wb, ym, n, ncols); break;
+        }
+      }
+    }
+  });
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = n;
+  return y.view(shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(flash_fp16, m) {
+  m.def("linear(Tensor x, Tensor packed, int n) -> Tensor");
+  m.impl("linear", c10::DispatchKey::CPU, TORCH_FN(fp16_linear));
+}

@@ -1,0 +1,119 @@
+"""FLASH's own fp16-weight GEMM for CPU decoding (``flash/csrc/fp16_gemm.cpp``), built on first use.
+
+Why not only fbgemm: its fp16 GEMM pays ~20-30 us of fixed cost per call (121 calls per decoding
+step) and at 4-6 rows it runs far from the FMA units' peak, which is what a verification pass needs.
+This kernel streams each packed 16-column weight block once, converts it in registers and applies it
+to up to six rows: a decoder layer's four GEMMs take 223 vs 321 us at 1 row, 311 vs 528 us at 5
+(``python scripts/gemm_cost.py``; ``scripts/verify_cost.py`` has the whole-forward effect). It also
+makes each output row independent of the other rows in the call, bit for bit.
+
+It is compiled with the system C++ compiler against the installed torch (~20 s, once per source and
+torch version; cached under ``$FLASH_CACHE/kernels``). Where that cannot happen (no compiler, a CPU
+without AVX2/FMA/F16C, another OS), or with ``FLASH_FP16_KERNEL=fbgemm``, :class:`flash.fp16_linear.Fp16Linear`
+runs fbgemm's kernel as before, after a one-line notice.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from flash.weights import cache_dir
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "fp16_gemm.cpp"
+#: Output columns per packed weight block (must match ``kCols`` in the source).
+BLOCK_COLUMNS = 16
+#: Set to ``fbgemm`` to skip this kernel (comparisons, or a machine where it misbehaves).
+BACKEND_ENV = "FLASH_FP16_KERNEL"
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+
+class KernelBuildError(RuntimeError):
+    """The kernel could not be built or loaded here."""
+
+
+def enabled() -> bool:
+    """Whether new :class:`flash.fp16_linear.Fp16Linear` layers use this kernel: it runs here and
+    ``FLASH_FP16_KERNEL`` is not ``fbgemm`` (read at each layer's creation, so one process can
+    compare both)."""
+    return os.environ.get(BACKEND_ENV, "").lower() != "fbgemm" and kernel_available()
+
+
+@functools.cache
+def kernel_available() -> bool:
+    """Build (once) and load the kernel; False, after one line on stderr saying why, where it cannot run."""
+    try:
+        _check_cpu()
+        torch.ops.load_library(str(build()))
+    except (KernelBuildError, OSError, RuntimeError) as exc:
+        print(f"note: FLASH's fp16 GEMM kernel is not used ({exc}); falling back to fbgemm's, which is slower "
+              f"at verification", file=sys.stderr)
+        return False
+    return True
+
+
+def _check_cpu() -> None:
+    if platform.machine().lower() not in ("x86_64", "amd64") or platform.system() != "Linux":
+        raise KernelBuildError(f"built for x86-64 Linux only, this is {platform.system()} {platform.machine()}")
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        raise KernelBuildError("the CPU has no AVX2")
+    flags = Path("/proc/cpuinfo").read_text().split()
+    missing = [f for f in ("avx2", "fma", "f16c") if f not in flags]
+    if missing:
+        raise KernelBuildError(f"the CPU lacks {', '.join(missing)}")
+
+
+def build() -> Path:
+    """The compiled library for this source, torch and compiler flags; compiles it when missing."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        raise KernelBuildError(f"no C++ compiler ('{compiler}'); install g++ or set CXX")
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    flags = [*_FLAGS, abi]
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    library = cache_dir() / "kernels" / f"fp16_gemm-{key}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    lib_dir = cpp_extension.library_paths()[0]
+    print("Compiling FLASH's fp16 GEMM kernel (once, ~20 s)...", file=sys.stderr)
+    # Built under a temporary name and renamed: a concurrent process never loads a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
+    os.close(fd)
+    command = [compiler, *flags, *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE), "-o", tmp,
+               f"-L{lib_dir}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib_dir}"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            errors = [line for line in done.stderr.splitlines() if "error" in line.lower()] or done.stderr.splitlines()
+            raise KernelBuildError(f"compiling {SOURCE.name} failed: {errors[0] if errors else done.returncode}")
+        os.replace(tmp, library)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return library
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """Weight [N, K] -> fp16 [ceil(N/16), K, 16]: each block of 16 output columns one contiguous stream."""
+    n, k = weight.shape
+    blocks = -(-n // BLOCK_COLUMNS)
+    padded = torch.zeros(blocks * BLOCK_COLUMNS, k, dtype=torch.float16)
+    padded[:n] = weight.detach()
+    return padded.view(blocks, BLOCK_COLUMNS, k).transpose(1, 2).contiguous()
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [..., K] (fp32) @ the packed weight's transpose -> [..., out_features] (fp32)."""
+    return torch.ops.flash_fp16.linear(x, packed, out_features)

@@ -109,10 +109,10 @@ def _attention_mask(attention_mask: torch.Tensor | None, n: int, kv: int, dtype:
                     device) -> torch.Tensor | None:
     """The mask every layer's attention gets, built once per forward as an additive mask (0 or -inf,
     in the activations' dtype): a boolean one costs SDPA a conversion in each of the 30 layers (~40 us
-    each at an image's context, 5 queries). None where plain causal attention is right: one query, or a prefill with
-    nothing cached. A 4D boolean mask (a draft tree) is converted as given; a 2D padding mask [B, kv]
-    becomes [B, 1, n, kv] causal-and-not-padding; queries after a cached prefix get the bottom-right
-    causal triangle (SDPA's ``is_causal`` aligns it top-left)."""
+    each at an image's context, 5 queries). None where plain causal attention is right: one query, or
+    a prefill with nothing cached. A 4D boolean mask (a draft tree) is converted as given; a 2D padding
+    mask [B, kv] becomes [B, 1, n, kv] causal-and-not-padding; queries after a cached prefix get the
+    bottom-right causal triangle (SDPA's ``is_causal`` aligns it top-left)."""
     if attention_mask is None:
         if n == 1 or n == kv:
             return None

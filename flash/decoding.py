@@ -289,14 +289,13 @@ class _DraftProposer:
                                                   depth)).float()  # [depth, Vd]
         rules, column_of = config.rules, draft.target_columns()
         base = rules.cursor(context) if rules.active else None
+        if base is not None:
+            base.penalise_seen_(logits, column_of)  # the prefix's penalty, every depth's row in one go
 
         def expand(level: int, path: list[int]) -> tuple[list[int], list[float]]:
             row = logits[level - 1]
-            if base is not None:
-                cursor = base.copy()
-                for token in path:
-                    cursor.push(token)
-                row = cursor.process_(row.clone(), column_of)
+            if base is not None:  # the rest of the rules for this branch's own path
+                row = base.finish_after_(row.clone(), path, column_of)
             # Sampling: rank by the draft's tempered distribution, the target's top-p left out (it only
             # rescales the few top tokens; applying it cost 1.9 ms per step when measured, with the
             # full sort it used then); the shape never affects exactness.
@@ -386,14 +385,16 @@ def _speculative(target: TargetModel, prompt: Prompt, proposer, method: str,
 def _target_choice(logits: torch.Tensor, cursor, config: GenerationConfig, generator: torch.Generator):
     """``choose(row, path)`` for :func:`flash.tree.walk_tree`: the target's own token from its logits row
     after the rules (``cursor``: a :class:`RulesCursor` at the generated prefix, or None), chosen by
-    :func:`_choose` exactly as the ``ar`` loop chooses it."""
+    :func:`_choose` exactly as the ``ar`` loop chooses it. ``logits`` is processed in place (the walk
+    asks for each row at most once): the prefix's penalty for all rows in one go, then each asked
+    row's own path (bit for bit what :meth:`LogitsRules.apply` gives that row)."""
+    if cursor is not None:
+        cursor.penalise_seen_(logits)
 
     def choose(row: int, path: list[int]) -> int:
         scores = logits[row]
         if cursor is not None:
-            if path:
-                cursor.push(path[-1])  # called once per depth, one more accepted token each time
-            scores = cursor.process_(scores.clone())
+            scores = cursor.finish_after_(scores, path)
         return _choose(scores, config, generator)
 
     return choose
@@ -464,9 +465,10 @@ def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationC
         # Rows stay over the draft's vocabulary: the rules act on its columns only (tested equal to
         # processing the full-vocabulary row), so no 49k-wide row is built per draft token.
         cursor, column_of = config.rules.cursor(context), draft.target_columns()
+        cursor.penalise_seen_(logits, column_of)  # the prefix's penalty for every row in one go
         ids, probs = [], []
         for i in range(logits.shape[0]):
-            row = cursor.process_(logits[i], column_of)
+            row = cursor.finish_after_(logits[i], ids, column_of)  # then row i's own path: ids so far
             if not torch.isfinite(row).any():
                 break  # the rules ban every token the draft knows: propose fewer tokens this step
             confidence = joint * float(row.softmax(-1).max())
@@ -480,7 +482,6 @@ def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationC
                 pick = int(sample(q, generator)[0])
                 probs.append(draft.to_target_vocab(q, 0.0))
             ids.append(int(draft.draft_to_target[pick]))
-            cursor.push(ids[-1])
         ids_t = torch.tensor(ids, dtype=torch.long, device=features.device)
         return ids_t, (torch.cat(probs) if probs else None), joint
     confidence = joint * logits.softmax(-1).amax(-1).cumprod(0)  # [n]

@@ -125,19 +125,56 @@ class RulesCursor:
             return []
         return list(self.followers.get(tuple(self.tokens[len(self.tokens) - size + 1 :]), ()))
 
-    def process_(self, row: torch.Tensor, column_of: torch.Tensor | None = None) -> torch.Tensor:
-        """Apply the rules to the next-token ``row`` [V] in place (and return it)."""
-        rules = self.rules
-        if rules.repetition_penalty != 1.0 and self.seen:
-            columns = self._columns(list(self.seen), column_of, row.device)
+    def banned_after(self, path: list[int]) -> list[int]:
+        """What :meth:`banned` would give after pushing ``path``, without pushing it (a draft tree's
+        branches and the verification walk ask this for many paths from one prefix)."""
+        size = self.rules.no_repeat_ngram_size
+        if size <= 0 or len(self.tokens) + len(path) + 1 < size:
+            return []
+        if not path:
+            return self.banned()
+        tail = self.tokens[max(0, len(self.tokens) - (size - 1)) :]
+        combined = tail + list(path)
+        key = tuple(combined[len(combined) - (size - 1) :])
+        out = list(self.followers.get(key, ()))
+        for end in range(len(tail), len(combined)):  # the n-grams ending at a path token
+            start = end - size + 1
+            if start >= 0 and tuple(combined[start:end]) == key:
+                out.append(combined[end])
+        return out
+
+    def penalise_seen_(self, rows: torch.Tensor, column_of: torch.Tensor | None = None) -> torch.Tensor:
+        """The repetition penalty for this prefix's tokens, on every row of ``rows`` [..., V] at once
+        (in place). :meth:`finish_after_` completes a row for its own path."""
+        if self.rules.repetition_penalty != 1.0 and self.seen:
+            columns = self._columns(list(self.seen), column_of, rows.device)
             if columns.numel():
-                row[columns] = rules._penalise(row[columns])
-        banned = self.banned()
+                rows[..., columns] = self.rules._penalise(rows[..., columns])
+        return rows
+
+    def finish_after_(self, row: torch.Tensor, path: list[int], column_of: torch.Tensor | None = None) -> torch.Tensor:
+        """Complete ``row`` [V], already through :meth:`penalise_seen_`, in place into what a copy of this
+        cursor would make of it after pushing ``path``: the penalty for the path's tokens not seen
+        before (each column is penalised once, as in :meth:`process_`), then the n-gram bans. The
+        same numbers as copy + push + :meth:`process_` (tested), without the copy or a re-penalty of
+        the prefix per row."""
+        rules = self.rules
+        if rules.repetition_penalty != 1.0:
+            new = [t for t in dict.fromkeys(path) if t not in self.seen]
+            if new:
+                columns = self._columns(new, column_of, row.device)
+                if columns.numel():
+                    row[columns] = rules._penalise(row[columns])
+        banned = self.banned_after(path)
         if banned:
             columns = self._columns(banned, column_of, row.device)
             if columns.numel():
                 row[columns] = float("-inf")
         return row
+
+    def process_(self, row: torch.Tensor, column_of: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the rules to the next-token ``row`` [V] in place (and return it)."""
+        return self.finish_after_(self.penalise_seen_(row, column_of), [], column_of)
 
     @staticmethod
     def _columns(tokens: list[int], column_of: torch.Tensor | None, device: torch.device) -> torch.Tensor:

@@ -52,3 +52,33 @@ def test_cursor_on_a_reduced_vocabulary_equals_the_full_row(tokens, ngram, seed)
     want = rules.apply(full, tokens, len(tokens))[0, keep]
     got = rules.cursor(tokens).process_(full[0, keep].clone(), column_of)
     torch.testing.assert_close(got, want)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tokens=st.lists(st.integers(0, 9), min_size=0, max_size=25), paths=st.lists(
+       st.lists(st.integers(0, 9), min_size=0, max_size=5), min_size=1, max_size=4),
+       penalty=st.sampled_from([1.2, 0.8, 1.0]), ngram=st.sampled_from([0, 1, 2, 3, 4]), reduced=st.booleans(),
+       seed=st.integers(0, 99))
+def test_rows_for_many_paths_from_one_prefix_equal_a_cursor_per_path(tokens, paths, penalty, ngram, reduced, seed):
+    """penalise_seen_ on all rows at once, then finish_after_ per row's path: bit for bit what a copy of
+    the cursor pushed along that path makes of the row (draft trees and the verification walk rely on it)."""
+    rules = LogitsRules(repetition_penalty=penalty, no_repeat_ngram_size=ngram)
+    g = torch.Generator().manual_seed(seed)
+    column_of = None
+    width = 10
+    if reduced:
+        keep = torch.randperm(10, generator=g)[:6]
+        column_of = torch.full((10,), -1, dtype=torch.long)
+        column_of[keep] = torch.arange(6)
+        width = 6
+    rows = torch.randn(len(paths), width, generator=g)
+    base = rules.cursor(tokens)
+    got = base.penalise_seen_(rows.clone(), column_of)
+    for r, path in enumerate(paths):
+        base.finish_after_(got[r], path, column_of)
+        cursor = base.copy()
+        for token in path:
+            cursor.push(token)
+        assert sorted(base.banned_after(path)) == sorted(cursor.banned())
+        assert torch.equal(got[r], cursor.process_(rows[r].clone(), column_of)), (r, path)
+    assert base.tokens == tokens  # the base cursor itself never moved

@@ -112,3 +112,17 @@ def test_gemm_cost_compares_both_kernels(script_cache):
     for line in out[1:]:
         cells = re.findall(r"([0-9]+): +([0-9]+) / +([0-9]+)", line)
         assert [int(c[0]) for c in cells] == [1, 2, 4, 5, 8] and all(int(c[1]) > 0 and int(c[2]) > 0 for c in cells)
+
+
+def test_step_split_accounts_for_a_tree_step(script_cache):
+    out = run_script("step_split.py", script_cache, "--rounds", "1", "--max-new-tokens", "24")
+    steps = {m: float(ms) for m, ms in re.findall(r"^round 1, (ar|flash-tree): .* ([0-9.]+) ms per step$", out,
+                                                      flags=re.M)}
+    assert set(steps) == {"ar", "flash-tree"}
+    parts = dict(re.findall(r"^  (\S[^\n]*?)\s+(-?[0-9.]+) ms$", out, flags=re.M))
+    assert {"target: tree pass", "drafting the tree", "walking the tree (target's rules, choice)",
+            "the loop, the rest"} <= set(parts)
+    top = [float(v) for k, v in parts.items()]  # the top-level parts and the rest add up to the step
+    nested = [float(v) for k, v in re.findall(r"^    (\S[^\n]*?)\s+([0-9.]+) ms$", out, flags=re.M)]
+    assert len(nested) == 3 and abs(sum(top) - steps["flash-tree"]) < 0.05
+    assert re.search(r"decoding speed-up here: tau [0-9.]+ x [0-9.]+ / [0-9.]+ = [0-9.]+x", out)

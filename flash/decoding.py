@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flash.draft import DraftState, FlashDraft
-from flash.logits_rules import LogitsRules
+from flash.logits_rules import LogitsRules, RulesCursor
 from flash.target import Prompt, TargetModel
 from flash.tree import DraftTree, build_tree, tree_attention, walk_tree
 from flash.verification import greedy_verify, logits_to_probs, make_generator, sample, sampling_verify
@@ -281,14 +281,14 @@ class _DraftProposer:
         return propose(self.draft, self.state, self.stream, self.last_feature, self.last_hidden, n, config, generator,
                        context)
 
-    def propose_tree(self, depth: int, context: list[int], config: GenerationConfig) -> DraftTree:
+    def propose_tree(self, depth: int, base: RulesCursor | None, config: GenerationConfig) -> DraftTree:
         """One semi-autoregressive pass, read as a tree: each slot's best tokens, the target's rules
-        applied along each branch's own path (see :func:`flash.tree.build_tree`)."""
+        (``base``: their state after the generated tokens, None without rules) applied along each
+        branch's own path (see :func:`flash.tree.build_tree`)."""
         draft = self.draft
         logits = draft.draft_logits(draft.propose(self.state, self.stream, self.last_feature, self.last_hidden,
                                                   depth)).float()  # [depth, Vd]
-        rules, column_of = config.rules, draft.target_columns()
-        base = rules.cursor(context) if rules.active else None
+        column_of = draft.target_columns()
         if base is not None:
             base.penalise_seen_(logits, column_of)  # the prefix's penalty, every depth's row in one go
 
@@ -417,12 +417,15 @@ def _speculative_tree(target: TargetModel, prompt: Prompt, proposer: _DraftPropo
     clock.resume()
     state = pre.state
     proposer.start(target, prompt, pre.hidden, token)
+    # The rules' state after the generated tokens, grown as tokens are emitted; drafting and the
+    # walk only read it (paths are added per row), so one cursor serves the whole generation.
+    cursor = rules.cursor(out.generated) if rules.active else None
 
     while not out.done:
         # 1. Draft a tree no deeper than what can still be emitted after the pending token.
         t0 = clock.now()
         depth = min(proposer.k, out.room - 1)
-        tree = proposer.propose_tree(depth, out.generated, config) if depth > 0 else DraftTree((), (), ())
+        tree = proposer.propose_tree(depth, cursor, config) if depth > 0 else DraftTree((), (), ())
         t1 = clock.now()
 
         # 2. Verify the root (pending token) and every draft node in one pass.
@@ -435,7 +438,6 @@ def _speculative_tree(target: TargetModel, prompt: Prompt, proposer: _DraftPropo
             logits, hidden = target.forward(state, ids)
 
         # 3. Accept: follow the target's own choices down the tree; each row sees its own path's prefix.
-        cursor = rules.cursor(out.generated) if rules.active else None
         accepted, next_token = walk_tree(tree, _target_choice(logits, cursor, config, generator))
 
         # 4. Keep the root and the accepted path in the target cache; feed their h to the draft.
@@ -448,6 +450,9 @@ def _speculative_tree(target: TargetModel, prompt: Prompt, proposer: _DraftPropo
         # 5. Emit.
         yield out.emit(accepted_ids + [next_token], len(accepted), len(tree), t1 - t0, clock.now() - t1)
         clock.resume()
+        if cursor is not None:
+            for emitted in accepted_ids + [next_token]:
+                cursor.push(emitted)
 
 
 def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationConfig, generator: torch.Generator,

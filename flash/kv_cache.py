@@ -21,7 +21,33 @@ _HEADROOM = 256
 
 
 class InPlaceLayer(DynamicLayer):
-    """One layer's keys/values in a preallocated buffer; ``keys``/``values`` view its filled part."""
+    """One layer's keys/values in a preallocated buffer; ``keys``/``values`` view its filled part.
+
+    The views are made when read, so a crop or a keep only moves the fill mark: a draft-tree step
+    crops all 30 layers, and slicing 60 views there cost ~0.4 ms of a ~47 ms step. Attention gets
+    its views from :meth:`update`.
+    """
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        buffer = self.__dict__.get("_key_buffer")
+        return self.__dict__.get("_keys") if buffer is None else buffer[..., : self._length, :]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self.__dict__["_keys"] = value
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        buffer = self.__dict__.get("_value_buffer")
+        return self.__dict__.get("_values") if buffer is None else buffer[..., : self._length, :]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self.__dict__["_values"] = value
+
+    def get_seq_length(self) -> int:
+        return self._length if self.__dict__.get("_key_buffer") is not None else super().get_seq_length()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -47,9 +73,7 @@ class InPlaceLayer(DynamicLayer):
         self._key_buffer[..., start:end, :] = key_states
         self._value_buffer[..., start:end, :] = value_states
         self._length = end
-        self.keys = self._key_buffer[..., :end, :]
-        self.values = self._value_buffer[..., :end, :]
-        return self.keys, self.values
+        return self._key_buffer[..., :end, :], self._value_buffer[..., :end, :]
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last ``-tokens_to_remove`` positions (transformers 5's negative count)."""
@@ -58,8 +82,6 @@ class InPlaceLayer(DynamicLayer):
         if tokens_to_remove == 0 or not self.is_initialized:
             return
         self._length = max(0, self._length + tokens_to_remove)
-        self.keys = self._key_buffer[..., : self._length, :]
-        self.values = self._value_buffer[..., : self._length, :]
 
     def keep(self, start: int, offsets: torch.Tensor | None) -> None:
         """Keep positions ``start + offsets`` (in that order) at ``start..``; drop the rest after ``start``
@@ -83,8 +105,6 @@ class InPlaceLayer(DynamicLayer):
         if self._key_buffer is None:
             return
         self._key_buffer, self._value_buffer = pick(self._key_buffer), pick(self._value_buffer)
-        self.keys = self._key_buffer[..., : self._length, :]
-        self.values = self._value_buffer[..., : self._length, :]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._reindex_rows(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -115,7 +135,7 @@ def keep_positions(cache: DynamicCache, start: int, offsets: list[int]) -> None:
     for layer in cache.layers:
         if not layer.is_initialized:
             continue
-        device = layer.keys.device
+        device = layer.device  # not layer.keys.device: that would slice a view per layer
         if moved and device not in index:
             index[device] = torch.tensor(moved, dtype=torch.long, device=device)
         if isinstance(layer, InPlaceLayer):

@@ -15,9 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flash.decoding import GenerationConfig, collect, generate  # noqa: E402
-from flash.media import MediaError, load_media  # noqa: E402
-from flash.models import load_draft, load_target  # noqa: E402
+from default_run import DEFAULT_MEDIA, default_run  # noqa: E402 (a sibling script)
+
+from flash.decoding import collect, generate  # noqa: E402
 
 PARTS = {  # (file suffix, function name) -> label; cumulative times
     ("default_target.py", "forward"): "target forward",
@@ -31,17 +31,10 @@ PARTS = {  # (file suffix, function name) -> label; cumulative times
 }
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
-parser.add_argument("media", nargs="?", default=str(ROOT / "assets" / "examples" / "cat.jpg"),
+parser.add_argument("media", nargs="?", default=DEFAULT_MEDIA,
                     help="image or video to caption (default: the shipped cat.jpg)")
 args = parser.parse_args()
-try:
-    media = load_media(args.media)
-except MediaError as exc:
-    sys.exit(f"error: {exc}")
-target = load_target("default", quiet=True)
-draft = load_draft(target, quiet=True)
-prompt = target.build_prompt(media, target.default_prompt(media))
-config = GenerationConfig(max_new_tokens=128, rules=target.logits_rules())
+target, draft, prompt, config = default_run(args.media)
 for method in ("ar", "flash", "flash-tree"):
     collect(generate(target, prompt, method, draft, config))
     profiler = cProfile.Profile()

@@ -18,25 +18,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from default_run import DEFAULT_MEDIA, default_run  # noqa: E402 (a sibling script)
+
 import flash.decoding as decoding  # noqa: E402
 from flash.draft import FlashDraft  # noqa: E402
-from flash.media import MediaError, load_media  # noqa: E402
-from flash.models import load_draft, load_target  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
-parser.add_argument("media", nargs="?", default=str(ROOT / "assets" / "examples" / "cat.jpg"),
+parser.add_argument("media", nargs="?", default=DEFAULT_MEDIA,
                     help="image or video to caption (default: the shipped cat.jpg)")
 parser.add_argument("--rounds", type=int, default=2, help="ar / flash-tree pairs to run (default 2)")
 parser.add_argument("--max-new-tokens", type=int, default=128)
 args = parser.parse_args()
-try:
-    media = load_media(args.media)
-except MediaError as exc:
-    sys.exit(f"error: {exc}")
-target = load_target("default", quiet=True)
-draft = load_draft(target, quiet=True)
-prompt = target.build_prompt(media, target.default_prompt(media))
-config = decoding.GenerationConfig(max_new_tokens=args.max_new_tokens, rules=target.logits_rules())
+target, draft, prompt, config = default_run(args.media, args.max_new_tokens)
 
 spent: dict[str, float] = {}
 

@@ -20,6 +20,20 @@ from transformers.cache_utils import DynamicLayer
 _HEADROOM = 256
 
 
+def _filled_part(buffer: str, assigned: str) -> property:
+    """A layer attribute that reads as a view of ``buffer``'s filled part once the buffer exists; what
+    transformers assigns to it before then (an empty tensor, None) is kept under ``assigned``."""
+
+    def get(layer) -> torch.Tensor | None:
+        data = layer.__dict__.get(buffer)
+        return layer.__dict__.get(assigned) if data is None else data[..., : layer._length, :]
+
+    def set_(layer, value: torch.Tensor | None) -> None:
+        layer.__dict__[assigned] = value
+
+    return property(get, set_)
+
+
 class InPlaceLayer(DynamicLayer):
     """One layer's keys/values in a preallocated buffer; ``keys``/``values`` view its filled part.
 
@@ -28,23 +42,8 @@ class InPlaceLayer(DynamicLayer):
     its views from :meth:`update`.
     """
 
-    @property
-    def keys(self) -> torch.Tensor | None:
-        buffer = self.__dict__.get("_key_buffer")
-        return self.__dict__.get("_keys") if buffer is None else buffer[..., : self._length, :]
-
-    @keys.setter
-    def keys(self, value: torch.Tensor | None) -> None:
-        self.__dict__["_keys"] = value
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        buffer = self.__dict__.get("_value_buffer")
-        return self.__dict__.get("_values") if buffer is None else buffer[..., : self._length, :]
-
-    @values.setter
-    def values(self, value: torch.Tensor | None) -> None:
-        self.__dict__["_values"] = value
+    keys = _filled_part("_key_buffer", "_keys")
+    values = _filled_part("_value_buffer", "_values")
 
     def get_seq_length(self) -> int:
         return self._length if self.__dict__.get("_key_buffer") is not None else super().get_seq_length()

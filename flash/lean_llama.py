@@ -113,13 +113,13 @@ def _attention_mask(attention_mask: torch.Tensor | None, n: int, kv: int, dtype:
     a prefill with nothing cached. A 4D boolean mask (a draft tree) is converted as given; a 2D padding
     mask [B, kv] becomes [B, 1, n, kv] causal-and-not-padding; queries after a cached prefix get the
     bottom-right causal triangle (SDPA's ``is_causal`` aligns it top-left)."""
-    if attention_mask is None:
-        if n == 1 or n == kv:
-            return None
-        return _additive(torch.ones(n, kv, dtype=torch.bool, device=device).tril(kv - n), dtype)
-    if attention_mask.dim() == 4:
+    if attention_mask is not None and attention_mask.dim() == 4:
         return _additive(attention_mask, dtype) if attention_mask.dtype == torch.bool else attention_mask
+    if attention_mask is None and (n == 1 or n == kv):
+        return None
     causal = torch.ones(n, kv, dtype=torch.bool, device=device).tril(kv - n)
+    if attention_mask is None:
+        return _additive(causal, dtype)
     mask = causal[None] & attention_mask.bool()[:, None, :]
     # A left-pad query sees no key; let it see every key so its (unused) output stays finite on every
     # SDPA kernel (some return NaN for such a row, and a NaN value would poison the others through P @ V).

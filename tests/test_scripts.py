@@ -126,3 +126,19 @@ def test_step_split_accounts_for_a_tree_step(script_cache):
     nested = [float(v) for k, v in re.findall(r"^    (\S[^\n]*?)\s+([0-9.]+) ms$", out, flags=re.M)]
     assert len(nested) == 3 and abs(sum(top) - steps["flash-tree"]) < 0.05
     assert re.search(r"decoding speed-up here: tau [0-9.]+ x [0-9.]+ / [0-9.]+ = [0-9.]+x", out)
+
+
+def test_bench_ratios_reads_the_shipped_benchmark():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ratios.py")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].endswith("bench.json: 21 runs")
+    speedups = dict(re.findall(r"([a-z-]+) ([0-9.]+)x", lines[1]))
+    assert set(speedups) == {"eagle", "flash", "flash-tree", "pld"} and all(float(v) > 0 for v in speedups.values())
+    assert re.search(r"flash-tree ([0-9.]+) / ([0-9.]+)", lines[2])
+    assert re.search(r"faster in [0-9]+ of 21", lines[3])
+    assert [line.split(",")[0] for line in lines[4:]] == ["  ar", "  ar"]
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ratios.py"), str(ROOT / "README.md")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "not a benchmark" in bad.stderr

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from flash import fp16_kernel
 from flash.fp16_linear import Fp16Linear, convert_linears, fp16_gemm_available
 from flash.kv_cache import in_place_cache
 from flash.lean_llama import LeanLlama, fp32_linear
@@ -96,7 +97,10 @@ class DefaultTarget(TargetModel):
             self._head = Fp16Linear(lm.lm_head)
         self._lean: LeanLlama | None = None
         if lean:
-            self._lean = LeanLlama(lm.model, Fp16Linear.from_weight if self.weight_format == "fp16" else fp32_linear)
+            fp16 = self.weight_format == "fp16"
+            # FLASH's C++ norms and rotary embedding come with its fp16 kernel's library (whichever GEMM runs).
+            self._lean = LeanLlama(lm.model, Fp16Linear.from_weight if fp16 else fp32_linear,
+                                   fused_ops=fp16 and fp16_kernel.kernel_available())
             # The fused copies above now hold the layers' weights: drop transformers' layers, and make
             # running them an error rather than a silent no-op.
             lm.model.layers = torch.nn.ModuleList()

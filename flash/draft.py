@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flash import fp16_kernel
 from flash.rope import apply_rope, rope_tables
 
 CONFIG_FILE = "draft_config.json"
@@ -68,8 +69,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fused_op = False  # set by FlashDraft.pack_fp16: one C++ call instead of six ops (inference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_op:
+            return fp16_kernel.rms_norm(x, self.weight, self.eps)
         return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
 
@@ -89,7 +93,11 @@ class DecoderBlock(nn.Module):
     def project_kv_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, n, D] -> q, k, v [B, heads, n, head_dim] with RoPE applied to q and k."""
         b, n, _ = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(self.attn_norm(x))
+        if self.attn_norm.fused_op:  # inference on FLASH's CPU kernels: the same numbers in one call
+            q, k = fp16_kernel.rope_qk(qkv, cos.expand(b, n, -1), sin.expand(b, n, -1), self.heads, self.heads)
+            return q, k, qkv.view(b, n, 3, self.heads, self.head_dim)[:, :, 2].transpose(1, 2)
+        q, k, v = qkv.view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def finish(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -168,7 +176,9 @@ class FlashDraft(nn.Module):
         return self
 
     def pack_fp16(self) -> FlashDraft:
-        """CPU inference only: run the linear layers and the head with fp16 weights (fbgemm's GEMM).
+        """CPU inference only: run the linear layers and the head with fp16 weights (:mod:`flash.fp16_linear`),
+        and the norms and rotary embedding as FLASH's C++ ops where they build (one call each; the norms
+        equal the module's up to float rounding).
 
         The saved weights are fp16 already, so only the head (rows of the target's) is rounded. A
         draft step's small matmuls cost ~2x less (see :mod:`flash.fp16_linear`). No training after this.
@@ -176,6 +186,10 @@ class FlashDraft(nn.Module):
         from flash.fp16_linear import Fp16Linear, convert_linears
 
         convert_linears(self)
+        if fp16_kernel.kernel_available():
+            for module in self.modules():
+                if isinstance(module, RMSNorm):
+                    module.fused_op = True
         self._fp16 = True
         if self._head_weight is not None:
             self._head_fp16 = Fp16Linear.from_weight(self._head_weight)

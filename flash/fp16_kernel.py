@@ -29,12 +29,14 @@ import torch
 
 from flash.weights import cache_dir
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "fp16_gemm.cpp"
+SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name for name in ("fp16_gemm.cpp", "layer_ops.cpp"))
 #: Output columns per packed weight block (must match ``kCols`` in the source).
 BLOCK_COLUMNS = 16
 #: Set to ``fbgemm`` to skip this kernel (comparisons, or a machine where it misbehaves).
 BACKEND_ENV = "FLASH_FP16_KERNEL"
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# No FMA contraction outside the explicit intrinsics: layer_ops.cpp's rotary embedding rounds each
+# product as torch does, so it computes flash.rope.apply_rope's numbers exactly.
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 
 class KernelBuildError(RuntimeError):
@@ -81,23 +83,25 @@ def build() -> Path:
         raise KernelBuildError(f"no C++ compiler ('{compiler}'); install g++ or set CXX")
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     flags = [*_FLAGS, abi]
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:16]
-    library = cache_dir() / "kernels" / f"fp16_gemm-{key}.so"
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    library = cache_dir() / "kernels" / f"flash_cpu-{key}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     lib_dir = cpp_extension.library_paths()[0]
-    print("Compiling FLASH's fp16 GEMM kernel (once, ~20 s)...", file=sys.stderr)
+    print("Compiling FLASH's CPU kernels (once, ~30 s)...", file=sys.stderr)
     # Built under a temporary name and renamed: a concurrent process never loads a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
     os.close(fd)
-    command = [compiler, *flags, *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE), "-o", tmp,
+    command = [compiler, *flags, *(f"-I{p}" for p in cpp_extension.include_paths()), *map(str, SOURCES), "-o", tmp,
                f"-L{lib_dir}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib_dir}"]
     try:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             errors = [line for line in done.stderr.splitlines() if "error" in line.lower()] or done.stderr.splitlines()
-            raise KernelBuildError(f"compiling {SOURCE.name} failed: {errors[0] if errors else done.returncode}")
+            raise KernelBuildError(f"compiling {' and '.join(s.name for s in SOURCES)} failed: "
+                                   f"{errors[0] if errors else done.returncode}")
         os.replace(tmp, library)
     finally:
         if os.path.exists(tmp):
@@ -117,3 +121,17 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """x [..., K] (fp32) @ the packed weight's transpose -> [..., out_features] (fp32)."""
     return torch.ops.flash_fp16.linear(x, packed, out_features)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x * rsqrt(mean(x**2, -1) + eps) * weight`` in one call (fp32; ``layer_ops.cpp``): torch's CPU
+    ``rms_norm`` is six ops. Within float rounding of torch's (another summation order), row by row."""
+    return torch.ops.flash_ops.rms_norm(x, weight, eps)
+
+
+def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+            kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The q and k heads of a fused projection ``qkv`` [B, n, (heads + 2 kv_heads) d], rotated:
+    (q [B, heads, n, d], k [B, kv_heads, n, d]); ``cos``/``sin`` [B, n, d]. Bit for bit
+    :func:`flash.rope.apply_rope`, in one call instead of seven."""
+    return torch.ops.flash_ops.rope_qk(qkv, cos, sin, heads, kv_heads)

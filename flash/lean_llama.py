@@ -9,6 +9,10 @@ call for the q and k heads together, the in-place KV cache (:mod:`flash.kv_cache
 SDPA (:func:`flash.gqa_attention.gqa_sdpa_attention`). The model's own embedding, norm weights and
 rotary embedding module are reused. Tested bit-identical to transformers' modules
 (``tests/test_lean_attention.py``); README "Lean forward" has the timings.
+
+With ``fused_ops`` (the default model, where FLASH's CPU kernels build) the norms and the rotary
+embedding run as one C++ call each (:func:`flash.fp16_kernel.rms_norm`, :func:`flash.fp16_kernel.rope_qk`):
+the rotary embedding is still bit-identical, the norms equal torch's up to float rounding.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flash import fp16_kernel
 from flash.gqa_attention import gqa_sdpa_attention
 from flash.rope import apply_rope
 
@@ -36,8 +41,9 @@ def fp32_linear(weight: torch.Tensor) -> nn.Module:
 class LeanBlock(nn.Module):
     """One decoder layer: pre-norm attention with fused q/k/v, pre-norm SwiGLU MLP with fused gate/up."""
 
-    def __init__(self, layer: nn.Module, linear: LinearFactory) -> None:
+    def __init__(self, layer: nn.Module, linear: LinearFactory, fused_ops: bool = False) -> None:
         super().__init__()
+        self.fused_ops = fused_ops
         attn, mlp = layer.self_attn, layer.mlp
         self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
         self.heads, self.kv_heads = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
@@ -52,21 +58,28 @@ class LeanBlock(nn.Module):
     def forward(self, x: torch.Tensor, cache_layer, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
         b, n, _ = x.shape
-        qkv = self.qkv(_rms_norm(self.input_layernorm, x)).view(b, n, self.heads + 2 * self.kv_heads, self.head_dim)
-        qkv = qkv.transpose(1, 2)
-        qk, v = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=1)
-        qk = apply_rope(qk, cos, sin)  # q and k heads in one go: the same elementwise ops, half the calls
-        q, k = qk.split([self.heads, self.kv_heads], dim=1)
+        qkv = self.qkv(_rms_norm(self.input_layernorm, x, self.fused_ops))
+        if self.fused_ops:  # cos/sin [B, n, d]
+            q, k = fp16_kernel.rope_qk(qkv, cos, sin, self.heads, self.kv_heads)
+            v = qkv.view(b, n, -1, self.head_dim)[:, :, self.heads + self.kv_heads :].transpose(1, 2)
+        else:  # cos/sin [B, 1, n, d]
+            qkv = qkv.view(b, n, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+            qk, v = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=1)
+            qk = apply_rope(qk, cos, sin)  # q and k heads in one go: the same elementwise ops, half the calls
+            q, k = qk.split([self.heads, self.kv_heads], dim=1)
         k, v = cache_layer.update(k, v)
         attn, _ = gqa_sdpa_attention(None, q, k, v, mask, scaling=self.scaling, is_causal=True)
         x = x + self.o_proj(attn.reshape(b, n, -1))
-        gate, up = self.gate_up(_rms_norm(self.post_attention_layernorm, x)).split(self.intermediate, dim=-1)
+        gate, up = self.gate_up(_rms_norm(self.post_attention_layernorm, x, self.fused_ops)).split(
+            self.intermediate, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
 
-def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """transformers' ``LlamaRMSNorm`` (fp32 activations) as torch's one-call ``rms_norm``: the same
-    numbers (tested bit for bit), without its six Python-level ops."""
+def _rms_norm(norm: nn.Module, x: torch.Tensor, fused_ops: bool) -> torch.Tensor:
+    """transformers' ``LlamaRMSNorm`` (fp32 activations): torch's one-call ``rms_norm`` (the same
+    numbers, tested bit for bit, without its six Python-level ops), or FLASH's C++ one (one op)."""
+    if fused_ops:
+        return fp16_kernel.rms_norm(x, norm.weight, norm.variance_epsilon)
     return F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
 
 
@@ -78,14 +91,15 @@ class LeanLlama(nn.Module):
     left-padded batch), and causal attention after the cached prefix otherwise.
     """
 
-    def __init__(self, model: nn.Module, linear: LinearFactory = fp32_linear) -> None:
+    def __init__(self, model: nn.Module, linear: LinearFactory = fp32_linear, fused_ops: bool = False) -> None:
         super().__init__()
+        self.fused_ops = fused_ops
         cfg = model.config
         if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "attention_bias", False) \
                 or getattr(cfg, "mlp_bias", False):
             raise ValueError("LeanLlama supports Llama layers with SiLU and no biases")
         self.embed_tokens, self.rotary_emb, self.norm = model.embed_tokens, model.rotary_emb, model.norm
-        self.layers = nn.ModuleList(LeanBlock(layer, linear) for layer in model.layers)
+        self.layers = nn.ModuleList(LeanBlock(layer, linear, fused_ops) for layer in model.layers)
 
     @torch.inference_mode()
     def forward(self, cache, *, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
@@ -97,12 +111,13 @@ class LeanLlama(nn.Module):
         past = cache.get_seq_length()
         if position_ids is None:
             position_ids = torch.arange(past, past + n, device=x.device)[None]
-        cos, sin = self.rotary_emb(x, position_ids)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, n, d]: broadcast over heads
+        cos, sin = self.rotary_emb(x, position_ids)  # [B, n, d]
+        if not self.fused_ops:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, n, d]: broadcast over heads
         mask = _attention_mask(attention_mask, n, past + n, x.dtype, x.device)
         for block, cache_layer in zip(self.layers, cache.layers, strict=True):
             x = block(x, cache_layer, cos, sin, mask)
-        return self.norm(x)
+        return _rms_norm(self.norm, x, self.fused_ops)
 
 
 def _attention_mask(attention_mask: torch.Tensor | None, n: int, kv: int, dtype: torch.dtype,

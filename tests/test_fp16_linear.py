@@ -7,10 +7,12 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from flash import fp16_kernel
 from flash.decoding import GenerationConfig, collect, generate
 from flash.fp16_linear import Fp16Linear, convert_linears, fbgemm_fp16_available, fp16_gemm_available
+from flash.rope import apply_rope, rope_tables
 
 pytestmark = pytest.mark.skipif(not fp16_gemm_available(), reason="this torch build has no fp16 GEMM")
 
@@ -75,13 +77,43 @@ def test_kernel_takes_any_leading_shape_and_refuses_wrong_input():
         fp16_kernel.linear(torch.randn(2, 9), packed, 20)
 
 
+@needs_kernel
+@pytest.mark.parametrize("d", [1, 8, 37, 576])
+def test_fused_rms_norm_is_torchs_up_to_rounding_row_by_row(d):
+    torch.manual_seed(d)
+    x, weight = torch.randn(2, 7, d) * 3, torch.randn(d)
+    got = fp16_kernel.rms_norm(x, weight, 1e-5)
+    torch.testing.assert_close(got, F.rms_norm(x, (d,), weight, 1e-5), rtol=2e-6, atol=1e-6)
+    for row in range(7):  # a row's result does not depend on the other rows in the call
+        assert torch.equal(fp16_kernel.rms_norm(x[:, row : row + 1], weight, 1e-5), got[:, row : row + 1])
+    assert torch.equal(fp16_kernel.rms_norm(x.transpose(0, 1), weight, 1e-5), got.transpose(0, 1))
+    assert fp16_kernel.rms_norm(torch.zeros(1, d), weight, 1e-5).abs().sum() == 0  # eps keeps it finite
+    with pytest.raises(RuntimeError, match="weight must be float32"):
+        fp16_kernel.rms_norm(x, torch.randn(d + 1), 1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch, n, heads, kv_heads, d", [(1, 1, 9, 3, 64), (2, 5, 4, 4, 8), (1, 3, 6, 2, 2)])
+def test_fused_rope_is_apply_rope_bit_for_bit(batch, n, heads, kv_heads, d):
+    torch.manual_seed(n * d)
+    qkv = torch.randn(batch, n, (heads + 2 * kv_heads) * d) * 4
+    cos, sin = rope_tables(torch.arange(n) + 300, d, 10000.0)
+    cos, sin = cos.expand(batch, n, d), sin.expand(batch, n, d)
+    heads_first = qkv.view(batch, n, -1, d).transpose(1, 2)
+    want = apply_rope(heads_first[:, : heads + kv_heads], cos[:, None], sin[:, None])
+    q, k = fp16_kernel.rope_qk(qkv, cos, sin, heads, kv_heads)
+    assert torch.equal(q, want[:, :heads]) and torch.equal(k, want[:, heads:])
+    with pytest.raises(RuntimeError, match="whole number of heads"):
+        fp16_kernel.rope_qk(qkv[..., :-1], cos, sin, heads, kv_heads)
+
+
 def test_build_failures_say_what_to_do(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("FLASH_CACHE", str(tmp_path))  # nothing built here yet
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(fp16_kernel.KernelBuildError, match="no C.. compiler.*install g.. or set CXX"):
         fp16_kernel.build()
     monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
-    with pytest.raises(fp16_kernel.KernelBuildError, match="compiling fp16_gemm.cpp failed"):
+    with pytest.raises(fp16_kernel.KernelBuildError, match="compiling fp16_gemm.cpp and layer_ops.cpp failed"):
         fp16_kernel.build()
     assert not list((tmp_path / "kernels").iterdir())  # no half-written library left behind
     # kernel_available() (uncached here) turns a failed build into one line and the fbgemm fallback.

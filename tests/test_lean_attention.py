@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from flash import fp16_kernel
 from flash.fp16_linear import Fp16Linear, convert_linears
 from flash.gqa_attention import gqa_sdpa_attention
 from flash.kv_cache import InPlaceLayer, in_place_cache
-from flash.lean_llama import LeanLlama
+from flash.lean_llama import LeanLlama, fp32_linear
 from flash.tree import DraftTree, tree_attention
 
 
@@ -59,19 +60,25 @@ def test_in_place_cache_matches_dynamic_cache_through_crops_and_growth():
 class LeanModel:
     """A LeanLlama over ``model``'s weights, called like the model in :func:`run_steps`."""
 
-    def __init__(self, model: LlamaForCausalLM, linear=None) -> None:
+    def __init__(self, model: LlamaForCausalLM, linear=None, fused_ops: bool = False) -> None:
         self.model, self.config = model, model.config
-        self.lean = LeanLlama(model.model) if linear is None else LeanLlama(model.model, linear)
+        self.lean = LeanLlama(model.model, linear or fp32_linear, fused_ops)
 
     def __call__(self, *, input_ids, past_key_values, use_cache=True, **inputs):
         hidden = self.lean(past_key_values, input_ids=input_ids, **inputs)
         return type("Out", (), {"logits": self.model.lm_head(hidden)})
 
 
-def test_lean_llama_matches_transformers_through_crops_and_growth():
+# FLASH's C++ norms and rotary embedding (the default model's forward) where they build here.
+FUSED_OPS = [False, pytest.param(True, marks=pytest.mark.skipif(not fp16_kernel.kernel_available(),
+                                                                reason="FLASH's CPU kernels do not build here"))]
+
+
+@pytest.mark.parametrize("fused_ops", FUSED_OPS)
+def test_lean_llama_matches_transformers_through_crops_and_growth(fused_ops):
     model = tiny_llama()
     want = run_steps(model, DynamicCache(config=model.config), STEPS)
-    got = run_steps(LeanModel(model), in_place_cache(model.config), STEPS)
+    got = run_steps(LeanModel(model, fused_ops=fused_ops), in_place_cache(model.config), STEPS)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
@@ -86,9 +93,10 @@ def test_lean_llama_with_fp16_weights_equals_transformers_with_fp16_weights():
         assert torch.equal(a, b)
 
 
-def test_lean_llama_tree_pass_equals_one_chain_per_branch():
+@pytest.mark.parametrize("fused_ops", FUSED_OPS)
+def test_lean_llama_tree_pass_equals_one_chain_per_branch(fused_ops):
     model = tiny_llama()
-    lean = LeanLlama(model.model)
+    lean = LeanLlama(model.model, fused_ops=fused_ops)
     prompt = torch.arange(1, 12)[None]
     tree = DraftTree(tokens=(5, 9, 7, 3), parents=(-1, -1, 0, 2), depths=(1, 1, 2, 3))
     cache = in_place_cache(model.config)
@@ -104,10 +112,11 @@ def test_lean_llama_tree_pass_equals_one_chain_per_branch():
         torch.testing.assert_close(got[[0, *(1 + i for i in nodes)]], want, rtol=0, atol=1e-5)
 
 
-def test_lean_llama_left_padded_batch_equals_each_row_alone():
+@pytest.mark.parametrize("fused_ops", FUSED_OPS)
+def test_lean_llama_left_padded_batch_equals_each_row_alone(fused_ops):
     """The batched distillation's pattern: left-padded prompts with a 2D mask, then one-token steps."""
     model = tiny_llama()
-    lean = LeanLlama(model.model)
+    lean = LeanLlama(model.model, fused_ops=fused_ops)
     prompts = [list(range(3, 12)), list(range(20, 25))]
     steps = [[7, 8], [9, 10]]  # two decoding steps, one token per row each
     width = max(map(len, prompts))

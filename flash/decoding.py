@@ -7,6 +7,7 @@ caches -> emit event. Step 0 is the prefill, which emits the target's first toke
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,13 +17,16 @@ import torch
 from flash.draft import DraftState, FlashDraft
 from flash.logits_rules import LogitsRules, RulesCursor
 from flash.target import Prompt, TargetModel
-from flash.tree import DraftTree, build_tree, tree_attention, walk_tree
+from flash.tree import DraftTree, best_after_changes, build_tree, tree_attention, walk_tree
 from flash.verification import greedy_verify, logits_to_probs, make_generator, sample, sampling_verify
 
 METHODS = ("ar", "eagle", "flash", "flash-tree", "pld")
 #: The confidence cut the CLI and the app use by default (see GenerationConfig.min_draft_prob;
 #: tuned on the shipped examples, README "Results").
 DEFAULT_MIN_DRAFT_PROB = 0.1
+#: Entries beyond the branching factor that a draft tree reads from each slot's row: enough for the
+#: few scores a branch's path lowers (its new tokens' penalty, its bans) to leave the top decided.
+_TREE_SPARE = 8
 
 
 @dataclass(frozen=True)
@@ -284,24 +288,50 @@ class _DraftProposer:
     def propose_tree(self, depth: int, base: RulesCursor | None, config: GenerationConfig) -> DraftTree:
         """One semi-autoregressive pass, read as a tree: each slot's best tokens, the target's rules
         (``base``: their state after the generated tokens, None without rules) applied along each
-        branch's own path (see :func:`flash.tree.build_tree`)."""
+        branch's own path (see :func:`flash.tree.build_tree`).
+
+        Each slot's row is processed once (the prefix's penalty, its logsumexp, its top entries);
+        a branch's own path changes a few scores (the penalty for its new tokens, its n-gram bans),
+        which :func:`flash.tree.best_after_changes` applies to the top entries in Python. Only where
+        those cannot decide is the row processed for that branch (the same ranking either way).
+        """
         draft = self.draft
         logits = draft.draft_logits(draft.propose(self.state, self.stream, self.last_feature, self.last_hidden,
                                                   depth)).float()  # [depth, Vd]
         column_of = draft.target_columns()
         if base is not None:
             base.penalise_seen_(logits, column_of)  # the prefix's penalty, every depth's row in one go
+        # Sampling: rank by the draft's tempered distribution, the target's top-p left out (it only
+        # rescales the few top tokens; applying it cost 1.9 ms per step when measured, with the full
+        # sort it used then); the shape never affects exactness.
+        scores = logits if config.greedy else logits / config.temperature
+        width = min(scores.shape[-1], config.tree_branch + _TREE_SPARE)
+        top_scores, top_columns = (part.tolist() for part in scores.topk(width))
+        log_norms = scores.logsumexp(-1).tolist()
+        token_of, column_lookup = draft.vocab_lookup()
 
         def expand(level: int, path: list[int]) -> tuple[list[int], list[float]]:
-            row = logits[level - 1]
-            if base is not None:  # the rest of the rules for this branch's own path
-                row = base.finish_after_(row.clone(), path, column_of)
-            # Sampling: rank by the draft's tempered distribution, the target's top-p left out (it only
-            # rescales the few top tokens; applying it cost 1.9 ms per step when measured, with the
-            # full sort it used then); the shape never affects exactness.
-            top = (row if config.greedy else row / config.temperature).softmax(-1).topk(config.tree_branch)
-            keep = top.values > 0  # a token the rules ban has probability 0: never a candidate
-            return draft.to_target_ids(top.indices[keep]).tolist(), top.values[keep].tolist()
+            row, changed = level - 1, {}
+            if base is not None:
+                penalised, banned = base.path_changes(path)
+                columns = [column_lookup.get(t, -1) if column_lookup is not None else t for t in penalised + banned]
+                kept = [(i, c) for i, c in enumerate(columns) if c >= 0]
+                if kept:
+                    old = scores[row, [c for _, c in kept]].tolist()
+                    for (i, column), score in zip(kept, old, strict=True):
+                        if i >= len(penalised):
+                            changed[column] = (changed.get(column, (score,))[0], -math.inf)
+                        else:
+                            changed[column] = (score, base.penalised(score))
+            found = best_after_changes(list(zip(top_scores[row], top_columns[row], strict=True)), log_norms[row],
+                                       changed, config.tree_branch, exhaustive=width == scores.shape[-1])
+            if found is None:  # the top entries cannot decide: process this branch's whole row
+                full = logits[row] if base is None else base.finish_after_(logits[row].clone(), path, column_of)
+                top = (full if config.greedy else full / config.temperature).softmax(-1).topk(config.tree_branch)
+                keep = top.values > 0  # a token the rules ban has probability 0: never a candidate
+                return draft.to_target_ids(top.indices[keep]).tolist(), top.values[keep].tolist()
+            columns, probs = found
+            return [token_of[c] for c in columns], probs
 
         return build_tree(expand, depth, config.tree_nodes, config.tree_min_prob, config.tree_branch)
 

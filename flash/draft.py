@@ -150,6 +150,7 @@ class FlashDraft(nn.Module):
         self._embed = None
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # see _rope
         self._columns: tuple[torch.Tensor, torch.Tensor] | None = None  # see target_columns
+        self._lookup: tuple[torch.Tensor, list[int], dict[int, int] | None] | None = None  # see vocab_lookup
         self._head_weight: torch.Tensor | None = None
         self._head_fp16: nn.Module | None = None  # set by pack_fp16 (CPU inference)
         self._fp16 = False
@@ -219,6 +220,16 @@ class FlashDraft(nn.Module):
         if self._columns is None or self._columns[0] is not vocab:  # rebuilt if the vocabulary was replaced
             self._columns = (vocab, vocab_columns(vocab, self.cfg.vocab_size))
         return self._columns[1]
+
+    def vocab_lookup(self) -> tuple[list[int], dict[int, int] | None]:
+        """Python lookups for per-token work (a draft tree's branches): (column -> target token id;
+        target token id -> column, None for the full vocabulary, where columns are token ids)."""
+        vocab = self.draft_to_target
+        if self._lookup is None or self._lookup[0] is not vocab:  # rebuilt if the vocabulary was replaced
+            ids = vocab.tolist()
+            columns = {token: column for column, token in enumerate(ids)} if self.cfg.draft_vocab_size else None
+            self._lookup = (vocab, ids, columns)
+        return self._lookup[1], self._lookup[2]
 
     def to_target_vocab(self, values: torch.Tensor, fill: float) -> torch.Tensor:
         """Rows over the draft vocabulary [n, Vd] -> rows over the target's [n, V], ``fill`` elsewhere."""

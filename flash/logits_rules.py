@@ -158,19 +158,29 @@ class RulesCursor:
         before (each column is penalised once, as in :meth:`process_`), then the n-gram bans. The
         same numbers as copy + push + :meth:`process_` (tested), without the copy or a re-penalty of
         the prefix per row."""
-        rules = self.rules
-        if rules.repetition_penalty != 1.0:
-            new = [t for t in dict.fromkeys(path) if t not in self.seen]
-            if new:
-                columns = self._columns(new, column_of, row.device)
-                if columns.numel():
-                    row[columns] = rules._penalise(row[columns])
-        banned = self.banned_after(path)
+        new, banned = self.path_changes(path)
+        if new:
+            columns = self._columns(new, column_of, row.device)
+            if columns.numel():
+                row[columns] = self.rules._penalise(row[columns])
         if banned:
             columns = self._columns(banned, column_of, row.device)
             if columns.numel():
                 row[columns] = float("-inf")
         return row
+
+    def path_changes(self, path: list[int]) -> tuple[list[int], list[int]]:
+        """What :meth:`finish_after_` changes in a row for ``path``: (the path's tokens the repetition
+        penalty newly applies to, once each; the tokens banned after the path, set to -inf after that)."""
+        new = []
+        if self.rules.repetition_penalty != 1.0:
+            new = [t for t in dict.fromkeys(path) if t not in self.seen]
+        return new, self.banned_after(path)
+
+    def penalised(self, value: float) -> float:
+        """The repetition penalty of one score (a Python float), as :meth:`LogitsRules._penalise` does it."""
+        p = self.rules.repetition_penalty
+        return value * p if value < 0 else value / p
 
     def process_(self, row: torch.Tensor, column_of: torch.Tensor | None = None) -> torch.Tensor:
         """Apply the rules to the next-token ``row`` [V] in place (and return it)."""

@@ -12,6 +12,7 @@ other node has a parent that comes before it. Pure functions of their inputs: no
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,6 +76,29 @@ def build_tree(expand: Callable[[int, list[int]], tuple[list[int], list[float]]]
         if len(path) < max_depth:
             push_children(len(tokens) - 1, -neg_joint, path)
     return DraftTree(tuple(tokens), tuple(parents), tuple(depths))
+
+
+def best_after_changes(top: list[tuple[float, int]], log_norm: float, changed: dict[int, tuple[float, float]],
+                       count: int, exhaustive: bool) -> tuple[list[int], list[float]] | None:
+    """The ``count`` most probable entries of softmax(scores) after some scores changed, from the row's
+    largest scores alone: (entries, best first; their probabilities), or None where those cannot decide.
+
+    ``top`` holds the row's largest (score, entry) pairs, best first (every entry if ``exhaustive``);
+    ``log_norm`` is the logsumexp of the unchanged row; ``changed`` maps entry -> (old score, new score),
+    a new score of -inf removing the entry. Scores may only go down (a repetition penalty, a ban), so
+    an entry outside ``top`` cannot outrank one that is still at or above the lowest score in ``top``;
+    where fewer than ``count`` are, None (the caller processes the whole row). A draft tree's branches
+    each change a few of one row's scores: this ranks them without a pass over the row per branch.
+    """
+    mass = 1.0 + sum(math.exp(new - log_norm) - math.exp(old - log_norm) for old, new in changed.values())
+    if mass <= 1e-12:
+        return None
+    log_norm += math.log(mass)
+    scored = sorted(((changed[entry][1] if entry in changed else score, entry) for score, entry in top), reverse=True)
+    picked = [(score, entry) for score, entry in scored if score > -math.inf][:count]
+    if not exhaustive and (len(picked) < count or picked[-1][0] < top[-1][0]):
+        return None
+    return [entry for _, entry in picked], [math.exp(score - log_norm) for score, _ in picked]
 
 
 def tree_attention(tree: DraftTree, past: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,15 +4,18 @@ videos). The law of ``flash-tree``'s samples is tested with the other methods' i
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_decoding import ArReference, ScriptedDraft, assert_same_tokens, greedy, run_events
 
 from flash.decoding import GenerationConfig, collect, generate
 from flash.kv_cache import in_place_cache, keep_positions
-from flash.tree import DraftTree, build_tree, tree_attention, walk_tree
+from flash.tree import DraftTree, best_after_changes, build_tree, tree_attention, walk_tree
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -92,6 +95,39 @@ def test_build_tree_with_one_branch_is_the_chain_cut_at_the_joint_confidence():
         p *= probs[0]
     tree = build_tree(expand, 4, 4, 0.05, 1)
     assert list(tree.tokens) == chain and list(tree.parents) == list(range(-1, len(chain) - 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(-40, 40), min_size=3, max_size=30), st.integers(1, 30), st.integers(1, 3),
+       st.lists(st.tuples(st.integers(0, 29), st.booleans()), max_size=6))
+def test_best_after_changes_ranks_as_processing_the_whole_row(scores, width, count, edits):
+    """Lowered scores and bans applied to the top entries alone give the whole row's softmax top,
+    or None; never a wrong answer."""
+    row = torch.tensor(scores, dtype=torch.float64) / 4  # quarter steps: ties happen
+    width = min(width, row.numel())
+    changed = {}
+    for entry, ban in edits:
+        if entry < row.numel():
+            old = float(row[entry])
+            changed[entry] = (old, -math.inf if ban else (old * 1.2 if old < 0 else old / 1.2))
+    top = row.topk(width)
+    top = list(zip(top.values.tolist(), top.indices.tolist(), strict=True))
+    found = best_after_changes(top, float(row.logsumexp(-1)), changed, count, exhaustive=width == row.numel())
+    full = row.clone()
+    for entry, (_, new) in changed.items():
+        full[entry] = new
+    probs = full.softmax(-1)
+    if width == row.numel() and bool(torch.isfinite(full).any()):
+        assert found is not None  # every entry known: always decided (unless every entry is banned)
+    if found is None:
+        return
+    entries, got = found
+    assert len(entries) == min(count, int((probs > 0).sum()))
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), probs[entries])
+    # Ties aside, these are the best entries: none left out is more probable than the last one taken.
+    left_out = [p for i, p in enumerate(probs.tolist()) if i not in entries]
+    assert not entries or max(left_out, default=0.0) <= got[-1] * (1 + 1e-9)
+    assert got == sorted(got, reverse=True)
 
 
 def test_tree_attention_sees_the_cache_the_ancestors_and_itself():

@@ -2,10 +2,11 @@
 
 Why not only fbgemm: its fp16 GEMM pays ~20-30 us of fixed cost per call (121 calls per decoding
 step) and at 4-6 rows it runs far from the FMA units' peak, which is what a verification pass needs.
-This kernel streams each packed 16-column weight block once, converts it in registers and applies it
-to up to six rows: a decoder layer's four GEMMs take 223 vs 321 us at 1 row, 311 vs 528 us at 5
-(``python scripts/gemm_cost.py``; ``scripts/verify_cost.py`` has the whole-forward effect). It also
-makes each output row independent of the other rows in the call, bit for bit.
+This kernel streams each packed 16-column weight block once (prefetched 8 KB ahead), converts it in
+registers and applies it to up to six rows: a decoding step's 121 GEMMs, weights streamed from memory
+as in decoding, take 20.5 vs 25.5 ms at 1 row and 21.8 vs 31.7 ms at 5 (``python scripts/gemm_cost.py``,
+which also times each shape with its weights in cache; ``scripts/verify_cost.py`` has the whole
+forward). It also makes each output row independent of the other rows in the call, bit for bit.
 
 It is compiled with the system C++ compiler against the installed torch (~20 s, once per source and
 torch version; cached under ``$FLASH_CACHE/kernels``). Where that cannot happen (no compiler, a CPU

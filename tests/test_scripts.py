@@ -105,13 +105,16 @@ def test_verify_cost_and_profile_step_run(script_cache):
 
 
 def test_gemm_cost_compares_both_kernels(script_cache):
-    out = run_script("gemm_cost.py", script_cache).splitlines()
+    out = run_script("gemm_cost.py", script_cache, "--layers", "2").splitlines()
     assert out[0].endswith("FLASH kernel / fbgemm")
-    names = [line.split()[0] for line in out[1:]]
+    names = [line.split()[0] for line in out[1:-1]]
     assert names == ["qkv", "o", "gate_up", "down", "head", "layer"]
-    for line in out[1:]:
+    for line in out[1:-1]:
         cells = re.findall(r"([0-9]+): +([0-9]+) / +([0-9]+)", line)
         assert [int(c[0]) for c in cells] == [1, 2, 4, 5, 8] and all(int(c[1]) > 0 and int(c[2]) > 0 for c in cells)
+    assert out[-1].startswith("a step's GEMMs, 2 layers + head, streamed (ms): ")
+    cells = re.findall(r"([0-9]+): +([0-9.]+) / +([0-9.]+)", out[-1].split(": ", 1)[1])
+    assert [int(c[0]) for c in cells] == [1, 5] and all(float(c[1]) > 0 and float(c[2]) > 0 for c in cells)
 
 
 def test_step_split_accounts_for_a_tree_step(script_cache):

@@ -258,13 +258,18 @@ def _autoregressive(target: TargetModel, prompt: Prompt, config: GenerationConfi
     yield event
     clock.resume()
     state = pre.state
+    # The rules' state grown token by token, as flash-tree keeps it (the baseline gets the same care):
+    # no walk over the prefix and no copy of the logits row per step.
+    cursor = config.rules.cursor(out.generated) if config.rules.active else None
     while not out.done:
         t0 = clock.now()
         logits, _ = target.forward(state, torch.tensor([[token]], device=target.device))
-        logits = config.rules.apply(logits[-1:], out.generated, len(out.generated))
-        token = _choose(logits[0], config, generator)
+        row = logits[-1] if cursor is None else cursor.process_(logits[-1])  # the forward's own tensor
+        token = _choose(row, config, generator)
         yield out.emit([token], 0, 0, 0.0, clock.now() - t0)
         clock.resume()
+        if cursor is not None:
+            cursor.push(token)
     clock.resume()
 
 

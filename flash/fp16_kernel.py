@@ -136,3 +136,11 @@ def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
     (q [B, heads, n, d], k [B, kv_heads, n, d]); ``cos``/``sin`` [B, n, d]. Bit for bit
     :func:`flash.rope.apply_rope`, in one call instead of seven."""
     return torch.ops.flash_ops.rope_qk(qkv, cos, sin, heads, kv_heads)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """Attention of a few queries over one sequence's KV cache (``layer_ops.cpp``): q [1, H, n, d],
+    k/v [1, H_kv, L, d] (grouped heads kept grouped), ``mask`` additive [n, L] or None (causal, the
+    queries last). Returns [1, n, H, d]. Each query's result is independent of the others in the call."""
+    return torch.ops.flash_ops.decode_attention(q, k, v, mask, scale)

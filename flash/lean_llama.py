@@ -11,8 +11,9 @@ rotary embedding module are reused. Tested bit-identical to transformers' module
 (``tests/test_lean_attention.py``); README "Lean forward" has the timings.
 
 With ``fused_ops`` (the default model, where FLASH's CPU kernels build) the norms and the rotary
-embedding run as one C++ call each (:func:`flash.fp16_kernel.rms_norm`, :func:`flash.fp16_kernel.rope_qk`):
-the rotary embedding is still bit-identical, the norms equal torch's up to float rounding.
+embedding run as one C++ call each (:func:`flash.fp16_kernel.rms_norm`, :func:`flash.fp16_kernel.rope_qk`),
+and passes of a few queries over one sequence take :func:`flash.fp16_kernel.decode_attention`: the
+rotary embedding is still bit-identical, the norms and attention equal torch's up to float rounding.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from torch import nn
 from flash import fp16_kernel
 from flash.gqa_attention import gqa_sdpa_attention
 from flash.rope import apply_rope
+
+#: Queries up to which a pass (a decoding step, a draft tree's verification) runs FLASH's C++ attention.
+DECODE_ATTENTION_MAX_QUERIES = 16
 
 #: Builds an inference linear layer (no bias) from a weight [out, in]: fp32 or fp16-packed.
 LinearFactory = Callable[[torch.Tensor], nn.Module]
@@ -56,7 +60,7 @@ class LeanBlock(nn.Module):
             self.down_proj = linear(mlp.down_proj.weight)
 
     def forward(self, x: torch.Tensor, cache_layer, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, decode_attention: bool = False) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.qkv(_rms_norm(self.input_layernorm, x, self.fused_ops))
         if self.fused_ops:  # cos/sin [B, n, d]
@@ -68,7 +72,10 @@ class LeanBlock(nn.Module):
             qk = apply_rope(qk, cos, sin)  # q and k heads in one go: the same elementwise ops, half the calls
             q, k = qk.split([self.heads, self.kv_heads], dim=1)
         k, v = cache_layer.update(k, v)
-        attn, _ = gqa_sdpa_attention(None, q, k, v, mask, scaling=self.scaling, is_causal=True)
+        if decode_attention:  # FLASH's C++ attention for a few queries (mask: additive [n, kv] or causal)
+            attn = fp16_kernel.decode_attention(q, k, v, mask, self.scaling)
+        else:
+            attn, _ = gqa_sdpa_attention(None, q, k, v, mask, scaling=self.scaling, is_causal=True)
         x = x + self.o_proj(attn.reshape(b, n, -1))
         gate, up = self.gate_up(_rms_norm(self.post_attention_layernorm, x, self.fused_ops)).split(
             self.intermediate, dim=-1)
@@ -100,6 +107,7 @@ class LeanLlama(nn.Module):
             raise ValueError("LeanLlama supports Llama layers with SiLU and no biases")
         self.embed_tokens, self.rotary_emb, self.norm = model.embed_tokens, model.rotary_emb, model.norm
         self.layers = nn.ModuleList(LeanBlock(layer, linear, fused_ops) for layer in model.layers)
+        self.head_dim = self.layers[0].head_dim if len(self.layers) else 0
 
     @torch.inference_mode()
     def forward(self, cache, *, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
@@ -114,9 +122,16 @@ class LeanLlama(nn.Module):
         cos, sin = self.rotary_emb(x, position_ids)  # [B, n, d]
         if not self.fused_ops:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, n, d]: broadcast over heads
-        mask = _attention_mask(attention_mask, n, past + n, x.dtype, x.device)
+        # Decoding steps and verification passes (one sequence, a few queries) take FLASH's C++ attention
+        # where it runs; prefills and left-padded batches keep SDPA.
+        decode = (self.fused_ops and b == 1 and n <= DECODE_ATTENTION_MAX_QUERIES and self.head_dim in (64, 128)
+                  and (attention_mask is None or attention_mask.dim() == 4))
+        if decode:  # causal needs no mask there; a tree's boolean mask becomes additive once
+            mask = None if attention_mask is None else _attention_mask(attention_mask, n, past + n, x.dtype, x.device)
+        else:
+            mask = _attention_mask(attention_mask, n, past + n, x.dtype, x.device)
         for block, cache_layer in zip(self.layers, cache.layers, strict=True):
-            x = block(x, cache_layer, cos, sin, mask)
+            x = block(x, cache_layer, cos, sin, mask, decode)
         return _rms_norm(self.norm, x, self.fused_ops)
 
 

@@ -107,6 +107,33 @@ def test_fused_rope_is_apply_rope_bit_for_bit(batch, n, heads, kv_heads, d):
         fp16_kernel.rope_qk(qkv[..., :-1], cos, sin, heads, kv_heads)
 
 
+@needs_kernel
+@pytest.mark.parametrize("n, length, d", [(1, 515, 64), (5, 97, 64), (6, 230, 128), (3, 3, 64)])
+def test_decode_attention_is_sdpa_up_to_rounding_and_rows_are_independent(n, length, d):
+    torch.manual_seed(n * length)
+    q = torch.randn(1, 9, n, d)
+    keys, values = torch.randn(1, 3, length + 40, d) * 2, torch.randn(1, 3, length + 40, d)
+    k, v = keys[:, :, :length], values[:, :, :length]  # views of a bigger buffer, as the KV cache gives
+    seen = torch.rand(n, length) > 0.4
+    seen[:, : length - n] = True
+    seen[torch.arange(n), length - n + torch.arange(n)] = True  # every query sees the cache and itself
+    tree = torch.zeros(n, length).masked_fill_(~seen, float("-inf"))
+    causal = torch.ones(n, length, dtype=torch.bool).tril(length - n)
+    for mask, reference_mask in ((None, causal), (tree, tree)):
+        got = fp16_kernel.decode_attention(q, k, v, mask, 0.125)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=reference_mask, scale=0.125, enable_gqa=True)
+        torch.testing.assert_close(got, want.transpose(1, 2), rtol=1e-5, atol=2e-6)
+        last = fp16_kernel.decode_attention(q[:, :, -1:], k, v, None if mask is None else mask[-1:], 0.125)
+        assert torch.equal(last[:, 0], got[:, -1])  # a row does not depend on the other queries
+    if length > n:  # a masked key adds exact zeros: dropping it from the cache changes no bit
+        hidden_first = tree.clone()
+        hidden_first[:, 0] = float("-inf")
+        assert torch.equal(fp16_kernel.decode_attention(q, k, v, hidden_first, 0.125),
+                           fp16_kernel.decode_attention(q, k[:, :, 1:], v[:, :, 1:], hidden_first[:, 1:], 0.125))
+    with pytest.raises(RuntimeError, match="head_dim 64 or 128"):
+        fp16_kernel.decode_attention(q[..., :32], k[..., :32], v[..., :32], None, 0.125)
+
+
 def test_build_failures_say_what_to_do(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("FLASH_CACHE", str(tmp_path))  # nothing built here yet
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))

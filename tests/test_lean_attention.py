@@ -14,9 +14,10 @@ from flash.lean_llama import LeanLlama, fp32_linear
 from flash.tree import DraftTree, tree_attention
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, head_dim: int = 8) -> LlamaForCausalLM:
+    """3 layers, 6 query heads over 2 KV heads; ``head_dim`` 64 reaches FLASH's C++ attention."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+    cfg = LlamaConfig(vocab_size=97, hidden_size=6 * head_dim, intermediate_size=96, num_hidden_layers=3,
                       num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048)
     return LlamaForCausalLM(cfg).eval()
 
@@ -76,7 +77,7 @@ FUSED_OPS = [False, pytest.param(True, marks=pytest.mark.skipif(not fp16_kernel.
 
 @pytest.mark.parametrize("fused_ops", FUSED_OPS)
 def test_lean_llama_matches_transformers_through_crops_and_growth(fused_ops):
-    model = tiny_llama()
+    model = tiny_llama(head_dim=64 if fused_ops else 8)
     want = run_steps(model, DynamicCache(config=model.config), STEPS)
     got = run_steps(LeanModel(model, fused_ops=fused_ops), in_place_cache(model.config), STEPS)
     for a, b in zip(got, want, strict=True):
@@ -95,7 +96,7 @@ def test_lean_llama_with_fp16_weights_equals_transformers_with_fp16_weights():
 
 @pytest.mark.parametrize("fused_ops", FUSED_OPS)
 def test_lean_llama_tree_pass_equals_one_chain_per_branch(fused_ops):
-    model = tiny_llama()
+    model = tiny_llama(head_dim=64 if fused_ops else 8)
     lean = LeanLlama(model.model, fused_ops=fused_ops)
     prompt = torch.arange(1, 12)[None]
     tree = DraftTree(tokens=(5, 9, 7, 3), parents=(-1, -1, 0, 2), depths=(1, 1, 2, 3))
@@ -112,10 +113,37 @@ def test_lean_llama_tree_pass_equals_one_chain_per_branch(fused_ops):
         torch.testing.assert_close(got[[0, *(1 + i for i in nodes)]], want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.skipif(not fp16_kernel.kernel_available(), reason="FLASH's CPU kernels do not build here")
+def test_default_models_forward_gives_a_tree_row_exactly_what_one_token_steps_give():
+    """The default model's forward (fp16 kernel, C++ norms, rotary and attention): each row of a tree
+    pass is bit for bit the one-token step on its path, which keeps flash-tree's greedy text ar's."""
+    model = tiny_llama(head_dim=64)
+    lean = LeanLlama(model.model, Fp16Linear.from_weight, fused_ops=True)
+    prompt = torch.arange(1, 12)[None]
+    tree = DraftTree(tokens=(5, 9, 7, 3, 8), parents=(-1, -1, 0, 2, 1), depths=(1, 1, 2, 3, 2))
+    cache = in_place_cache(model.config)
+    lean(cache, input_ids=prompt)
+    mask, positions = tree_attention(tree, 11)
+    got = lean(cache, input_ids=torch.tensor([[40, *tree.tokens]]), attention_mask=mask[None, None],
+               position_ids=positions[None])[0]
+    for nodes in ([0, 2, 3], [1, 4]):
+        steps = in_place_cache(model.config)
+        lean(steps, input_ids=prompt)
+        path = [40, *(tree.tokens[i] for i in nodes)]
+        want = [lean(steps, input_ids=torch.tensor([[token]]))[0, 0] for token in path]
+        assert torch.equal(got[[0, *(1 + i for i in nodes)]], torch.stack(want))
+    # A chain's verification (causal, no mask) too: its rows are the one-token steps.
+    block, steps = in_place_cache(model.config), in_place_cache(model.config)
+    lean(block, input_ids=prompt)
+    lean(steps, input_ids=prompt)
+    together = lean(block, input_ids=torch.tensor([[6, 2, 4]]))[0]
+    assert torch.equal(together, torch.cat([lean(steps, input_ids=torch.tensor([[t]]))[0] for t in (6, 2, 4)]))
+
+
 @pytest.mark.parametrize("fused_ops", FUSED_OPS)
 def test_lean_llama_left_padded_batch_equals_each_row_alone(fused_ops):
     """The batched distillation's pattern: left-padded prompts with a 2D mask, then one-token steps."""
-    model = tiny_llama()
+    model = tiny_llama(head_dim=64 if fused_ops else 8)
     lean = LeanLlama(model.model, fused_ops=fused_ops)
     prompts = [list(range(3, 12)), list(range(20, 25))]
     steps = [[7, 8], [9, 10]]  # two decoding steps, one token per row each

@@ -7,11 +7,16 @@
 // the same code whatever the number of rows, so a row's result does not depend on which other rows
 // share the call (a verification pass computes what one-token steps compute).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <optional>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -89,6 +94,146 @@ std::tuple<at::Tensor, at::Tensor> rope_qk(const at::Tensor& qkv, const at::Tens
   return {q, k};
 }
 
+// exp(x) for 8 floats (Cephes' expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp), 0 below
+// -87.3 (a masked score, -inf, gives exactly 0).
+inline __m256 exp8(__m256 x) {
+  const __m256 dead = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _mm256_set1_ps(0.5f)));
+  x = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  x = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_add_ps(_mm256_mul_ps(y, x), _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, x), _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, x), _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, x), _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, x), _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(y, x), x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(dead, _mm256_mul_ps(y, _mm256_castsi256_ps(bits)));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Attention of rows [r0, r1) of one KV head's group: row r is query r % n of query head r / n of the
+// group (LANES = head_dim / 8, a compile-time constant so the accumulators stay in registers).
+// Each key is loaded once for all the rows (the group shares it); scores: (r1 - r0) * stride floats.
+template <int LANES>
+void attend_rows(const float* q, const float* kh, int64_t k_pos, const float* vh, int64_t v_pos, const float* mask,
+                 int64_t n, int64_t L, int64_t r0, int64_t r1, float scale, float* out, int64_t out_head,
+                 int64_t out_query, float* scores, int64_t stride) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < L; ++j) {
+    const float* kj = kh + j * k_pos;
+    __m256 kv[LANES];
+    for (int c = 0; c < LANES; ++c) kv[c] = _mm256_loadu_ps(kj + 8 * c);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i = r % n;
+      float* slot = scores + (r - r0) * stride + j;
+      if (mask ? mask[i * L + j] == kNegInf : j > L - n + i) {  // no mask: causal, the queries last
+        *slot = kNegInf;
+        continue;
+      }
+      const float* qr = q + r * LANES * 8;
+      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qr), kv[0]);
+      for (int c = 1; c < LANES; ++c) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * c), kv[c], acc);
+      const float score = hsum8(acc) * scale;
+      *slot = mask ? score + mask[i * L + j] : score;
+    }
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    float* row = scores + (r - r0) * stride;
+    float* out_row = out + (r / n) * out_head + (r % n) * out_query;
+    for (int64_t j = L; j < stride; ++j) row[j] = kNegInf;
+    __m256 best8 = _mm256_set1_ps(kNegInf);
+    for (int64_t j = 0; j < stride; j += 8) best8 = _mm256_max_ps(best8, _mm256_loadu_ps(row + j));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, best8);
+    const float best = *std::max_element(lanes, lanes + 8);
+    if (best == kNegInf) {  // every key masked: no attention at all
+      std::fill(out_row, out_row + LANES * 8, 0.0f);
+      continue;
+    }
+    const __m256 shift = _mm256_set1_ps(best);
+    for (int64_t j = 0; j < stride; j += 8)
+      _mm256_storeu_ps(row + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift)));
+    // The weights' sum and the weighted values run over the visible keys in cache order, skipping the
+    // masked ones: a tree row sums exactly what the one-token step on its path sums, although the
+    // tree's nodes sit at other cache slots than that path's tokens.
+    __m256 acc[LANES];
+    for (int c = 0; c < LANES; ++c) acc[c] = _mm256_setzero_ps();
+    float total = 0.0f;
+    for (int64_t j = 0; j < L; ++j) {
+      if (row[j] == 0.0f) continue;
+      total += row[j];
+      const __m256 p = _mm256_set1_ps(row[j]);
+      const float* vj = vh + j * v_pos;
+      for (int c = 0; c < LANES; ++c) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / total);
+    for (int c = 0; c < LANES; ++c) _mm256_storeu_ps(out_row + 8 * c, _mm256_mul_ps(acc[c], inv));
+  }
+}
+
+// Attention for decoding (one sequence, a few queries over a KV cache), grouped KV heads kept grouped:
+// q [1, H, n, d] (d = 64 or 128); k, v [1, Hkv, L, d] with unit stride over d (views of the cache);
+// mask additive [n, L] (a draft tree), or none: causal, query i at position L - n + i.
+// Returns [1, n, H, d]. Each query is computed on its own, in one fixed order over the keys (an exact
+// max, then exp, sum and the weighted values): its result does not depend on the other queries in
+// the call, and a masked key adds exact zeros, so a tree row equals the one-token step on its path.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+                  q.device().is_cpu(), "decode_attention: float32 CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(0) == 1 && k.size(0) == 1 && v.size(0) == 1,
+              "decode_attention: one sequence, [1, heads, positions, head_dim]");
+  const int64_t H = q.size(1), n = q.size(2), d = q.size(3), Hkv = k.size(1), L = k.size(2);
+  TORCH_CHECK((d == 64 || d == 128) && k.size(3) == d && v.size(3) == d && v.size(1) == Hkv && v.size(2) == L &&
+                  Hkv > 0 && H % Hkv == 0 && L >= n && n > 0 && k.stride(3) == 1 && v.stride(3) == 1,
+              "decode_attention: shapes do not match (head_dim 64 or 128)");
+  const at::Tensor qc = q.contiguous();
+  at::Tensor m;
+  if (mask.has_value()) {
+    m = mask->reshape({-1, mask->size(-2), mask->size(-1)});
+    TORCH_CHECK(m.size(0) == 1 && m.size(1) == n && m.size(2) == L && m.scalar_type() == at::kFloat,
+                "decode_attention: mask must be additive float32 [n, L]");
+    m = m.contiguous();
+  }
+  at::Tensor out = at::empty({1, n, H, d}, q.options());
+  const float* qp = qc.const_data_ptr<float>();
+  const float* kp = k.const_data_ptr<float>();
+  const float* vp = v.const_data_ptr<float>();
+  const float* mp = m.defined() ? m.const_data_ptr<float>() : nullptr;
+  float* op = out.mutable_data_ptr<float>();
+  // Work items: each KV head's rows (its query heads x the queries) in two halves, so two threads
+  // share three KV heads evenly; each item reads its head's keys and values once for all its rows.
+  const int64_t group = H / Hkv, rows = group * n, half = (rows + 1) / 2, stride = (L + 7) / 8 * 8;
+  const float fscale = static_cast<float>(scale);
+  at::parallel_for(0, 2 * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(half * stride);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item / 2, r0 = (item % 2) * half, r1 = std::min(rows, r0 + half);
+      if (r0 >= r1) continue;
+      const float* qg = qp + g * group * n * d;
+      const float* kh = kp + g * k.stride(1);
+      const float* vh = vp + g * v.stride(1);
+      float* og = op + g * group * d;
+      if (d == 64)
+        attend_rows<8>(qg, kh, k.stride(2), vh, v.stride(2), mp, n, L, r0, r1, fscale, og, d, H * d, scores.data(),
+                       stride);
+      else
+        attend_rows<16>(qg, kh, k.stride(2), vh, v.stride(2), mp, n, L, r0, r1, fscale, og, d, H * d, scores.data(),
+                        stride);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(flash_ops, m) {
@@ -96,4 +241,6 @@ TORCH_LIBRARY(flash_ops, m) {
   m.def("rope_qk(Tensor qkv, Tensor cos, Tensor sin, int heads, int kv_heads) -> (Tensor, Tensor)");
   m.impl("rms_norm", c10::DispatchKey::CPU, TORCH_FN(rms_norm));
   m.impl("rope_qk", c10::DispatchKey::CPU, TORCH_FN(rope_qk));
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  m.impl("decode_attention", c10::DispatchKey::CPU, TORCH_FN(decode_attention));
 }

@@ -83,12 +83,14 @@ class DefaultTarget(TargetModel):
 
     With ``lean`` (the default) the LM runs through :class:`flash.lean_llama.LeanLlama` (fused
     projections, one loop, in-place KV cache, grouped-KV SDPA: the same numbers, less overhead);
-    otherwise through transformers' own modules, cache and ``sdpa`` (for comparisons).
+    otherwise through transformers' own modules, cache and ``sdpa`` (for comparisons). With
+    ``cpu_ops`` (the default) and fp16 weights, the lean forward also runs FLASH's C++ norms, rotary
+    embedding and decoding attention (:mod:`flash.lean_llama`; within float rounding of torch's).
     """
 
     def __init__(self, lm: torch.nn.Module, tokenizer, vision: torch.nn.Module, labels: list[str],
                  connector: ConnectorConfig = ConnectorConfig(), fp16_weights: bool = True,
-                 lean: bool = True) -> None:
+                 lean: bool = True, cpu_ops: bool = True) -> None:
         self.lm, self.tokenizer, self.vision, self.labels = lm, tokenizer, vision, labels
         self.connector = connector
         self.weight_format = "fp16" if fp16_weights and fp16_gemm_available() else "fp32"
@@ -98,9 +100,10 @@ class DefaultTarget(TargetModel):
         self._lean: LeanLlama | None = None
         if lean:
             fp16 = self.weight_format == "fp16"
-            # FLASH's C++ norms and rotary embedding come with its fp16 kernel's library (whichever GEMM runs).
+            # FLASH's C++ norms, rotary embedding and decoding attention come with its fp16 kernel's
+            # library (whichever GEMM runs).
             self._lean = LeanLlama(lm.model, Fp16Linear.from_weight if fp16 else fp32_linear,
-                                   fused_ops=fp16 and fp16_kernel.kernel_available())
+                                   fused_ops=cpu_ops and fp16 and fp16_kernel.kernel_available())
             # The fused copies above now hold the layers' weights: drop transformers' layers, and make
             # running them an error rather than a silent no-op.
             lm.model.layers = torch.nn.ModuleList()
@@ -300,17 +303,19 @@ def _runs_through_lean_llama(*args, **kwargs):
                        "load_default_target(lean=False) keeps transformers' own modules")
 
 
-def load_default_target(*, quiet: bool = False, fp16_weights: bool = True, lean: bool = True) -> DefaultTarget:
+def load_default_target(*, quiet: bool = False, fp16_weights: bool = True, lean: bool = True,
+                        cpu_ops: bool = True) -> DefaultTarget:
     """Assemble the default target, fetching and converting its weights on first use.
 
     ``fp16_weights=False`` keeps the LM in fp32, ``lean=False`` runs transformers' own modules, KV
-    cache and attention (slower; for comparisons).
+    cache and attention (slower; for comparisons), ``cpu_ops=False`` keeps torch's norms, rotary
+    embedding and SDPA in the lean forward instead of FLASH's C++ ones (for comparisons).
     """
     start = time.perf_counter()
     lm, tok = _load_language_model(quiet)
     vision = load_mobilenet_v2(str(fetch_weight(MOBILENET_V2, quiet=quiet)))
     labels = json.loads((ASSETS / "imagenet_labels.json").read_text())
-    target = DefaultTarget(lm, tok, vision, labels, fp16_weights=fp16_weights, lean=lean)
+    target = DefaultTarget(lm, tok, vision, labels, fp16_weights=fp16_weights, lean=lean, cpu_ops=cpu_ops)
     if not quiet:
         print(f"Default model ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return target

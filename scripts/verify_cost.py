@@ -2,10 +2,11 @@
 
 Speculative decoding pays off only when τ exceeds this ratio. Run: ``python scripts/verify_cost.py``.
 For an image prompt (coffee.jpg) and a video prompt (coffee_rocket_cut.mp4, 8 frames), with the
-default lean forward (:mod:`flash.lean_llama`: fused projections, in-place KV cache, grouped-KV SDPA)
-on FLASH's fp16 GEMM kernel (:mod:`flash.fp16_kernel`), the same on fbgemm's fp16 GEMM, and
-transformers' own modules, cache and sdpa (on FLASH's kernel), interleaved in one process: the median
-of 15 forwards per size, each cropped back.
+default lean forward (:mod:`flash.lean_llama`: fused projections, in-place KV cache, FLASH's C++
+norms, rotary embedding and decoding attention) on FLASH's fp16 GEMM kernel (:mod:`flash.fp16_kernel`),
+the same with torch's norms, rotary embedding and grouped-KV SDPA instead ("torch ops"), the default
+on fbgemm's fp16 GEMM, and transformers' own modules, cache and sdpa (on FLASH's kernel), interleaved
+in one process: the median of 15 forwards per size, each cropped back.
 """
 
 import os
@@ -49,11 +50,12 @@ if __name__ == "__main__":
     os.environ["FLASH_FP16_KERNEL"] = "fbgemm"  # read when each target's layers are built
     on_fbgemm = load_default_target(quiet=True)
     del os.environ["FLASH_FP16_KERNEL"]
-    targets = {"lean": load_default_target(quiet=True), "lean, fbgemm": on_fbgemm,
-               "transformers": load_default_target(quiet=True, lean=False)}
+    targets = {"lean": load_default_target(quiet=True),
+               "lean, torch ops": load_default_target(quiet=True, cpu_ops=False),
+               "lean, fbgemm": on_fbgemm, "transformers": load_default_target(quiet=True, lean=False)}
     print(f"{torch.get_num_threads()} threads; median ms per forward (x a one-token step of the same setting)")
     for example in ("coffee.jpg", "coffee_rocket_cut.mp4"):
         length, medians = forward_medians(targets, example, SIZES, repeats=15)
         for name, median in medians.items():
             row = "  ".join(f"{n}: {median[n] * 1000:.1f} ({median[n] / median[1]:.2f}x)" for n in SIZES)
-            print(f"{example} (context {length}), {name:12s} {row}")
+            print(f"{example} (context {length}), {name:15s} {row}")

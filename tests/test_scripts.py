@@ -94,9 +94,10 @@ def test_sampler_cost_times_both_filters(script_cache):
 
 def test_verify_cost_and_profile_step_run(script_cache):
     out = run_script("verify_cost.py", script_cache)
-    rows = re.findall(r"^(\S+) \(context [0-9]+\), (lean|lean, fbgemm|transformers)\s+1: [0-9.]+ \(1\.00x\)", out,
-                      flags=re.M)
-    assert len(rows) == 6 and {r[1] for r in rows} == {"lean", "lean, fbgemm", "transformers"}  # 2 contexts x 3
+    settings = ("lean", "lean, torch ops", "lean, fbgemm", "transformers")
+    rows = re.findall(r"^(\S+) \(context [0-9]+\), (lean|lean, torch ops|lean, fbgemm|transformers)\s+1: [0-9.]+ "
+                      r"\(1\.00x\)", out, flags=re.M)
+    assert len(rows) == 8 and {r[1] for r in rows} == set(settings)  # 2 contexts x 4
     out = run_script("profile_step.py", script_cache)
     runs = {m: (int(n), float(tau)) for m, n, tau in
             re.findall(r"^(ar|flash|flash-tree): ([0-9]+) tokens in [0-9]+ steps \(tau ([0-9.]+)\)", out, flags=re.M)}

@@ -8,10 +8,14 @@ as in decoding, take 20.5 vs 25.5 ms at 1 row and 21.8 vs 31.7 ms at 5 (``python
 which also times each shape with its weights in cache; ``scripts/verify_cost.py`` has the whole
 forward). It also makes each output row independent of the other rows in the call, bit for bit.
 
-It is compiled with the system C++ compiler against the installed torch (~20 s, once per source and
+The same library holds FLASH's C++ layer ops (``flash/csrc/layer_ops.cpp``: RMSNorm, rotary
+embedding, decoding attention; :func:`rms_norm`, :func:`rope_qk`, :func:`decode_attention`), which
+the default model's lean forward uses where the library loads.
+
+It is compiled with the system C++ compiler against the installed torch (~40 s, once per source and
 torch version; cached under ``$FLASH_CACHE/kernels``). Where that cannot happen (no compiler, a CPU
-without AVX2/FMA/F16C, another OS), or with ``FLASH_FP16_KERNEL=fbgemm``, :class:`flash.fp16_linear.Fp16Linear`
-runs fbgemm's kernel as before, after a one-line notice.
+without AVX2/FMA/F16C, another OS), :class:`flash.fp16_linear.Fp16Linear` runs fbgemm's kernel and the
+lean forward torch's ops, after a one-line notice; ``FLASH_FP16_KERNEL=fbgemm`` switches the GEMM only.
 """
 
 from __future__ import annotations
@@ -58,8 +62,8 @@ def kernel_available() -> bool:
         _check_cpu()
         torch.ops.load_library(str(build()))
     except (KernelBuildError, OSError, RuntimeError) as exc:
-        print(f"note: FLASH's fp16 GEMM kernel is not used ({exc}); falling back to fbgemm's, which is slower "
-              f"at verification", file=sys.stderr)
+        print(f"note: FLASH's CPU kernels are not used ({exc}); falling back to fbgemm's GEMM and torch's ops, "
+              f"which are slower", file=sys.stderr)
         return False
     return True
 

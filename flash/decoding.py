@@ -315,19 +315,21 @@ class _DraftProposer:
         log_norms = scores.logsumexp(-1).tolist()
         token_of, column_lookup = draft.vocab_lookup()
 
+        def columns_of(tokens: list[int]) -> list[int]:
+            """Target token ids -> the draft vocabulary's columns (tokens it lacks are dropped)."""
+            if column_lookup is None:
+                return tokens
+            return [c for c in (column_lookup.get(t, -1) for t in tokens) if c >= 0]
+
         def expand(level: int, path: list[int]) -> tuple[list[int], list[float]]:
             row, changed = level - 1, {}
-            if base is not None:
-                penalised, banned = base.path_changes(path)
-                columns = [column_lookup.get(t, -1) if column_lookup is not None else t for t in penalised + banned]
-                kept = [(i, c) for i, c in enumerate(columns) if c >= 0]
-                if kept:
-                    old = scores[row, [c for _, c in kept]].tolist()
-                    for (i, column), score in zip(kept, old, strict=True):
-                        if i >= len(penalised):
-                            changed[column] = (changed.get(column, (score,))[0], -math.inf)
-                        else:
-                            changed[column] = (score, base.penalised(score))
+            if base is not None:  # the rest of the rules for this branch's own path: a few scores change
+                penalised, banned = (columns_of(tokens) for tokens in base.path_changes(path))
+                if penalised or banned:
+                    old = scores[row, penalised + banned].tolist()
+                    lowered, removed = old[: len(penalised)], old[len(penalised) :]
+                    changed = {c: (s, base.rules.penalised(s)) for c, s in zip(penalised, lowered, strict=True)}
+                    changed.update({c: (s, -math.inf) for c, s in zip(banned, removed, strict=True)})
             found = best_after_changes(list(zip(top_scores[row], top_columns[row], strict=True)), log_norms[row],
                                        changed, config.tree_branch, exhaustive=width == scores.shape[-1])
             if found is None:  # the top entries cannot decide: process this branch's whole row

@@ -95,7 +95,7 @@ def build() -> Path:
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     lib_dir = cpp_extension.library_paths()[0]
-    print("Compiling FLASH's CPU kernels (once, ~30 s)...", file=sys.stderr)
+    print("Compiling FLASH's CPU kernels (once, ~40 s)...", file=sys.stderr)
     # Built under a temporary name and renamed: a concurrent process never loads a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
     os.close(fd)

@@ -126,10 +126,9 @@ class LeanLlama(nn.Module):
         # where it runs; prefills and left-padded batches keep SDPA.
         decode = (self.fused_ops and b == 1 and n <= DECODE_ATTENTION_MAX_QUERIES and self.head_dim in (64, 128)
                   and (attention_mask is None or attention_mask.dim() == 4))
-        if decode:  # causal needs no mask there; a tree's boolean mask becomes additive once
-            mask = None if attention_mask is None else _attention_mask(attention_mask, n, past + n, x.dtype, x.device)
-        else:
-            mask = _attention_mask(attention_mask, n, past + n, x.dtype, x.device)
+        # (The C++ attention needs no mask for causal attention; a tree's mask becomes additive once.)
+        causal_decode = decode and attention_mask is None
+        mask = None if causal_decode else _attention_mask(attention_mask, n, past + n, x.dtype, x.device)
         for block, cache_layer in zip(self.layers, cache.layers, strict=True):
             x = block(x, cache_layer, cos, sin, mask, decode)
         return _rms_norm(self.norm, x, self.fused_ops)

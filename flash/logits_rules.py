@@ -44,6 +44,10 @@ class LogitsRules:
     def _penalise(self, values: torch.Tensor) -> torch.Tensor:
         return torch.where(values < 0, values * self.repetition_penalty, values / self.repetition_penalty)
 
+    def penalised(self, score: float) -> float:
+        """:meth:`_penalise` for one score as a Python float (a draft tree ranks a few scores in Python)."""
+        return score * self.repetition_penalty if score < 0 else score / self.repetition_penalty
+
     def apply(self, logits: torch.Tensor, generated: list[int], start: int) -> torch.Tensor:
         """Process ``logits`` [n, V]; row ``j`` is the next-token logits after ``generated[:start+j]``.
 
@@ -176,11 +180,6 @@ class RulesCursor:
         if self.rules.repetition_penalty != 1.0:
             new = [t for t in dict.fromkeys(path) if t not in self.seen]
         return new, self.banned_after(path)
-
-    def penalised(self, value: float) -> float:
-        """The repetition penalty of one score (a Python float), as :meth:`LogitsRules._penalise` does it."""
-        p = self.rules.repetition_penalty
-        return value * p if value < 0 else value / p
 
     def process_(self, row: torch.Tensor, column_of: torch.Tensor | None = None) -> torch.Tensor:
         """Apply the rules to the next-token ``row`` [V] in place (and return it)."""

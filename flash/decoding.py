@@ -285,10 +285,13 @@ class _DraftProposer:
             prompt.input_ids[0].to(target.device), prompt.media_spans, hidden, first_token, compress=not self.eagle)
         self.last_hidden = hidden[-1]
 
-    def propose(self, n: int, context: list[int], config: GenerationConfig, generator: torch.Generator):
+    def propose(self, n: int, context: list[int], config: GenerationConfig, generator: torch.Generator,
+                cursor: RulesCursor | None):
+        """n draft tokens after the generated ``context``; ``cursor``: the rules' state after it (None
+        without rules), which the draft's rows are processed with."""
         propose = _propose_chain if self.eagle else _propose_block
         return propose(self.draft, self.state, self.stream, self.last_feature, self.last_hidden, n, config, generator,
-                       context)
+                       cursor)
 
     def propose_tree(self, depth: int, base: RulesCursor | None, config: GenerationConfig) -> DraftTree:
         """One semi-autoregressive pass, read as a tree: each slot's best tokens, the target's rules
@@ -362,7 +365,8 @@ class _PromptLookupProposer:
         self.prompt_ids = prompt.input_ids[0].tolist()
         self.device = target.device
 
-    def propose(self, n: int, context: list[int], config: GenerationConfig, generator: torch.Generator):
+    def propose(self, n: int, context: list[int], config: GenerationConfig, generator: torch.Generator,
+                cursor: RulesCursor | None):
         ids = torch.tensor([self.prompt_ids + context])
         found, _ = self.lookup.get_candidates(ids)
         draft_ids = found[0, ids.shape[1] :][:n].to(self.device)
@@ -383,13 +387,15 @@ def _speculative(target: TargetModel, prompt: Prompt, proposer, method: str,
     clock.resume()
     state = pre.state
     proposer.start(target, prompt, pre.hidden, token)
+    # The rules' state after the generated tokens, grown as tokens are emitted (as in flash-tree).
+    cursor = config.rules.cursor(out.generated) if config.rules.active else None
 
     while not out.done:
         # 1. Draft: never propose more than can still be emitted after the pending token.
         t0 = clock.now()
         n_draft = min(proposer.k, out.room - 1)
         if n_draft > 0:
-            draft_ids, draft_probs = proposer.propose(n_draft, out.generated, config, generator)
+            draft_ids, draft_probs = proposer.propose(n_draft, out.generated, config, generator, cursor)
         else:
             draft_ids, draft_probs = torch.empty(0, dtype=torch.long, device=device), None
         t1 = clock.now()
@@ -398,7 +404,11 @@ def _speculative(target: TargetModel, prompt: Prompt, proposer, method: str,
         candidates = torch.cat([torch.tensor([token], device=device), draft_ids])
         cache_len = state.length
         logits, hidden = target.forward(state, candidates[None])
-        logits = config.rules.apply(logits, out.generated + draft_ids.tolist(), len(out.generated))
+        if cursor is not None:  # in place: the prefix's penalty for every row, then row j's own drafts
+            cursor.penalise_seen_(logits)
+            drafted = draft_ids.tolist()
+            for j in range(logits.shape[0]):
+                cursor.finish_after_(logits[j], drafted[:j])
 
         # 3. Accept.
         if config.greedy:
@@ -414,9 +424,12 @@ def _speculative(target: TargetModel, prompt: Prompt, proposer, method: str,
         token = next_token
 
         # 5. Emit.
-        yield out.emit(accepted_ids.tolist() + [next_token], accepted, int(draft_ids.shape[0]), t1 - t0,
-                       clock.now() - t1)
+        emitted = accepted_ids.tolist() + [next_token]
+        yield out.emit(emitted, accepted, int(draft_ids.shape[0]), t1 - t0, clock.now() - t1)
         clock.resume()
+        if cursor is not None:
+            for token_id in emitted:
+                cursor.push(token_id)
 
 
 def _target_choice(logits: torch.Tensor, cursor, config: GenerationConfig, generator: torch.Generator):
@@ -493,24 +506,27 @@ def _speculative_tree(target: TargetModel, prompt: Prompt, proposer: _DraftPropo
 
 
 def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationConfig, generator: torch.Generator,
-                  context: list[int], joint: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+                  cursor: RulesCursor | None, path: list[int],
+                  joint: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """Predicted features [n, D] -> draft token ids [n] (target vocabulary), their q [n, V], and ``joint``.
 
-    The target's logits rules are applied to the draft's logits too, row i with the prefix
-    ``context + d_1..d_{i-1}``: the draft then proposes what the rule-processed target would pick
-    (acceptance only; verification stays exact whatever the draft proposes). ``joint`` is the
+    The target's logits rules are applied to the draft's logits too (``cursor``: their state after the
+    generated tokens, None without rules), row i with the prefix ``generated + path + d_1..d_{i-1}``
+    (``path``: the tokens drafted before this call in the same step): the draft then proposes what the
+    rule-processed target would pick (acceptance only; verification stays exact whatever the draft
+    proposes). ``joint`` is the
     draft's confidence in the tokens proposed before these (1 at a step's start); the returned one
     includes the kept rows. Rows stop where it would fall below ``config.min_draft_prob``.
     """
     logits = draft.draft_logits(features).float()  # [n, Vd]
-    if config.rules.active:
+    if cursor is not None:
         # Rows stay over the draft's vocabulary: the rules act on its columns only (tested equal to
         # processing the full-vocabulary row), so no 49k-wide row is built per draft token.
-        cursor, column_of = config.rules.cursor(context), draft.target_columns()
+        column_of = draft.target_columns()
         cursor.penalise_seen_(logits, column_of)  # the prefix's penalty for every row in one go
         ids, probs = [], []
         for i in range(logits.shape[0]):
-            row = cursor.finish_after_(logits[i], ids, column_of)  # then row i's own path: ids so far
+            row = cursor.finish_after_(logits[i], path + ids, column_of)  # then row i's own path
             if not torch.isfinite(row).any():
                 break  # the rules ban every token the draft knows: propose fewer tokens this step
             confidence = joint * float(row.softmax(-1).max())
@@ -540,15 +556,15 @@ def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationC
 
 
 def _propose_block(draft: FlashDraft, dstate: DraftState, stream, last_feature, last_hidden, n: int,
-                   config: GenerationConfig, generator: torch.Generator, context: list[int]):
+                   config: GenerationConfig, generator: torch.Generator, cursor: RulesCursor | None):
     """FLASH: one semi-autoregressive pass gives n draft tokens."""
     features = draft.propose(dstate, stream, last_feature, last_hidden, n)
-    ids, probs, _ = _draft_tokens(draft, features, config, generator, context)
+    ids, probs, _ = _draft_tokens(draft, features, config, generator, cursor, [])
     return ids, probs
 
 
 def _propose_chain(draft: FlashDraft, dstate: DraftState, stream, last_feature, last_hidden, n: int,
-                   config: GenerationConfig, generator: torch.Generator, context: list[int]):
+                   config: GenerationConfig, generator: torch.Generator, cursor: RulesCursor | None):
     """EAGLE: n one-token passes, each feeding back the draft's own predicted feature."""
     ids, probs = [], []
     exact_length, joint = None, 1.0
@@ -556,7 +572,7 @@ def _propose_chain(draft: FlashDraft, dstate: DraftState, stream, last_feature, 
         feature = draft.propose(dstate, stream, last_feature, last_hidden, 1)  # [1, D]
         if exact_length is None:
             exact_length = dstate.length  # entries past this are speculative: overwritten next step
-        tok, q, joint = _draft_tokens(draft, feature, config, generator, context + [int(t) for t in ids], joint)
+        tok, q, joint = _draft_tokens(draft, feature, config, generator, cursor, [int(t) for t in ids], joint)
         if tok.numel() == 0:
             break
         ids.append(tok)

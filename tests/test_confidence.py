@@ -59,7 +59,9 @@ def test_the_cut_is_on_the_joint_confidence(tiny_llava, make_draft, rules_active
     torch.manual_seed(0)
     features = torch.randn(4, tiny_llava.hidden_size) * 3
     context = [5, 6, 5]
-    ids, _, joint = _draft_tokens(draft, features, config, torch.Generator(), context, joint=0.9)
+    # The rules' state after the generated [5, 6], and 5 drafted earlier in the same step (the chain's path).
+    cursor = rules.cursor(context[:2]) if rules_active else None
+    ids, _, joint = _draft_tokens(draft, features, config, torch.Generator(), cursor, context[2:], joint=0.9)
     # The same walk by hand, one row at a time.
     expected, conf = [], 0.9
     for i in range(4):

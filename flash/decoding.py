@@ -428,8 +428,7 @@ def _speculative(target: TargetModel, prompt: Prompt, proposer, method: str,
         yield out.emit(emitted, accepted, int(draft_ids.shape[0]), t1 - t0, clock.now() - t1)
         clock.resume()
         if cursor is not None:
-            for token_id in emitted:
-                cursor.push(token_id)
+            cursor.extend(emitted)
 
 
 def _target_choice(logits: torch.Tensor, cursor, config: GenerationConfig, generator: torch.Generator):
@@ -501,8 +500,7 @@ def _speculative_tree(target: TargetModel, prompt: Prompt, proposer: _DraftPropo
         yield out.emit(accepted_ids + [next_token], len(accepted), len(tree), t1 - t0, clock.now() - t1)
         clock.resume()
         if cursor is not None:
-            for emitted in accepted_ids + [next_token]:
-                cursor.push(emitted)
+            cursor.extend(accepted_ids + [next_token])
 
 
 def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationConfig, generator: torch.Generator,
@@ -514,9 +512,9 @@ def _draft_tokens(draft: FlashDraft, features: torch.Tensor, config: GenerationC
     generated tokens, None without rules), row i with the prefix ``generated + path + d_1..d_{i-1}``
     (``path``: the tokens drafted before this call in the same step): the draft then proposes what the
     rule-processed target would pick (acceptance only; verification stays exact whatever the draft
-    proposes). ``joint`` is the
-    draft's confidence in the tokens proposed before these (1 at a step's start); the returned one
-    includes the kept rows. Rows stop where it would fall below ``config.min_draft_prob``.
+    proposes). ``joint`` is the draft's confidence in the tokens proposed before these (1 at a step's
+    start); the returned one includes the kept rows. Rows stop where it would fall below
+    ``config.min_draft_prob``.
     """
     logits = draft.draft_logits(features).float()  # [n, Vd]
     if cursor is not None:

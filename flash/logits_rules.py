@@ -104,8 +104,7 @@ class RulesCursor:
         self.tokens: list[int] = []
         self.seen: dict[int, None] = {}  # an insertion-ordered set
         self.followers: dict[tuple[int, ...], list[int]] = {}
-        for token in generated:
-            self.push(token)
+        self.extend(generated)
 
     def push(self, token: int) -> None:
         """The prefix grows by ``token``."""
@@ -114,6 +113,11 @@ class RulesCursor:
         size = self.rules.no_repeat_ngram_size
         if size > 0 and len(self.tokens) >= size:  # the n-gram ending at this token
             self.followers.setdefault(tuple(self.tokens[len(self.tokens) - size : -1]), []).append(token)
+
+    def extend(self, tokens: list[int]) -> None:
+        """The prefix grows by ``tokens``, in order."""
+        for token in tokens:
+            self.push(token)
 
     def copy(self) -> RulesCursor:
         """An independent cursor at the same prefix (a draft tree's branches grow their own)."""

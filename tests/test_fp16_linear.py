@@ -108,7 +108,7 @@ def test_fused_rope_is_apply_rope_bit_for_bit(batch, n, heads, kv_heads, d):
 
 
 @needs_kernel
-@pytest.mark.parametrize("n, length, d", [(1, 515, 64), (5, 97, 64), (6, 230, 128), (3, 3, 64)])
+@pytest.mark.parametrize("n, length, d", [(1, 515, 64), (5, 97, 64), (6, 230, 128), (3, 3, 64), (16, 64, 128)])
 def test_decode_attention_is_sdpa_up_to_rounding_and_rows_are_independent(n, length, d):
     torch.manual_seed(n * length)
     q = torch.randn(1, 9, n, d)

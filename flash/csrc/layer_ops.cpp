@@ -113,70 +113,123 @@ inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(dead, _mm256_mul_ps(y, _mm256_castsi256_ps(bits)));
 }
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+// The dot products of one query row with 8 keys (key i at kb + i * k_pos), each summed in one fixed
+// order (lane l + lane l + 4, then (0 + 2) + (1 + 3), as one key at a time did before), so a score is the same
+// float whichever 8 keys share the call. Eight independent accumulators keep the FMA units busy
+// where one key at a time waited on each FMA's latency (~4x the cost per score).
+template <int LANES>
+inline __m256 dots8(const float* qr, const float* kb, int64_t k_pos) {
+  __m256 a[8];
+  const __m256 q0 = _mm256_loadu_ps(qr);
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_mul_ps(q0, _mm256_loadu_ps(kb + i * k_pos));
+  for (int c = 1; c < LANES; ++c) {
+    const __m256 qc = _mm256_loadu_ps(qr + 8 * c);
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + i * k_pos + 8 * c), a[i]);
+  }
+  __m256 s[4];  // s[i]: key 2i's four lane-pair sums | key 2i + 1's
+  for (int i = 0; i < 4; ++i)
+    s[i] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x20),
+                         _mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x31));
+  // (0 + 2, 1 + 3) of keys 0, 2 | 1, 3 and of keys 4, 6 | 5, 7; then their pair sums, put back in order.
+  const __m256 t0 = _mm256_add_ps(_mm256_shuffle_ps(s[0], s[1], 0x44), _mm256_shuffle_ps(s[0], s[1], 0xEE));
+  const __m256 t1 = _mm256_add_ps(_mm256_shuffle_ps(s[2], s[3], 0x44), _mm256_shuffle_ps(s[2], s[3], 0xEE));
+  return _mm256_permutevar8x32_ps(_mm256_hadd_ps(t0, t1), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
 // Attention of rows [r0, r1) of one KV head's group: row r is query r % n of query head r / n of the
 // group (LANES = head_dim / 8, a compile-time constant so the accumulators stay in registers).
-// Each key is loaded once for all the rows (the group shares it); scores: (r1 - r0) * stride floats.
+// Each block of 8 keys is loaded once for all the rows (the group shares it); scores: (r1 - r0) * stride
+// floats, sums: (r1 - r0) * (head_dim + 1).
 template <int LANES>
 void attend_rows(const float* q, const float* kh, int64_t k_pos, const float* vh, int64_t v_pos, const float* mask,
                  int64_t n, int64_t L, int64_t r0, int64_t r1, float scale, float* out, int64_t out_head,
-                 int64_t out_query, float* scores, int64_t stride) {
+                 int64_t out_query, float* scores, int64_t stride, float* sums) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < L; ++j) {
-    const float* kj = kh + j * k_pos;
-    __m256 kv[LANES];
-    for (int c = 0; c < LANES; ++c) kv[c] = _mm256_loadu_ps(kj + 8 * c);
+  const __m256 neg_inf = _mm256_set1_ps(kNegInf), scale8 = _mm256_set1_ps(scale);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  float tail[8 * LANES * 8] = {};  // the last, partial block of keys, zero-padded
+  for (int64_t j = 0; j < L; j += 8) {
+    const float* kb = kh + j * k_pos;
+    int64_t kb_pos = k_pos;
+    if (j + 8 > L) {
+      for (int64_t t = j; t < L; ++t) std::copy(kh + t * k_pos, kh + t * k_pos + LANES * 8, tail + (t - j) * LANES * 8);
+      kb = tail;
+      kb_pos = LANES * 8;
+    }
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = r % n;
-      float* slot = scores + (r - r0) * stride + j;
-      if (mask ? mask[i * L + j] == kNegInf : j > L - n + i) {  // no mask: causal, the queries last
-        *slot = kNegInf;
-        continue;
+      __m256 score = _mm256_mul_ps(dots8<LANES>(q + r * LANES * 8, kb, kb_pos), scale8);
+      __m256 hidden;  // a masked key scores exactly -inf
+      if (mask) {
+        const float* mrow = mask + i * L + j;
+        float mask_tail[8] = {};
+        if (j + 8 > L) {  // a full-width load would run past the row
+          std::copy(mrow, mask + (i + 1) * L, mask_tail);
+          mrow = mask_tail;
+        }
+        const __m256 m = _mm256_loadu_ps(mrow);
+        score = _mm256_add_ps(score, m);
+        hidden = _mm256_cmp_ps(m, neg_inf, _CMP_EQ_OQ);
+      } else {  // causal, the queries last: key j is hidden from query i when j > L - n + i
+        hidden = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+            _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(j))),
+            _mm256_set1_epi32(static_cast<int>(L - n + i))));
       }
-      const float* qr = q + r * LANES * 8;
-      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qr), kv[0]);
-      for (int c = 1; c < LANES; ++c) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * c), kv[c], acc);
-      const float score = hsum8(acc) * scale;
-      *slot = mask ? score + mask[i * L + j] : score;
+      _mm256_storeu_ps(scores + (r - r0) * stride + j, _mm256_blendv_ps(score, neg_inf, hidden));
     }
   }
-  for (int64_t r = r0; r < r1; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {  // each row's weights: exp(score - the row's max)
     float* row = scores + (r - r0) * stride;
-    float* out_row = out + (r / n) * out_head + (r % n) * out_query;
     for (int64_t j = L; j < stride; ++j) row[j] = kNegInf;
     __m256 best8 = _mm256_set1_ps(kNegInf);
     for (int64_t j = 0; j < stride; j += 8) best8 = _mm256_max_ps(best8, _mm256_loadu_ps(row + j));
     float lanes[8];
     _mm256_storeu_ps(lanes, best8);
     const float best = *std::max_element(lanes, lanes + 8);
-    if (best == kNegInf) {  // every key masked: no attention at all
-      std::fill(out_row, out_row + LANES * 8, 0.0f);
+    if (best == kNegInf) {  // every key masked: all weights zero, and the row attends to nothing
+      std::fill(row, row + stride, 0.0f);
       continue;
     }
     const __m256 shift = _mm256_set1_ps(best);
     for (int64_t j = 0; j < stride; j += 8)
       _mm256_storeu_ps(row + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift)));
-    // The weights' sum and the weighted values run over the visible keys in cache order, skipping the
-    // masked ones: a tree row sums exactly what the one-token step on its path sums, although the
-    // tree's nodes sit at other cache slots than that path's tokens.
-    __m256 acc[LANES];
-    for (int c = 0; c < LANES; ++c) acc[c] = _mm256_setzero_ps();
-    float total = 0.0f;
-    for (int64_t j = 0; j < L; ++j) {
-      if (row[j] == 0.0f) continue;
-      total += row[j];
-      const __m256 p = _mm256_set1_ps(row[j]);
-      const float* vj = vh + j * v_pos;
-      for (int c = 0; c < LANES; ++c) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+  }
+  // The weights' sum and the weighted values run over the visible keys in cache order, skipping the
+  // masked ones: a tree row sums exactly what the one-token step on its path sums, although the
+  // tree's nodes sit at other cache slots than that path's tokens. The keys go in blocks small enough
+  // for their values to stay in L1 while every row takes them (sums: the rows' running sums between
+  // blocks); one row at a time over all the keys re-read the values from L2/L3 for each row.
+  constexpr int64_t kBlock = 64;
+  std::fill(sums, sums + (r1 - r0) * (LANES * 8 + 1), 0.0f);
+  for (int64_t j0 = 0; j0 < L; j0 += kBlock) {
+    const int64_t j1 = std::min(L, j0 + kBlock);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = scores + (r - r0) * stride;
+      float* sum = sums + (r - r0) * (LANES * 8 + 1);  // LANES * 8 weighted values, then the weights' total
+      __m256 acc[LANES];
+      for (int c = 0; c < LANES; ++c) acc[c] = _mm256_loadu_ps(sum + 8 * c);
+      float total = sum[LANES * 8];
+      for (int64_t j = j0; j < j1; ++j) {
+        if (row[j] == 0.0f) continue;
+        total += row[j];
+        const __m256 p = _mm256_set1_ps(row[j]);
+        const float* vj = vh + j * v_pos;
+        for (int c = 0; c < LANES; ++c) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+      }
+      for (int c = 0; c < LANES; ++c) _mm256_storeu_ps(sum + 8 * c, acc[c]);
+      sum[LANES * 8] = total;
+    }
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* sum = sums + (r - r0) * (LANES * 8 + 1);
+    float* out_row = out + (r / n) * out_head + (r % n) * out_query;
+    const float total = sum[LANES * 8];
+    if (total == 0.0f) {  // no visible key
+      std::fill(out_row, out_row + LANES * 8, 0.0f);
+      continue;
     }
     const __m256 inv = _mm256_set1_ps(1.0f / total);
-    for (int c = 0; c < LANES; ++c) _mm256_storeu_ps(out_row + 8 * c, _mm256_mul_ps(acc[c], inv));
+    for (int c = 0; c < LANES; ++c) _mm256_storeu_ps(out_row + 8 * c, _mm256_mul_ps(_mm256_loadu_ps(sum + 8 * c), inv));
   }
 }
 
@@ -215,7 +268,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t group = H / Hkv, rows = group * n, half = (rows + 1) / 2, stride = (L + 7) / 8 * 8;
   const float fscale = static_cast<float>(scale);
   at::parallel_for(0, 2 * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(half * stride);
+    std::vector<float> scores(half * stride), sums(half * (d + 1));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item / 2, r0 = (item % 2) * half, r1 = std::min(rows, r0 + half);
       if (r0 >= r1) continue;
@@ -225,10 +278,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       float* og = op + g * group * d;
       if (d == 64)
         attend_rows<8>(qg, kh, k.stride(2), vh, v.stride(2), mp, n, L, r0, r1, fscale, og, d, H * d, scores.data(),
-                       stride);
+                       stride, sums.data());
       else
         attend_rows<16>(qg, kh, k.stride(2), vh, v.stride(2), mp, n, L, r0, r1, fscale, og, d, H * d, scores.data(),
-                        stride);
+                        stride, sums.data());
     }
   });
   return out;

@@ -274,8 +274,10 @@ class FlashDraft(nn.Module):
         shape = (cfg.num_layers, 1, cfg.num_heads, cfg.max_positions, cfg.head_dim)
         dtype = dtype or self.slot_embed.dtype
         device = device or self.slot_embed.device
-        return DraftState(torch.zeros(shape, dtype=dtype, device=device),
-                          torch.zeros(shape, dtype=dtype, device=device))
+        # Left unset: a pass reads only positions it or an earlier pass wrote (zeroing 2 x 19 MB took
+        # ~14 ms at every generation's start on the default model's draft, measured with torch.profiler).
+        return DraftState(torch.empty(shape, dtype=dtype, device=device),
+                          torch.empty(shape, dtype=dtype, device=device))
 
     def propose(self, state: DraftState, stream: torch.Tensor, last_feature: torch.Tensor,
                 last_hidden: torch.Tensor, num_slots: int) -> torch.Tensor:

@@ -35,6 +35,8 @@ def test_incremental_propose_equals_one_shot(num_layers):
     stream, gate = torch.randn(30, 64), torch.randn(30, 64)
     with torch.no_grad():
         state = draft.new_state()
+        state.keys.fill_(float("nan"))  # new_state leaves its memory unset: no pass may read what it did not write
+        state.values.fill_(float("nan"))
         draft.propose(state, stream[:8], stream[8], gate[8], 4)
         draft.propose(state, stream[9:12], stream[12], gate[12], 2)  # speculative slots are overwritten
         got = draft.propose(state, stream[13:20], stream[20], gate[20], 4)

@@ -1,0 +1,130 @@
+"""FLASH's CPU kernels at another git revision vs the working tree's: ``python scripts/kernel_ab.py REV``.
+
+Builds ``flash/csrc/*.cpp`` as of REV (e.g. ``HEAD~1``) and as in the working tree into two libraries
+whose ops live under other names (so both load into one process), checks that their outputs are the
+same floats, and times them interleaved (median of ``--repeats`` rounds): the fp16 GEMM over a decoder
+layer's four weight shapes at decoding and prefill row counts (weights warm in cache), and the
+decoding attention at the default model's shapes (9 query heads over 3 KV heads, head_dim 64) for an
+image's and a video's context. Then the default model's prefill of an image prompt (cat.jpg) and a video
+prompt (coffee_rocket_cut.mp4) with each library's GEMM (the rest of the forward the working tree's).
+Compiling takes ~40 s per library.
+"""
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flash import fp16_kernel  # noqa: E402
+
+LAYER_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # q/k/v, o, gate/up, down (SmolLM2-135M)
+
+
+def build(sources: dict[str, str], tag: str, out_dir: Path) -> object:
+    """Compile ``sources`` (name -> C++ text) with the kernel's flags, its op namespaces suffixed by
+    ``tag``; load the library and return (gemm, attention) ops."""
+    from torch.utils import cpp_extension
+
+    files = []
+    for name, text in sources.items():
+        text = text.replace("TORCH_LIBRARY(flash_fp16,", f"TORCH_LIBRARY(flash_fp16_{tag},")
+        text = text.replace("TORCH_LIBRARY(flash_ops,", f"TORCH_LIBRARY(flash_ops_{tag},")
+        path = out_dir / f"{tag}_{name}"
+        path.write_text(text)
+        files.append(str(path))
+    library = out_dir / f"{tag}.so"
+    lib_dir = cpp_extension.library_paths()[0]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    command = ["c++", *fp16_kernel._FLAGS, abi, *(f"-I{p}" for p in cpp_extension.include_paths()), *files,
+               "-o", str(library), f"-L{lib_dir}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib_dir}"]
+    print(f"compiling {tag}...", file=sys.stderr)
+    subprocess.run(command, check=True, capture_output=True)
+    torch.ops.load_library(str(library))
+    return getattr(torch.ops, f"flash_fp16_{tag}").linear, getattr(torch.ops, f"flash_ops_{tag}").decode_attention
+
+
+def timed(calls: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each zero-argument callable, the callables interleaved round by round."""
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[repeats // 2] for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("rev", help="the git revision to compare the working tree's kernels with")
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    names = [source.name for source in fp16_kernel.SOURCES]
+    old = {n: subprocess.run(["git", "show", f"{args.rev}:flash/csrc/{n}"], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout for n in names}
+    new = {n: (ROOT / "flash" / "csrc" / n).read_text() for n in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        ops = {"rev": build(old, "rev", Path(tmp)), "tree": build(new, "tree", Path(tmp))}
+    print(f"{args.rev} ('rev') vs the working tree ('tree'), {torch.get_num_threads()} threads, median of "
+          f"{args.repeats}")
+    torch.manual_seed(0)
+    packed = [(fp16_kernel.pack(torch.randn(n, k)), n, k) for n, k in LAYER_SHAPES]
+    for rows in (1, 5, 97, 515):
+        xs = [torch.randn(rows, k) for _, _, k in packed]
+
+        def layer(gemm, xs=xs):
+            return [gemm(x, w, n) for x, (w, n, _) in zip(xs, packed, strict=True)]
+
+        same = all(torch.equal(a, b) for a, b in zip(layer(ops["rev"][0]), layer(ops["tree"][0]), strict=True))
+        medians = timed({tag: lambda gemm=gemm: layer(gemm) for tag, (gemm, _) in ops.items()}, args.repeats)
+        print(f"a layer's four GEMMs, {rows:>3} rows: rev {medians['rev'] * 1e3:7.3f} ms, tree "
+              f"{medians['tree'] * 1e3:7.3f} ms ({medians['tree'] / medians['rev']:.2f}x), same floats: {same}")
+    for length in (97, 515):
+        for n in (1, 5):
+            q, k, v = torch.randn(1, 9, n, 64), torch.randn(1, 3, length, 64), torch.randn(1, 3, length, 64)
+
+            def attend(op, q=q, k=k, v=v):
+                return [op(q, k, v, None, 0.125) for _ in range(10)][-1]
+
+            same = torch.equal(attend(ops["rev"][1]), attend(ops["tree"][1]))
+            medians = timed({tag: lambda op=op: attend(op) for tag, (_, op) in ops.items()}, args.repeats)
+            print(f"decoding attention, {n} queries over {length:>3} keys: rev {medians['rev'] * 1e5:6.1f} us, "
+                  f"tree {medians['tree'] * 1e5:6.1f} us ({medians['tree'] / medians['rev']:.2f}x), "
+                  f"same floats: {same}")
+    prefill_lines(ops, args.repeats)
+
+
+def prefill_lines(ops: dict, repeats: int) -> None:
+    """The default model's prefill with each library's GEMM (fp16_kernel.linear swapped per call)."""
+    from flash.default_target import load_default_target
+    from flash.media import load_media
+
+    target, own = load_default_target(quiet=True), fp16_kernel.linear
+    try:
+        for example in ("cat.jpg", "coffee_rocket_cut.mp4"):
+            media = load_media(ROOT / "assets" / "examples" / example)
+            prompt = target.build_prompt(media, target.default_prompt(media))
+
+            def prefill(gemm, prompt=prompt):
+                fp16_kernel.linear = gemm
+                return target.prefill(prompt).hidden
+
+            same = torch.equal(prefill(ops["rev"][0]), prefill(ops["tree"][0]))
+            calls = {tag: lambda gemm=gemm: prefill(gemm) for tag, (gemm, _) in ops.items()}
+            medians = timed(calls, max(repeats // 2, 3))
+            print(f"default model's prefill, {example} ({prompt.length} positions): "
+                  f"rev {medians['rev'] * 1e3:.0f} ms, tree {medians['tree'] * 1e3:.0f} ms "
+                  f"({medians['tree'] / medians['rev']:.2f}x), same floats: {same}")
+    finally:
+        fp16_kernel.linear = own
+
+
+if __name__ == "__main__":
+    main()

@@ -118,6 +118,20 @@ def test_gemm_cost_compares_both_kernels(script_cache):
     assert [int(c[0]) for c in cells] == [1, 5] and all(float(c[1]) > 0 and float(c[2]) > 0 for c in cells)
 
 
+def test_kernel_ab_compares_a_revision_with_the_working_tree(script_cache):
+    """HEAD's kernels against the working tree's: two real builds, every output compared."""
+    out = run_script("kernel_ab.py", script_cache, "HEAD", "--repeats", "3")
+    lines = re.findall(r"^(a layer's four GEMMs|decoding attention|default model's prefill).*: rev +([0-9.]+) [mu]s, "
+                       r"tree +([0-9.]+) [mu]s \(([0-9.]+)x\), same floats: (True|False)$", out, flags=re.M)
+    assert [line[0] for line in lines] == ["a layer's four GEMMs"] * 4 + ["decoding attention"] * 4 + [
+        "default model's prefill"] * 2
+    assert all(float(rev) > 0 and float(tree) > 0 for _, rev, tree, _, _ in lines)
+    # In a clean checkout the two builds are of the same sources; anywhere, a kernel change that moves
+    # a float is reported here (the C++ kernels promise fixed summation orders).
+    assert all(same == "True" for *_, same in lines) or subprocess.run(
+        ["git", "diff", "--quiet", "HEAD", "--", "flash/csrc"], cwd=ROOT).returncode != 0
+
+
 def test_step_split_accounts_for_a_tree_step(script_cache):
     out = run_script("step_split.py", script_cache, "--rounds", "1", "--max-new-tokens", "24")
     steps = {m: float(ms) for m, ms in re.findall(r"^round 1, (ar|flash-tree): .* ([0-9.]+) ms per step$", out,

@@ -6,7 +6,8 @@ same floats, and times them interleaved (median of ``--repeats`` rounds): the fp
 layer's four weight shapes at decoding and prefill row counts (weights warm in cache), and the
 decoding attention at the default model's shapes (9 query heads over 3 KV heads, head_dim 64) for an
 image's and a video's context. Then the default model's prefill of an image prompt (cat.jpg) and a video
-prompt (coffee_rocket_cut.mp4) with each library's GEMM (the rest of the forward the working tree's).
+prompt (coffee_rocket_cut.mp4), and decoding passes of 1 and 5 tokens after them, with each library's GEMM
+and attention (the rest of the forward the working tree's).
 Compiling takes ~40 s per library.
 """
 
@@ -98,32 +99,53 @@ def main() -> None:
             print(f"decoding attention, {n} queries over {length:>3} keys: rev {medians['rev'] * 1e5:6.1f} us, "
                   f"tree {medians['tree'] * 1e5:6.1f} us ({medians['tree'] / medians['rev']:.2f}x), "
                   f"same floats: {same}")
-    prefill_lines(ops, args.repeats)
+    model_lines(ops, args.repeats)
 
 
-def prefill_lines(ops: dict, repeats: int) -> None:
-    """The default model's prefill with each library's GEMM (fp16_kernel.linear swapped per call)."""
+def model_lines(ops: dict, repeats: int) -> None:
+    """The default model's prefill, and its decoding passes of 1 and 5 tokens after that prompt, with
+    each library's GEMM and attention (``fp16_kernel.linear`` / ``decode_attention`` swapped per call;
+    the norms and rotary embedding are the working tree's)."""
     from flash.default_target import load_default_target
     from flash.media import load_media
 
-    target, own = load_default_target(quiet=True), fp16_kernel.linear
+    target, own = load_default_target(quiet=True), (fp16_kernel.linear, fp16_kernel.decode_attention)
+
+    def use(tag: str) -> None:
+        fp16_kernel.linear, fp16_kernel.decode_attention = ops[tag]
+
+    def report(what: str, medians: dict, same: bool, scale: float = 1e3, unit: str = "ms") -> None:
+        print(f"{what}: rev {medians['rev'] * scale:.1f} {unit}, tree {medians['tree'] * scale:.1f} {unit} "
+              f"({medians['tree'] / medians['rev']:.2f}x), same floats: {same}")
+
     try:
         for example in ("cat.jpg", "coffee_rocket_cut.mp4"):
             media = load_media(ROOT / "assets" / "examples" / example)
             prompt = target.build_prompt(media, target.default_prompt(media))
 
-            def prefill(gemm, prompt=prompt):
-                fp16_kernel.linear = gemm
-                return target.prefill(prompt).hidden
+            def prefill(tag, prompt=prompt):
+                use(tag)
+                return target.prefill(prompt)
 
-            same = torch.equal(prefill(ops["rev"][0]), prefill(ops["tree"][0]))
-            calls = {tag: lambda gemm=gemm: prefill(gemm) for tag, (gemm, _) in ops.items()}
-            medians = timed(calls, max(repeats // 2, 3))
-            print(f"default model's prefill, {example} ({prompt.length} positions): "
-                  f"rev {medians['rev'] * 1e3:.0f} ms, tree {medians['tree'] * 1e3:.0f} ms "
-                  f"({medians['tree'] / medians['rev']:.2f}x), same floats: {same}")
+            outputs = {tag: prefill(tag) for tag in ops}
+            same = torch.equal(outputs["rev"].hidden, outputs["tree"].hidden)
+            medians = timed({tag: lambda tag=tag: prefill(tag) for tag in ops}, max(repeats // 2, 3))
+            report(f"default model's prefill, {example} ({prompt.length} positions)", medians, same)
+            state = outputs["tree"].state
+            for n in (1, 5):
+                ids = torch.randint(200, 5000, (1, n))
+
+                def step(tag, ids=ids, state=state, length=prompt.length):
+                    use(tag)
+                    logits, _ = target.forward(state, ids)
+                    target.crop(state, length)
+                    return logits
+
+                same = torch.equal(step("rev"), step("tree"))
+                medians = timed({tag: lambda tag=tag: step(tag) for tag in ops}, repeats)
+                report(f"default model's {n}-token pass after {example}'s prompt", medians, same)
     finally:
-        fp16_kernel.linear = own
+        fp16_kernel.linear, fp16_kernel.decode_attention = own
 
 
 if __name__ == "__main__":

@@ -99,6 +99,6 @@ print(f"{len(records)} held-out records, {len(positions)} positions; speed = τ 
 for cut in (0.0, 0.05, 0.1):
     print(f"chain, cut {cut:<4}          τ {{:.3f}}  cost {{:.3f}}  speed {{:.3f}}".format(*predict(chain(cut))))
 for cut in (0.02, 0.05, 0.1):
-    for size in (3, 4, 6, 8, 12):
+    for size in (3, 4, 5, 6, 8, 12):
         print(f"tree, cut {cut:<4} N {size:<3}    τ {{:.3f}}  cost {{:.3f}}  speed {{:.3f}}".format(
             *predict(tree(cut, size))))

@@ -79,7 +79,7 @@ def test_tree_gain_predicts_chain_and_trees(script_cache):
     costs = dict(re.findall(r"([0-9]+):([0-9.]+)", out.splitlines()[0]))
     assert sorted(int(n) for n in costs) == list(range(1, 14)) and float(costs["1"]) == 1.0
     rows = re.findall(r"τ ([0-9.]+)\s+cost ([0-9.]+)\s+speed ([0-9.]+)", out)
-    assert len(rows) == 3 + 3 * 5  # three chain cuts, three tree cuts x five sizes
+    assert len(rows) == 3 + 3 * 6  # three chain cuts, three tree cuts x six sizes
     for tau, cost, speed in rows:
         assert 1.0 <= float(tau) <= 5.0 and abs(float(tau) / float(cost) - float(speed)) < 2e-3
 

@@ -89,12 +89,13 @@ class DecoderBlock(nn.Module):
         self.mlp_norm = RMSNorm(d, cfg.rms_eps)
         self.gate_up = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, d, bias=False)
+        self.fused_op = False  # set by FlashDraft.pack_fp16: the rotary embedding as one C++ call (inference)
 
     def project_kv_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, n, D] -> q, k, v [B, heads, n, head_dim] with RoPE applied to q and k."""
         b, n, _ = x.shape
         qkv = self.qkv(self.attn_norm(x))
-        if self.attn_norm.fused_op:  # inference on FLASH's CPU kernels: the same numbers in one call
+        if self.fused_op:  # inference on FLASH's CPU kernels: the same numbers in one call
             q, k = fp16_kernel.rope_qk(qkv, cos.expand(b, n, -1), sin.expand(b, n, -1), self.heads, self.heads)
             return q, k, qkv.view(b, n, 3, self.heads, self.head_dim)[:, :, 2].transpose(1, 2)
         q, k, v = qkv.view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -189,7 +190,7 @@ class FlashDraft(nn.Module):
         convert_linears(self)
         if fp16_kernel.kernel_available():
             for module in self.modules():
-                if isinstance(module, RMSNorm):
+                if isinstance(module, (RMSNorm, DecoderBlock)):
                     module.fused_op = True
         self._fp16 = True
         if self._head_weight is not None:

@@ -28,9 +28,9 @@ constexpr int64_t kRows = 6;   // rows per chunk: 12 accumulators + 2 weights + 
 // ms; 16-64 steps ahead gained little, 128-512 about the same as 256.
 constexpr int64_t kPrefetchSteps = 256;
 // Up to this many rows (decoding, verification) each 6-row chunk converts the fp16 weights it streams.
-// More rows (a prefill) convert each block to fp32 once, for all the chunks, instead of once per chunk
-// (a decoder layer's four GEMMs at 515 rows, a video prompt: 40.0 -> 31.2 ms and 40.7 -> 33.1 ms in
-// two runs; at 97 rows 10.0 -> 9.6 and 8.5 -> 6.8 ms; the two builds interleaved in one process).
+// More rows (a prefill) convert each block to fp32 once, for all the chunks, instead of once per chunk:
+// a decoder layer's four GEMMs at a video prompt's 515 rows ~0.9x the time, an image's 97 rows about
+// the same (python scripts/kernel_ab.py REV, against a revision before this).
 constexpr int64_t kMaxStreamedRows = 12;
 
 inline __m256 load8(const uint16_t* w) {

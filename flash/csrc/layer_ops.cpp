@@ -114,9 +114,9 @@ inline __m256 exp8(__m256 x) {
 }
 
 // The dot products of one query row with 8 keys (key i at kb + i * k_pos), each summed in one fixed
-// order (lane l + lane l + 4, then (0 + 2) + (1 + 3), as one key at a time did before), so a score is the same
-// float whichever 8 keys share the call. Eight independent accumulators keep the FMA units busy
-// where one key at a time waited on each FMA's latency (~4x the cost per score).
+// order (lane l + lane l + 4, then (0 + 2) + (1 + 3): what one key at a time did before), so a score
+// is the same float whichever 8 keys share the call. Eight independent accumulators, and one shuffle
+// tree for the 8 sums instead of a horizontal sum per key (scripts/kernel_ab.py times the change).
 template <int LANES>
 inline __m256 dots8(const float* qr, const float* kb, int64_t k_pos) {
   __m256 a[8];
@@ -152,7 +152,8 @@ void attend_rows(const float* q, const float* kh, int64_t k_pos, const float* vh
     const float* kb = kh + j * k_pos;
     int64_t kb_pos = k_pos;
     if (j + 8 > L) {
-      for (int64_t t = j; t < L; ++t) std::copy(kh + t * k_pos, kh + t * k_pos + LANES * 8, tail + (t - j) * LANES * 8);
+      for (int64_t t = j; t < L; ++t)
+        std::copy(kh + t * k_pos, kh + t * k_pos + LANES * 8, tail + (t - j) * LANES * 8);
       kb = tail;
       kb_pos = LANES * 8;
     }
@@ -229,7 +230,8 @@ void attend_rows(const float* q, const float* kh, int64_t k_pos, const float* vh
       continue;
     }
     const __m256 inv = _mm256_set1_ps(1.0f / total);
-    for (int c = 0; c < LANES; ++c) _mm256_storeu_ps(out_row + 8 * c, _mm256_mul_ps(_mm256_loadu_ps(sum + 8 * c), inv));
+    for (int c = 0; c < LANES; ++c)
+      _mm256_storeu_ps(out_row + 8 * c, _mm256_mul_ps(_mm256_loadu_ps(sum + 8 * c), inv));
   }
 }
 

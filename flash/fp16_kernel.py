@@ -79,30 +79,38 @@ def _check_cpu() -> None:
         raise KernelBuildError(f"the CPU lacks {', '.join(missing)}")
 
 
-def build() -> Path:
-    """The compiled library for this source, torch and compiler flags; compiles it when missing."""
+def compile_command(compiler: str, sources: list[str], output: str) -> list[str]:
+    """The command line that compiles C++ ``sources`` into ``output``, a library linked against torch."""
     from torch.utils import cpp_extension
 
+    lib_dir = cpp_extension.library_paths()[0]
+    return [compiler, *_flags(), *(f"-I{p}" for p in cpp_extension.include_paths()), *sources, "-o", output,
+            f"-L{lib_dir}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib_dir}"]
+
+
+def _flags() -> list[str]:
+    """The compiler flags: FLASH's, and torch's C++ ABI (both part of the build's cache key)."""
+    return [*_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+
+
+def build() -> Path:
+    """The compiled library for this source, torch and compiler flags; compiles it when missing."""
     compiler = os.environ.get("CXX") or "c++"
     if shutil.which(compiler) is None:
         raise KernelBuildError(f"no C++ compiler ('{compiler}'); install g++ or set CXX")
-    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    flags = [*_FLAGS, abi]
     sources = b"".join(source.read_bytes() for source in SOURCES)
-    key = hashlib.sha256(sources + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    key = hashlib.sha256(sources + torch.__version__.encode() + " ".join(_flags()).encode()).hexdigest()[:16]
     library = cache_dir() / "kernels" / f"flash_cpu-{key}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
-    lib_dir = cpp_extension.library_paths()[0]
     print("Compiling FLASH's CPU kernels (once, ~40 s)...", file=sys.stderr)
     # Built under a temporary name and renamed: a concurrent process never loads a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
     os.close(fd)
-    command = [compiler, *flags, *(f"-I{p}" for p in cpp_extension.include_paths()), *map(str, SOURCES), "-o", tmp,
-               f"-L{lib_dir}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib_dir}"]
     try:
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(compile_command(compiler, [str(s) for s in SOURCES], tmp), capture_output=True,
+                              text=True)
         if done.returncode != 0:
             errors = [line for line in done.stderr.splitlines() if "error" in line.lower()] or done.stderr.splitlines()
             raise KernelBuildError(f"compiling {' and '.join(s.name for s in SOURCES)} failed: "

@@ -12,6 +12,7 @@ Compiling takes ~40 s per library.
 """
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,11 +29,9 @@ from flash import fp16_kernel  # noqa: E402
 LAYER_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # q/k/v, o, gate/up, down (SmolLM2-135M)
 
 
-def build(sources: dict[str, str], tag: str, out_dir: Path) -> object:
-    """Compile ``sources`` (name -> C++ text) with the kernel's flags, its op namespaces suffixed by
-    ``tag``; load the library and return (gemm, attention) ops."""
-    from torch.utils import cpp_extension
-
+def build(sources: dict[str, str], tag: str, out_dir: Path) -> tuple:
+    """Compile ``sources`` (name -> C++ text) as FLASH's build does, their op namespaces suffixed by
+    ``tag``; load the library and return its (gemm, attention) ops."""
     files = []
     for name, text in sources.items():
         text = text.replace("TORCH_LIBRARY(flash_fp16,", f"TORCH_LIBRARY(flash_fp16_{tag},")
@@ -41,12 +40,9 @@ def build(sources: dict[str, str], tag: str, out_dir: Path) -> object:
         path.write_text(text)
         files.append(str(path))
     library = out_dir / f"{tag}.so"
-    lib_dir = cpp_extension.library_paths()[0]
-    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    command = ["c++", *fp16_kernel._FLAGS, abi, *(f"-I{p}" for p in cpp_extension.include_paths()), *files,
-               "-o", str(library), f"-L{lib_dir}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib_dir}"]
     print(f"compiling {tag}...", file=sys.stderr)
-    subprocess.run(command, check=True, capture_output=True)
+    compiler = os.environ.get("CXX") or "c++"
+    subprocess.run(fp16_kernel.compile_command(compiler, files, str(library)), check=True, capture_output=True)
     torch.ops.load_library(str(library))
     return getattr(torch.ops, f"flash_fp16_{tag}").linear, getattr(torch.ops, f"flash_ops_{tag}").decode_attention
 

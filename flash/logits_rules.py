@@ -119,13 +119,6 @@ class RulesCursor:
         for token in tokens:
             self.push(token)
 
-    def copy(self) -> RulesCursor:
-        """An independent cursor at the same prefix (a draft tree's branches grow their own)."""
-        new = RulesCursor.__new__(RulesCursor)
-        new.rules, new.tokens, new.seen = self.rules, list(self.tokens), dict(self.seen)
-        new.followers = {gram: list(tokens) for gram, tokens in self.followers.items()}
-        return new
-
     def banned(self) -> list[int]:
         """The tokens the no-repeat-n-gram rule bans next."""
         size = self.rules.no_repeat_ngram_size

@@ -76,9 +76,7 @@ def test_rows_for_many_paths_from_one_prefix_equal_a_cursor_per_path(tokens, pat
     got = base.penalise_seen_(rows.clone(), column_of)
     for r, path in enumerate(paths):
         base.finish_after_(got[r], path, column_of)
-        cursor = base.copy()
-        for token in path:
-            cursor.push(token)
+        cursor = rules.cursor(tokens + list(path))  # the reference: a cursor grown along the path
         assert sorted(base.banned_after(path)) == sorted(cursor.banned())
         assert torch.equal(got[r], cursor.process_(rows[r].clone(), column_of)), (r, path)
     assert base.tokens == tokens  # the base cursor itself never moved

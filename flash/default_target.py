@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from flash import fp16_kernel
+from flash import cpu_kernels
 from flash.fp16_linear import Fp16Linear, convert_linears, fp16_gemm_available
 from flash.kv_cache import in_place_cache
 from flash.lean_llama import LeanLlama, fp32_linear
@@ -103,7 +103,7 @@ class DefaultTarget(TargetModel):
             # FLASH's C++ norms, rotary embedding and decoding attention come with its fp16 kernel's
             # library (whichever GEMM runs).
             self._lean = LeanLlama(lm.model, Fp16Linear.from_weight if fp16 else fp32_linear,
-                                   fused_ops=cpu_ops and fp16 and fp16_kernel.kernel_available())
+                                   fused_ops=cpu_ops and fp16 and cpu_kernels.kernel_available())
             # The fused copies above now hold the layers' weights: drop transformers' layers, and make
             # running them an error rather than a silent no-op.
             lm.model.layers = torch.nn.ModuleList()

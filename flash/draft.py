@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flash import fp16_kernel
+from flash import cpu_kernels
 from flash.rope import apply_rope, rope_tables
 
 CONFIG_FILE = "draft_config.json"
@@ -73,7 +73,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_op:
-            return fp16_kernel.rms_norm(x, self.weight, self.eps)
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
 
@@ -96,7 +96,7 @@ class DecoderBlock(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(self.attn_norm(x))
         if self.fused_op:  # inference on FLASH's CPU kernels: the same numbers in one call
-            q, k = fp16_kernel.rope_qk(qkv, cos.expand(b, n, -1), sin.expand(b, n, -1), self.heads, self.heads)
+            q, k = cpu_kernels.rope_qk(qkv, cos.expand(b, n, -1), sin.expand(b, n, -1), self.heads, self.heads)
             return q, k, qkv.view(b, n, 3, self.heads, self.head_dim)[:, :, 2].transpose(1, 2)
         q, k, v = qkv.view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
@@ -188,7 +188,7 @@ class FlashDraft(nn.Module):
         from flash.fp16_linear import Fp16Linear, convert_linears
 
         convert_linears(self)
-        if fp16_kernel.kernel_available():
+        if cpu_kernels.kernel_available():
             for module in self.modules():
                 if isinstance(module, (RMSNorm, DecoderBlock)):
                     module.fused_op = True

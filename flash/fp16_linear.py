@@ -3,7 +3,7 @@
 Why: a CPU decoding step of the default model is memory-bound. Halving the bytes per weight nearly
 halves a one-token step, and a packed fp16 kernel keeps a 3-5 token verification close to a one-token
 step, where fp32 MKL pays 1.7-2x (``python scripts/verify_cost.py``) — the price a speculative step
-has to beat. The kernel is FLASH's own (:mod:`flash.fp16_kernel`) where it can be built, else
+has to beat. The kernel is FLASH's own (:mod:`flash.cpu_kernels`) where it can be built, else
 fbgemm's, the one behind ``quantize_dynamic(..., dtype=torch.float16)`` (used directly because
 ``torch.ao.quantization`` is deprecated).
 """
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from flash import fp16_kernel
+from flash import cpu_kernels
 
 
 def fp16_gemm_available() -> bool:
     """Whether an fp16-weight GEMM runs here: FLASH's kernel, or fbgemm's (x86 CPU torch builds)."""
-    return fp16_kernel.enabled() or fbgemm_fp16_available()
+    return cpu_kernels.enabled() or fbgemm_fp16_available()
 
 
 def fbgemm_fp16_available() -> bool:
@@ -32,16 +32,16 @@ def fbgemm_fp16_available() -> bool:
 class Fp16Linear(torch.nn.Module):
     """Inference-only stand-in for an ``nn.Linear`` with its weight rounded to fp16 and pre-packed.
 
-    ``backend`` is ``"flash"`` (:mod:`flash.fp16_kernel`) where that kernel runs, else ``"fbgemm"``.
+    ``backend`` is ``"flash"`` (:mod:`flash.cpu_kernels`) where that kernel runs, else ``"fbgemm"``.
     """
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         bias = None if linear.bias is None else linear.bias.detach().float()
-        self.backend = "flash" if fp16_kernel.enabled() else "fbgemm"
+        self.backend = "flash" if cpu_kernels.enabled() else "fbgemm"
         if self.backend == "flash":
-            self._packed, self._bias = fp16_kernel.pack(linear.weight), bias
+            self._packed, self._bias = cpu_kernels.pack(linear.weight), bias
         else:
             self._packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
 
@@ -54,7 +54,7 @@ class Fp16Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "flash":
-            out = fp16_kernel.linear(x, self._packed, self.out_features)
+            out = cpu_kernels.linear(x, self._packed, self.out_features)
             return out if self._bias is None else out.add_(self._bias)
         if x.dim() == 1:  # the kernel wants a batch dimension
             return torch.ops.quantized.linear_dynamic_fp16(x[None], self._packed)[0]

@@ -11,8 +11,8 @@ rotary embedding module are reused. Tested bit-identical to transformers' module
 (``tests/test_lean_attention.py``); README "Lean forward" has the timings.
 
 With ``fused_ops`` (the default model, where FLASH's CPU kernels build) the norms and the rotary
-embedding run as one C++ call each (:func:`flash.fp16_kernel.rms_norm`, :func:`flash.fp16_kernel.rope_qk`),
-and passes of a few queries over one sequence take :func:`flash.fp16_kernel.decode_attention`: the
+embedding run as one C++ call each (:func:`flash.cpu_kernels.rms_norm`, :func:`flash.cpu_kernels.rope_qk`),
+and passes of a few queries over one sequence take :func:`flash.cpu_kernels.decode_attention`: the
 rotary embedding is still bit-identical, the norms and attention equal torch's up to float rounding.
 """
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flash import fp16_kernel
+from flash import cpu_kernels
 from flash.gqa_attention import gqa_sdpa_attention
 from flash.rope import apply_rope
 
@@ -64,7 +64,7 @@ class LeanBlock(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(_rms_norm(self.input_layernorm, x, self.fused_ops))
         if self.fused_ops:  # cos/sin [B, n, d]
-            q, k = fp16_kernel.rope_qk(qkv, cos, sin, self.heads, self.kv_heads)
+            q, k = cpu_kernels.rope_qk(qkv, cos, sin, self.heads, self.kv_heads)
             v = qkv.view(b, n, -1, self.head_dim)[:, :, self.heads + self.kv_heads :].transpose(1, 2)
         else:  # cos/sin [B, 1, n, d]
             qkv = qkv.view(b, n, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
@@ -73,7 +73,7 @@ class LeanBlock(nn.Module):
             q, k = qk.split([self.heads, self.kv_heads], dim=1)
         k, v = cache_layer.update(k, v)
         if decode_attention:  # FLASH's C++ attention for a few queries (mask: additive [n, kv] or causal)
-            attn = fp16_kernel.decode_attention(q, k, v, mask, self.scaling)
+            attn = cpu_kernels.decode_attention(q, k, v, mask, self.scaling)
         else:
             attn, _ = gqa_sdpa_attention(None, q, k, v, mask, scaling=self.scaling, is_causal=True)
         x = x + self.o_proj(attn.reshape(b, n, -1))
@@ -86,7 +86,7 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor, fused_ops: bool) -> torch.Tensor
     """transformers' ``LlamaRMSNorm`` (fp32 activations): torch's one-call ``rms_norm`` (the same
     numbers, tested bit for bit, without its six Python-level ops), or FLASH's C++ one (one op)."""
     if fused_ops:
-        return fp16_kernel.rms_norm(x, norm.weight, norm.variance_epsilon)
+        return cpu_kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
     return F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
 
 

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flash import fp16_kernel  # noqa: E402
+from flash import cpu_kernels  # noqa: E402
 
 LAYER_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # q/k/v, o, gate/up, down (SmolLM2-135M)
 
@@ -42,7 +42,7 @@ def build(sources: dict[str, str], tag: str, out_dir: Path) -> tuple:
     library = out_dir / f"{tag}.so"
     print(f"compiling {tag}...", file=sys.stderr)
     compiler = os.environ.get("CXX") or "c++"
-    subprocess.run(fp16_kernel.compile_command(compiler, files, str(library)), check=True, capture_output=True)
+    subprocess.run(cpu_kernels.compile_command(compiler, files, str(library)), check=True, capture_output=True)
     torch.ops.load_library(str(library))
     return getattr(torch.ops, f"flash_fp16_{tag}").linear, getattr(torch.ops, f"flash_ops_{tag}").decode_attention
 
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("rev", help="the git revision to compare the working tree's kernels with")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    names = [source.name for source in fp16_kernel.SOURCES]
+    names = [source.name for source in cpu_kernels.SOURCES]
     old = {n: subprocess.run(["git", "show", f"{args.rev}:flash/csrc/{n}"], cwd=ROOT, check=True,
                              capture_output=True, text=True).stdout for n in names}
     new = {n: (ROOT / "flash" / "csrc" / n).read_text() for n in names}
@@ -72,7 +72,7 @@ def main() -> None:
     print(f"{args.rev} ('rev') vs the working tree ('tree'), {torch.get_num_threads()} threads, median of "
           f"{args.repeats}")
     torch.manual_seed(0)
-    packed = [(fp16_kernel.pack(torch.randn(n, k)), n, k) for n, k in LAYER_SHAPES]
+    packed = [(cpu_kernels.pack(torch.randn(n, k)), n, k) for n, k in LAYER_SHAPES]
     for rows in (1, 5, 97, 515):
         xs = [torch.randn(rows, k) for _, _, k in packed]
 
@@ -100,15 +100,15 @@ def main() -> None:
 
 def model_lines(ops: dict, repeats: int) -> None:
     """The default model's prefill, and its decoding passes of 1 and 5 tokens after that prompt, with
-    each library's GEMM and attention (``fp16_kernel.linear`` / ``decode_attention`` swapped per call;
+    each library's GEMM and attention (``cpu_kernels.linear`` / ``decode_attention`` swapped per call;
     the norms and rotary embedding are the working tree's)."""
     from flash.default_target import load_default_target
     from flash.media import load_media
 
-    target, own = load_default_target(quiet=True), (fp16_kernel.linear, fp16_kernel.decode_attention)
+    target, own = load_default_target(quiet=True), (cpu_kernels.linear, cpu_kernels.decode_attention)
 
     def use(tag: str) -> None:
-        fp16_kernel.linear, fp16_kernel.decode_attention = ops[tag]
+        cpu_kernels.linear, cpu_kernels.decode_attention = ops[tag]
 
     def report(what: str, medians: dict, same: bool, scale: float = 1e3, unit: str = "ms") -> None:
         print(f"{what}: rev {medians['rev'] * scale:.1f} {unit}, tree {medians['tree'] * scale:.1f} {unit} "
@@ -141,7 +141,7 @@ def model_lines(ops: dict, repeats: int) -> None:
                 medians = timed({tag: lambda tag=tag: step(tag) for tag in ops}, repeats)
                 report(f"default model's {n}-token pass after {example}'s prompt", medians, same)
     finally:
-        fp16_kernel.linear, fp16_kernel.decode_attention = own
+        cpu_kernels.linear, cpu_kernels.decode_attention = own
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flash import fp16_kernel
+from flash import cpu_kernels
 from flash.decoding import GenerationConfig, collect, generate
 from flash.fp16_linear import Fp16Linear, convert_linears, fbgemm_fp16_available, fp16_gemm_available
 from flash.rope import apply_rope, rope_tables
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.skipif(not fp16_gemm_available(), reason="this torch bu
 
 def _kernel_can_build() -> bool:
     try:
-        fp16_kernel._check_cpu()
-    except fp16_kernel.KernelBuildError:
+        cpu_kernels._check_cpu()
+    except cpu_kernels.KernelBuildError:
         return False
     return shutil.which("c++") is not None
 
@@ -30,7 +30,7 @@ needs_kernel = pytest.mark.skipif(not _kernel_can_build(), reason="needs x86-64 
 
 @needs_kernel
 def test_kernel_builds_and_is_what_fp16_linear_runs():
-    assert fp16_kernel.kernel_available()
+    assert cpu_kernels.kernel_available()
     assert Fp16Linear(torch.nn.Linear(8, 4)).backend == "flash"
 
 
@@ -41,7 +41,7 @@ def test_kernel_is_fp32_math_on_fp16_weights(n, k):
     weight = torch.randn(n, k)
     for m in (1, 2, 5, 6, 7, 13):
         x = torch.randn(m, k)
-        got = fp16_kernel.linear(x, fp16_kernel.pack(weight), n)
+        got = cpu_kernels.linear(x, cpu_kernels.pack(weight), n)
         ref = (x.double() @ weight.half().double().T).float()
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * k ** 0.5)
 
@@ -52,30 +52,30 @@ def test_kernel_rows_do_not_depend_on_the_other_rows_or_threads():
     (passes of more than 12 rows, prefills, convert each weight block once; fewer stream them)."""
     torch.manual_seed(0)
     weight, x = torch.randn(50, 96), torch.randn(40, 96)
-    packed = fp16_kernel.pack(weight)
-    together = fp16_kernel.linear(x, packed, 50)
+    packed = cpu_kernels.pack(weight)
+    together = cpu_kernels.linear(x, packed, 50)
     for start, stop in ((0, 1), (3, 4), (2, 7), (5, 13), (6, 12), (13, 40), (0, 12)):
-        assert torch.equal(fp16_kernel.linear(x[start:stop], packed, 50), together[start:stop])
+        assert torch.equal(cpu_kernels.linear(x[start:stop], packed, 50), together[start:stop])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert torch.equal(fp16_kernel.linear(x, packed, 50), together)
+        assert torch.equal(cpu_kernels.linear(x, packed, 50), together)
     finally:
         torch.set_num_threads(threads)
 
 
 @needs_kernel
 def test_kernel_takes_any_leading_shape_and_refuses_wrong_input():
-    packed = fp16_kernel.pack(torch.randn(20, 8))
+    packed = cpu_kernels.pack(torch.randn(20, 8))
     x = torch.randn(2, 3, 8)
-    flat = fp16_kernel.linear(x.reshape(6, 8), packed, 20)
-    assert torch.equal(fp16_kernel.linear(x, packed, 20), flat.view(2, 3, 20))
-    assert torch.equal(fp16_kernel.linear(x[:, 0], packed, 20), fp16_kernel.linear(x[:, :1], packed, 20)[:, 0])
-    assert fp16_kernel.linear(x.transpose(0, 1), packed, 20).shape == (3, 2, 20)  # non-contiguous is fine
+    flat = cpu_kernels.linear(x.reshape(6, 8), packed, 20)
+    assert torch.equal(cpu_kernels.linear(x, packed, 20), flat.view(2, 3, 20))
+    assert torch.equal(cpu_kernels.linear(x[:, 0], packed, 20), cpu_kernels.linear(x[:, :1], packed, 20)[:, 0])
+    assert cpu_kernels.linear(x.transpose(0, 1), packed, 20).shape == (3, 2, 20)  # non-contiguous is fine
     with pytest.raises(RuntimeError, match="float32"):
-        fp16_kernel.linear(x.double(), packed, 20)
+        cpu_kernels.linear(x.double(), packed, 20)
     with pytest.raises(RuntimeError, match="shapes"):
-        fp16_kernel.linear(torch.randn(2, 9), packed, 20)
+        cpu_kernels.linear(torch.randn(2, 9), packed, 20)
 
 
 @needs_kernel
@@ -83,14 +83,14 @@ def test_kernel_takes_any_leading_shape_and_refuses_wrong_input():
 def test_fused_rms_norm_is_torchs_up_to_rounding_row_by_row(d):
     torch.manual_seed(d)
     x, weight = torch.randn(2, 7, d) * 3, torch.randn(d)
-    got = fp16_kernel.rms_norm(x, weight, 1e-5)
+    got = cpu_kernels.rms_norm(x, weight, 1e-5)
     torch.testing.assert_close(got, F.rms_norm(x, (d,), weight, 1e-5), rtol=2e-6, atol=1e-6)
     for row in range(7):  # a row's result does not depend on the other rows in the call
-        assert torch.equal(fp16_kernel.rms_norm(x[:, row : row + 1], weight, 1e-5), got[:, row : row + 1])
-    assert torch.equal(fp16_kernel.rms_norm(x.transpose(0, 1), weight, 1e-5), got.transpose(0, 1))
-    assert fp16_kernel.rms_norm(torch.zeros(1, d), weight, 1e-5).abs().sum() == 0  # eps keeps it finite
+        assert torch.equal(cpu_kernels.rms_norm(x[:, row : row + 1], weight, 1e-5), got[:, row : row + 1])
+    assert torch.equal(cpu_kernels.rms_norm(x.transpose(0, 1), weight, 1e-5), got.transpose(0, 1))
+    assert cpu_kernels.rms_norm(torch.zeros(1, d), weight, 1e-5).abs().sum() == 0  # eps keeps it finite
     with pytest.raises(RuntimeError, match="weight must be float32"):
-        fp16_kernel.rms_norm(x, torch.randn(d + 1), 1e-5)
+        cpu_kernels.rms_norm(x, torch.randn(d + 1), 1e-5)
 
 
 @needs_kernel
@@ -102,10 +102,10 @@ def test_fused_rope_is_apply_rope_bit_for_bit(batch, n, heads, kv_heads, d):
     cos, sin = cos.expand(batch, n, d), sin.expand(batch, n, d)
     heads_first = qkv.view(batch, n, -1, d).transpose(1, 2)
     want = apply_rope(heads_first[:, : heads + kv_heads], cos[:, None], sin[:, None])
-    q, k = fp16_kernel.rope_qk(qkv, cos, sin, heads, kv_heads)
+    q, k = cpu_kernels.rope_qk(qkv, cos, sin, heads, kv_heads)
     assert torch.equal(q, want[:, :heads]) and torch.equal(k, want[:, heads:])
     with pytest.raises(RuntimeError, match="whole number of heads"):
-        fp16_kernel.rope_qk(qkv[..., :-1], cos, sin, heads, kv_heads)
+        cpu_kernels.rope_qk(qkv[..., :-1], cos, sin, heads, kv_heads)
 
 
 @needs_kernel
@@ -121,42 +121,42 @@ def test_decode_attention_is_sdpa_up_to_rounding_and_rows_are_independent(n, len
     tree = torch.zeros(n, length).masked_fill_(~seen, float("-inf"))
     causal = torch.ones(n, length, dtype=torch.bool).tril(length - n)
     for mask, reference_mask in ((None, causal), (tree, tree)):
-        got = fp16_kernel.decode_attention(q, k, v, mask, 0.125)
+        got = cpu_kernels.decode_attention(q, k, v, mask, 0.125)
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=reference_mask, scale=0.125, enable_gqa=True)
         torch.testing.assert_close(got, want.transpose(1, 2), rtol=1e-5, atol=2e-6)
-        last = fp16_kernel.decode_attention(q[:, :, -1:], k, v, None if mask is None else mask[-1:], 0.125)
+        last = cpu_kernels.decode_attention(q[:, :, -1:], k, v, None if mask is None else mask[-1:], 0.125)
         assert torch.equal(last[:, 0], got[:, -1])  # a row does not depend on the other queries
     if length > n:  # a masked key adds exact zeros: dropping it from the cache changes no bit
         hidden_first = tree.clone()
         hidden_first[:, 0] = float("-inf")
-        assert torch.equal(fp16_kernel.decode_attention(q, k, v, hidden_first, 0.125),
-                           fp16_kernel.decode_attention(q, k[:, :, 1:], v[:, :, 1:], hidden_first[:, 1:], 0.125))
+        assert torch.equal(cpu_kernels.decode_attention(q, k, v, hidden_first, 0.125),
+                           cpu_kernels.decode_attention(q, k[:, :, 1:], v[:, :, 1:], hidden_first[:, 1:], 0.125))
     with pytest.raises(RuntimeError, match="head_dim 64 or 128"):
-        fp16_kernel.decode_attention(q[..., :32], k[..., :32], v[..., :32], None, 0.125)
+        cpu_kernels.decode_attention(q[..., :32], k[..., :32], v[..., :32], None, 0.125)
 
 
 def test_build_failures_say_what_to_do(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("FLASH_CACHE", str(tmp_path))  # nothing built here yet
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    with pytest.raises(fp16_kernel.KernelBuildError, match="no C.. compiler.*install g.. or set CXX"):
-        fp16_kernel.build()
+    with pytest.raises(cpu_kernels.KernelBuildError, match="no C.. compiler.*install g.. or set CXX"):
+        cpu_kernels.build()
     monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
-    with pytest.raises(fp16_kernel.KernelBuildError, match="compiling fp16_gemm.cpp and layer_ops.cpp failed"):
-        fp16_kernel.build()
+    with pytest.raises(cpu_kernels.KernelBuildError, match="compiling fp16_gemm.cpp and layer_ops.cpp failed"):
+        cpu_kernels.build()
     assert not list((tmp_path / "kernels").iterdir())  # no half-written library left behind
     # kernel_available() (uncached here) turns a failed build into one line and the fbgemm fallback.
-    monkeypatch.setattr(fp16_kernel, "_check_cpu", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "_check_cpu", lambda: None)
     capsys.readouterr()
-    assert fp16_kernel.kernel_available.__wrapped__() is False
+    assert cpu_kernels.kernel_available.__wrapped__() is False
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[0].startswith("Compiling") and "falling back to fbgemm" in err[1]
 
 
 @needs_kernel
 def test_build_is_cached(monkeypatch):
-    library = fp16_kernel.build()
+    library = cpu_kernels.build()
     monkeypatch.setenv("CXX", "false")  # would fail if it compiled again
-    assert fp16_kernel.build() == library
+    assert cpu_kernels.build() == library
 
 
 @pytest.mark.skipif(not fbgemm_fp16_available(), reason="no fbgemm fp16 GEMM")

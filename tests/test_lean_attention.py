@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from flash import fp16_kernel
+from flash import cpu_kernels
 from flash.fp16_linear import Fp16Linear, convert_linears
 from flash.gqa_attention import gqa_sdpa_attention
 from flash.kv_cache import InPlaceLayer, in_place_cache
@@ -71,7 +71,7 @@ class LeanModel:
 
 
 # FLASH's C++ norms and rotary embedding (the default model's forward) where they build here.
-FUSED_OPS = [False, pytest.param(True, marks=pytest.mark.skipif(not fp16_kernel.kernel_available(),
+FUSED_OPS = [False, pytest.param(True, marks=pytest.mark.skipif(not cpu_kernels.kernel_available(),
                                                                 reason="FLASH's CPU kernels do not build here"))]
 
 
@@ -113,7 +113,7 @@ def test_lean_llama_tree_pass_equals_one_chain_per_branch(fused_ops):
         torch.testing.assert_close(got[[0, *(1 + i for i in nodes)]], want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.skipif(not fp16_kernel.kernel_available(), reason="FLASH's CPU kernels do not build here")
+@pytest.mark.skipif(not cpu_kernels.kernel_available(), reason="FLASH's CPU kernels do not build here")
 def test_default_models_forward_gives_a_tree_row_exactly_what_one_token_steps_give():
     """The default model's forward (fp16 kernel, C++ norms, rotary and attention): each row of a tree
     pass is bit for bit the one-token step on its path, which keeps flash-tree's greedy text ar's."""

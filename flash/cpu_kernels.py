@@ -1,4 +1,5 @@
-"""FLASH's own fp16-weight GEMM for CPU decoding (``flash/csrc/fp16_gemm.cpp``), built on first use.
+"""FLASH's CPU kernels, built on first use: an fp16-weight GEMM for decoding
+(``flash/csrc/fp16_gemm.cpp``) and the default model's layer ops (``flash/csrc/layer_ops.cpp``).
 
 Why not only fbgemm: its fp16 GEMM pays ~20-30 us of fixed cost per call (121 calls per decoding
 step) and at 4-6 rows it runs far from the FMA units' peak, which is what a verification pass needs.

@@ -1,6 +1,6 @@
 // FLASH's fp16-weight GEMM for CPU decoding: y[M, N] = x[M, K] @ W[N, K]^T, x and y fp32, W fp16.
 //
-// Built once on first use by flash/fp16_kernel.py (AVX2 + FMA + F16C). Weights are packed as
+// Built once on first use by flash/cpu_kernels.py (AVX2 + FMA + F16C). Weights are packed as
 // [N/16, K, 16] fp16: each 16-column block is one contiguous stream, read once per call and
 // converted to fp32 in registers; up to six rows of x share each converted weight vector.
 // Every output element is one fp32 FMA chain over k = 0..K-1, whatever M, the row chunking or the

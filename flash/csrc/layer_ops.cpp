@@ -1,5 +1,5 @@
 // Fused elementwise parts of a decoder layer for CPU decoding, built with fp16_gemm.cpp into one
-// library by flash/fp16_kernel.py.
+// library by flash/cpu_kernels.py.
 //
 // Why: in a one-token step of the default model each of these is a handful of tiny ATen ops
 // (torch's CPU rms_norm alone is six), and on a 2-core VM every op costs ~5-15 us of dispatch, not

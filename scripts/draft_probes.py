@@ -19,6 +19,7 @@ layer is checked against the record's h. Run: ``python scripts/draft_probes.py V
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -40,12 +41,17 @@ FEATURE_LAYERS = (3, 15)  # a low and a middle layer of SmolLM2's 30 (EAGLE-3 fu
 DATA = cache_dir() / "distill" / "default"
 
 
+def _save_output(into: dict, name: str, module, inputs, output) -> None:
+    """A forward hook's body: keep a decoder block's output [1, n, D] as ``into[name]`` [n, D] (fp16)."""
+    into[name] = output[0].half().contiguous()
+
+
 def extract(target, out: Path) -> None:
     """Save FEATURE_LAYERS' outputs (fp16) along the probes' records into ``out``."""
     from flash.corpus import build_corpus
 
     out.mkdir(parents=True, exist_ok=True)
-    lean, worst, start = target._lean, 0.0, time.perf_counter()
+    lean, worst, start = target._lean, 0.0, time.perf_counter()  # the default model's own pieces
     items = build_corpus(RECORDS // 2, 40, seed=0)  # held-out items, then the base's training items
     for i, item in enumerate(items):
         prompt = None
@@ -57,18 +63,17 @@ def extract(target, out: Path) -> None:
             prompt = prompt or target.build_prompt(item.media, item.prompt)
             if not torch.equal(prompt.input_ids[0], rec["prompt_ids"]):
                 sys.exit(f"error: {path.name} was not distilled from this corpus item")
-            with torch.inference_mode():
+            feats = {}
+            hooks = [lean.layers[layer].register_forward_hook(functools.partial(_save_output, feats, f"layer{layer}"))
+                     for layer in FEATURE_LAYERS]
+            try:  # the model's own forward, teacher-forced over prompt + response
                 x = torch.cat([target._prompt_embeds(prompt), target.embed(rec["response"][None])], 1)
-                cache = target._new_cache()
-                cos, sin = lean.rotary_emb(x, torch.arange(x.shape[1])[None])
-                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-                feats = {}
-                for layer, (block, cache_layer) in enumerate(zip(lean.layers, cache.layers, strict=True)):
-                    x = block(x, cache_layer, cos, sin, None)
-                    if layer in FEATURE_LAYERS:
-                        feats[f"layer{layer}"] = x[0].half().contiguous()
-                h = rec["hidden"].float()
-                worst = max(worst, float((lean.norm(x)[0] - h).abs().max() / h.abs().max()))
+                last = lean(target._new_cache(), inputs_embeds=x)[0]
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            h = rec["hidden"].float()
+            worst = max(worst, float((last - h).abs().max() / h.abs().max()))
             save_file(feats, str(out / path.name))
         if i % 40 == 0:
             print(f"extract: {i}/{len(items)} items, {time.perf_counter() - start:.0f} s", file=sys.stderr)

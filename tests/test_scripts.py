@@ -2,12 +2,13 @@
 
 Each runs as a user runs it (a subprocess) with ``$FLASH_CACHE`` pointing at a temporary cache that
 borrows the real weights and holds a few freshly distilled records of the default model, and must
-print well-formed numbers. ``draft_probes.py`` is left out: its probes need the built-in corpus's
-first 400 training records.
+print well-formed numbers. ``draft_probes.py``'s probes need the built-in corpus's first 400 training
+records (hours of distillation), so only its ``--extract`` step is run, on one corpus item.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -15,9 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from flash.corpus import CorpusItem
-from flash.distill import distill, load_records
+from flash.distill import distill, load_record, load_records
 from flash.weights import cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,3 +164,26 @@ def test_bench_ratios_reads_the_shipped_benchmark():
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ratios.py"), str(ROOT / "README.md")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "not a benchmark" in bad.stderr
+
+
+def test_draft_probes_extract_matches_the_records_hidden_states(default_target, tmp_path, monkeypatch, capsys):
+    """``--extract`` re-runs a record's prompt + response through the default model's own layers (its
+    private pieces: a refactor there must not silently break the probe) and saves layers 3 and 15."""
+    from flash.corpus import build_corpus
+
+    spec = importlib.util.spec_from_file_location("draft_probes", ROOT / "scripts" / "draft_probes.py")
+    probes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probes)
+    data, out = tmp_path / "distill", tmp_path / "features"
+    item = build_corpus(probes.RECORDS // 2, 40, seed=0)[40]  # the first training item, as extract rebuilds it
+    distill(default_target, [item], data, max_new_tokens=8, batch_size=2)
+    monkeypatch.setattr(probes, "DATA", data)
+    probes.extract(default_target, out)
+    worst = float(re.search(r"max relative difference ([0-9.]+)", capsys.readouterr().err).group(1))
+    assert worst < 0.01  # the teacher-forced last layer is the h the record holds
+    for mode in ("greedy", "sampled"):
+        name = f"{item.item_id}-{mode}.safetensors"
+        hidden = load_record(data / name).hidden
+        feats = load_file(str(out / name))
+        assert sorted(feats) == ["layer15", "layer3"]
+        assert all(f.shape == hidden.shape and f.dtype == torch.float16 for f in feats.values())

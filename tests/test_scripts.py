@@ -3,7 +3,7 @@
 Each runs as a user runs it (a subprocess) with ``$FLASH_CACHE`` pointing at a temporary cache that
 borrows the real weights and holds a few freshly distilled records of the default model, and must
 print well-formed numbers. ``draft_probes.py``'s probes need the built-in corpus's first 400 training
-records (hours of distillation), so only its ``--extract`` step is run, on one corpus item.
+records (hours of distillation), so only its ``--extract`` step is run, in process, on one corpus item.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flash.corpus import CorpusItem
+from flash.corpus import CorpusItem, build_corpus
 from flash.distill import distill, load_record, load_records
 from flash.weights import cache_dir
 
@@ -169,8 +169,6 @@ def test_bench_ratios_reads_the_shipped_benchmark():
 def test_draft_probes_extract_matches_the_records_hidden_states(default_target, tmp_path, monkeypatch, capsys):
     """``--extract`` re-runs a record's prompt + response through the default model's own layers (its
     private pieces: a refactor there must not silently break the probe) and saves layers 3 and 15."""
-    from flash.corpus import build_corpus
-
     spec = importlib.util.spec_from_file_location("draft_probes", ROOT / "scripts" / "draft_probes.py")
     probes = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probes)

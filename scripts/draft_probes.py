@@ -67,8 +67,9 @@ def extract(target, out: Path) -> None:
             hooks = [lean.layers[layer].register_forward_hook(functools.partial(_save_output, feats, f"layer{layer}"))
                      for layer in FEATURE_LAYERS]
             try:  # the model's own forward, teacher-forced over prompt + response
-                x = torch.cat([target._prompt_embeds(prompt), target.embed(rec["response"][None])], 1)
-                last = lean(target._new_cache(), inputs_embeds=x)[0]
+                with torch.inference_mode():  # as before: no autograd graph through the embedding lookups
+                    x = torch.cat([target._prompt_embeds(prompt), target.embed(rec["response"][None])], 1)
+                    last = lean(target._new_cache(), inputs_embeds=x)[0]
             finally:
                 for hook in hooks:
                     hook.remove()

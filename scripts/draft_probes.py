@@ -4,17 +4,18 @@ Each probe trains a draft the way ``python -m flash train --rules-ce`` does (CLI
 same budget -- 400 training records of the distillation cache, 2 epochs, one process -- changing one
 thing, and writes its held-out log to OUT/training_log.json:
 
-- ``base``: as is (the first 400 training records: items 0-199, greedy + sampled);
+- ``base``: as is (the cache's first 400 training records by name: its first 200 items, greedy +
+  sampled);
 - ``layer:N``: the draft's decoder block starts as the target's layer N (9 heads of 64 and the
   target's RoPE base, so the shapes match; grouped k/v heads repeated);
 - ``ce:W``: ``--ce-weight W``;
 - ``multilayer``: EAGLE-3's fused features -- the draft's hidden input is [h; layer 3's output;
   layer 15's output], each RMS-normalised, not h alone (needs ``--extract`` first);
-- ``greedy-only``: 400 greedy records (items 0-399) instead of 200 items' greedy + sampled.
+- ``greedy-only``: 400 greedy records (the first 400 items) instead of 200 items' greedy + sampled.
 
 ``--extract`` computes the multilayer probe's features: each record's prompt is rebuilt from the
 (deterministic) corpus and prompt + response run through the target once, teacher-forced; its last
-layer is checked against the record's h. Run: ``python scripts/draft_probes.py VARIANT OUT``.
+layer is checked against the record's h. Run: ``python scripts/draft_probes.py VARIANT OUT [--seed S]``.
 """
 
 import argparse
@@ -152,6 +153,7 @@ def main() -> None:
     parser.add_argument("variant", help="base | layer:N | ce:W | multilayer | greedy-only")
     parser.add_argument("out", help="directory for the probe's draft and training_log.json")
     parser.add_argument("--extract", action="store_true", help="first compute the multilayer probe's features")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (initialisation, order, noise)")
     args = parser.parse_args()
     target = load_target("default", quiet=True)
     features = cache_dir() / "probes" / "multilayer"
@@ -164,7 +166,7 @@ def main() -> None:
     chosen = train[:RECORDS] + [n for n in names if n.startswith("heldout-")]
     by_name = {n: load_record(DATA / n) for n in chosen}
     cfg = training.TrainConfig(k=4, num_latents=8, num_layers=1, draft_vocab_size=4096, epochs=EPOCHS, lr=1e-3,
-                               grad_accum=1, ce_weight=1.0, noise=0.05, slot_decay=0.5, rules_ce=True, seed=0)
+                               grad_accum=1, ce_weight=1.0, noise=0.05, slot_decay=0.5, rules_ce=True, seed=args.seed)
     if args.variant.startswith("ce:"):
         cfg = dataclasses.replace(cfg, ce_weight=float(args.variant[3:]))
     elif args.variant.startswith("layer:"):

@@ -106,10 +106,26 @@ def cmd_caption(args) -> int:
     return 0
 
 
+def _check_output_paths(json_path: str | None, plot_path: str | None) -> None:
+    """Refuse unwritable report paths before a benchmark runs for minutes, not after."""
+    for path in (json_path, plot_path):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise UsageError(f"cannot write {path}: its folder does not exist")
+    if plot_path and Path(plot_path).suffix.lower() != ".html":
+        if Path(plot_path).suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp"):
+            raise UsageError(f"--plot {plot_path}: give a .html path (or .png/.svg/.pdf with kaleido)")
+        try:
+            import kaleido  # noqa: F401  (plotly's static image writer)
+        except ImportError:
+            raise UsageError(f"--plot {plot_path}: static images need kaleido (pip install kaleido); "
+                             "a .html path needs nothing more") from None
+
+
 def cmd_bench(args) -> int:
     from flash.bench import load_samples, markdown_table, run_benchmark, write_plot
     from flash.models import load_draft, load_target
 
+    _check_output_paths(args.json_path, args.plot)
     target = load_target(args.model)
     config = _config(args, target)
     if "flash-tree" in args.methods and not target.supports_tree:

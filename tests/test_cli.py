@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -68,6 +69,19 @@ def test_missing_file_and_bad_settings(tmp_path):
     assert proc.returncode == 2 and "max_new_tokens" in proc.stderr
     proc = flash_cli("caption", "assets/examples/cat.jpg", "--draft", str(tmp_path))
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+
+
+def test_bench_refuses_unwritable_reports_before_running(tmp_path):
+    # A benchmark runs for minutes: a report it could not write must be refused first, in one line.
+    cases = [("--json", str(tmp_path / "missing" / "b.json"), "folder does not exist"),
+             ("--plot", str(tmp_path / "b.txt"), ".html")]
+    if importlib.util.find_spec("kaleido") is None:
+        cases.append(("--plot", str(tmp_path / "b.png"), "kaleido"))
+    for flag, path, message in cases:
+        proc = flash_cli("bench", "assets/examples/cat.jpg", flag, path, timeout=60)
+        assert proc.returncode == 2 and proc.stdout == "", (flag, path, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
 
 
 def test_train_first_item_distils_only_the_later_corpus_items(tmp_path):

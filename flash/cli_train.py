@@ -82,6 +82,10 @@ def cmd_train(args) -> int:
 
     if args.media and args.first_item:
         raise UsageError("--first-item counts the built-in corpus's items; it does not apply to --media")
+    parts = args.shard.split("/")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) >= int(parts[1]):
+        raise UsageError(f"--shard must look like I/N with 0 <= I < N, not '{args.shard}'")
+    shard = (int(parts[0]), int(parts[1]))
     target = load_target(args.model)
     data_dir = Path(args.data_dir or cache_dir() / "distill" / args.model.replace("/", "--"))
     if args.train_only:
@@ -97,10 +101,6 @@ def cmd_train(args) -> int:
         raise UsageError("no usable media to train on; pass --media FOLDER with images or videos")
     if not args.train_only:
         print(f"distilling {len(items)} items into {data_dir} ...", file=sys.stderr)
-        parts = args.shard.split("/")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) >= int(parts[1]):
-            raise UsageError(f"--shard must look like I/N with 0 <= I < N, not '{args.shard}'")
-        shard = (int(parts[0]), int(parts[1]))
         distill(target, items, data_dir, max_new_tokens=args.max_new_tokens, seed=args.seed,
                 batch_size=args.batch_size, shard=shard)
     if args.distill_only:

@@ -69,6 +69,8 @@ def test_missing_file_and_bad_settings(tmp_path):
     assert proc.returncode == 2 and "max_new_tokens" in proc.stderr
     proc = flash_cli("caption", "assets/examples/cat.jpg", "--draft", str(tmp_path))
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+    proc = flash_cli("train", "--out", str(tmp_path / "d"), "--distill-only", "--shard", "2/2")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --shard must look like I/N")
 
 
 def test_bench_refuses_unwritable_reports_before_running(tmp_path):

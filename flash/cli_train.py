@@ -54,8 +54,12 @@ def add_parser(sub) -> None:
 
 
 def _user_corpus(folders: list[str], seed: int):
-    """(media, prompt) items from the user's folders; a tenth held out."""
-    from flash.corpus import IMAGE_PROMPTS, VIDEO_PROMPTS, CorpusItem
+    """(media file, prompt) items from the user's folders; a tenth held out.
+
+    Each file is decoded once here (unreadable ones are skipped with a message) and again when it
+    is distilled: its frames are not kept, so any number of files fits in memory.
+    """
+    from flash.corpus import IMAGE_PROMPTS, VIDEO_PROMPTS, MediaFileItem
     from flash.media import MediaError, load_media
 
     rng = random.Random(seed)
@@ -68,7 +72,8 @@ def _user_corpus(folders: list[str], seed: int):
             print(f"skipping {path}: {exc}", file=sys.stderr)
             continue
         prompts = VIDEO_PROMPTS if media.kind == "video" else IMAGE_PROMPTS
-        items.append(CorpusItem(f"user-{i:05d}", media, rng.choice(prompts), "heldout" if i % 10 == 9 else "train"))
+        items.append(MediaFileItem(f"user-{i:05d}", path, rng.choice(prompts), "heldout" if i % 10 == 9 else "train",
+                                   media.kind, len(media.frames)))
     return items
 
 

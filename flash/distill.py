@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from flash.corpus import CorpusItem
+from flash.corpus import CorpusItem, MediaFileItem
 from flash.decoding import GenerationConfig
 from flash.target import Prompt, TargetModel
 from flash.verification import make_generator
@@ -65,7 +65,7 @@ def _record(prompt: Prompt, response: list[int], hidden: torch.Tensor, split: st
             "hidden": hidden.to(torch.float16).cpu().contiguous(), "split": split, "kind": kind}
 
 
-def distill(target: TargetModel, items: list[CorpusItem], out_dir: Path, *, max_new_tokens: int = 160,
+def distill(target: TargetModel, items: list[CorpusItem | MediaFileItem], out_dir: Path, *, max_new_tokens: int = 160,
             sample_temperature: float = 0.7, batch_size: int = 16, seed: int = 0,
             shard: tuple[int, int] = (0, 1)) -> None:
     """Write a greedy and a sampled record for each item into ``out_dir`` (resumable).
@@ -85,7 +85,7 @@ def distill(target: TargetModel, items: list[CorpusItem], out_dir: Path, *, max_
     # media with the same number of frames together cuts the prefill's padded tokens ~2.3x on the
     # built-in corpus. Held-out items stay first (an interrupted run still has its evaluation split);
     # the sort is stable, so items keep their order otherwise.
-    todo.sort(key=lambda job: (job[0].split != "heldout", len(job[0].media.frames)))
+    todo.sort(key=lambda job: (job[0].split != "heldout", job[0].frame_count))
     start, done, tokens = time.perf_counter(), 0, 0
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
@@ -97,7 +97,7 @@ def distill(target: TargetModel, items: list[CorpusItem], out_dir: Path, *, max_
         rows = [prompts[item.item_id] for item, _ in chunk]
         results = _responses(target, rows, [modes[mode] for _, mode in chunk])
         for (item, mode), prompt, (response, hidden) in zip(chunk, rows, results, strict=True):
-            rec = _record(prompt, response, hidden, item.split, item.media.kind)
+            rec = _record(prompt, response, hidden, item.split, item.kind)
             meta = {"split": rec.pop("split"), "kind": rec.pop("kind"), "prompt": item.prompt, "target": target.name}
             final = out_dir / f"{item.item_id}-{mode}.safetensors"
             tmp = final.with_suffix(".part")

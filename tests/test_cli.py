@@ -100,6 +100,34 @@ def test_train_first_item_distils_only_the_later_corpus_items(tmp_path):
     assert len(written) == 3  # plus the held-out item's greedy answer
 
 
+def test_train_distils_the_user_s_media_folder(tmp_path):
+    """``--media``: every readable file is a corpus item (a bad one is skipped with a message), items
+    keep only their path (frames are decoded again when distilled), and records keep each kind."""
+    from flash.cli_train import _user_corpus
+    from flash.corpus import MediaFileItem
+    from flash.default_target import DEFAULT_TARGET_NAME
+    from flash.distill import load_records
+
+    media = tmp_path / "media" / "nested"
+    media.mkdir(parents=True)
+    for name in ("cat.jpg", "coffee_pan.mp4"):
+        (media / name).write_bytes((ROOT / "assets" / "examples" / name).read_bytes())
+    (media / "notes.mp4").write_text("not a video")
+    items = _user_corpus([str(tmp_path / "media")], seed=0)
+    assert [type(i) for i in items] == [MediaFileItem, MediaFileItem]
+    assert [(i.path.name, i.kind, i.frame_count) for i in items] == [("cat.jpg", "image", 1),
+                                                                    ("coffee_pan.mp4", "video", 8)]
+    assert items[1].media.kind == "video" and len(items[1].media.frames) == 8
+    data = tmp_path / "data"
+    proc = flash_cli("train", "--media", str(tmp_path / "media"), "--out", str(tmp_path / "draft"),
+                     "--data-dir", str(data), "--distill-only", "--max-new-tokens", "3", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipping" in proc.stderr and "notes.mp4" in proc.stderr
+    records = load_records(data, DEFAULT_TARGET_NAME)
+    assert sorted(r.kind for r in records) == ["image", "image", "video", "video"]  # greedy + sampled each
+    assert {r.split for r in records} == {"train"}
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_flash_equals_ar_on_every_example(default_target, path):
     """The issue's acceptance check, in-process: greedy flash (chain and tree) and ar give identical tokens."""

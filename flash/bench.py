@@ -210,7 +210,7 @@ def write_plot(report: dict, path: Path) -> None:
     fig.add_hline(y=1.0, line_dash="dash", annotation_text="ar")
     fig.update_layout(title="Speed-up over plain autoregressive decoding (same run)", yaxis_title="× ar tokens/s",
                       barmode="group")
-    if path.suffix == ".html":
+    if path.suffix.lower() == ".html":
         fig.write_html(str(path), include_plotlyjs="cdn")
     else:
         fig.write_image(str(path))

@@ -146,7 +146,8 @@ def test_step_split_accounts_for_a_tree_step(script_cache):
             "the loop, the rest"} <= set(parts)
     top = [float(v) for k, v in parts.items()]  # the top-level parts and the rest add up to the step
     nested = [float(v) for k, v in re.findall(r"^    (\S[^\n]*?)\s+([0-9.]+) ms$", out, flags=re.M)]
-    assert len(nested) == 3 and abs(sum(top) - steps["flash-tree"]) < 0.05
+    # Printed rounding only: the step to 0.1 ms (+-0.05), each part to 0.01 ms (+-0.005).
+    assert len(nested) == 3 and abs(sum(top) - steps["flash-tree"]) <= 0.05 + 0.005 * len(top) + 1e-9
     assert re.search(r"decoding speed-up here: tau [0-9.]+ x [0-9.]+ / [0-9.]+ = [0-9.]+x", out)
 
 

@@ -197,6 +197,23 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+STATIC_PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp")  # written by plotly through kaleido
+
+
+def plot_path_problem(path: Path) -> str | None:
+    """Why :func:`write_plot` could not write ``path`` (None if it can): checked before a run, not after."""
+    suffix = path.suffix.lower()
+    if suffix == ".html":
+        return None
+    if suffix not in STATIC_PLOT_SUFFIXES:
+        return f"--plot {path}: give a .html path (or .png/.svg/.pdf with kaleido)"
+    try:
+        import kaleido  # noqa: F401  (plotly's static image writer)
+    except ImportError:
+        return f"--plot {path}: static images need kaleido (pip install kaleido); a .html path needs nothing more"
+    return None
+
+
 def write_plot(report: dict, path: Path) -> None:
     """Per-sample speed-up of each method (plotly HTML, or PNG/SVG if kaleido is installed)."""
     import plotly.graph_objects as go

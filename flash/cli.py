@@ -111,14 +111,11 @@ def _check_output_paths(json_path: str | None, plot_path: str | None) -> None:
     for path in (json_path, plot_path):
         if path and not Path(path).resolve().parent.is_dir():
             raise UsageError(f"cannot write {path}: its folder does not exist")
-    if plot_path and Path(plot_path).suffix.lower() != ".html":
-        if Path(plot_path).suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp"):
-            raise UsageError(f"--plot {plot_path}: give a .html path (or .png/.svg/.pdf with kaleido)")
-        try:
-            import kaleido  # noqa: F401  (plotly's static image writer)
-        except ImportError:
-            raise UsageError(f"--plot {plot_path}: static images need kaleido (pip install kaleido); "
-                             "a .html path needs nothing more") from None
+    from flash.bench import plot_path_problem
+
+    problem = plot_path_problem(Path(plot_path)) if plot_path else None
+    if problem:
+        raise UsageError(problem)
 
 
 def cmd_bench(args) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -106,11 +107,18 @@ def cmd_caption(args) -> int:
     return 0
 
 
-def _check_output_paths(json_path: str | None, plot_path: str | None) -> None:
-    """Refuse unwritable report paths before a benchmark runs for minutes, not after."""
+def _check_output_paths(json_path: str | None, plot_path: str | None = None) -> None:
+    """Refuse unwritable report paths before a run of minutes (bench, caption-eval), not after it."""
     for path in (json_path, plot_path):
-        if path and not Path(path).resolve().parent.is_dir():
+        if not path:
+            continue
+        folder = Path(path).resolve().parent
+        if Path(path).is_dir():
+            raise UsageError(f"cannot write {path}: it is a folder; give a file name")
+        if not folder.is_dir():
             raise UsageError(f"cannot write {path}: its folder does not exist")
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"cannot write {path}: its folder is not writable")
     from flash.bench import plot_path_problem
 
     problem = plot_path_problem(Path(plot_path)) if plot_path else None
@@ -150,6 +158,7 @@ def cmd_caption_eval(args) -> int:
     from flash.caption_eval import evaluate_captions
     from flash.models import load_target
 
+    _check_output_paths(args.json_path)
     report = evaluate_captions(load_target(DEFAULT_MODEL), max_new_tokens=args.max_new_tokens)
     print(f"captions naming the subject: {report['named']}/{report['total']} ({report['rate']:.0%})")
     if args.json_path:

@@ -76,12 +76,22 @@ def test_missing_file_and_bad_settings(tmp_path):
 def test_bench_refuses_unwritable_reports_before_running(tmp_path):
     # A benchmark runs for minutes: a report it could not write must be refused first, in one line.
     cases = [("--json", str(tmp_path / "missing" / "b.json"), "folder does not exist"),
+             ("--json", str(tmp_path), "it is a folder"),
              ("--plot", str(tmp_path / "b.txt"), ".html")]
     if importlib.util.find_spec("kaleido") is None:
         cases.append(("--plot", str(tmp_path / "b.png"), "kaleido"))
     for flag, path, message in cases:
         proc = flash_cli("bench", "assets/examples/cat.jpg", flag, path, timeout=60)
         assert proc.returncode == 2 and proc.stdout == "", (flag, path, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+def test_caption_eval_refuses_an_unwritable_report_before_running(tmp_path):
+    # caption-eval captions ten photos first (a minute or two): its --json path is checked up front too.
+    for path, message in ((tmp_path / "missing" / "r.json", "folder does not exist"), (tmp_path, "it is a folder")):
+        proc = flash_cli("caption-eval", "--json", str(path), timeout=60)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
 

@@ -5,8 +5,8 @@
 #    greedy and sampled, plus HELDOUT held-out items);
 # 2. training: two processes averaging gradients, EPOCHS epochs, cross-entropy after the target's
 #    logits rules (--rules-ce). Held-out tau per epoch lands in OUT_DIR/training_log.json.
-# ITEMS / EPOCHS / HELDOUT / MAX_NEW_TOKENS (environment) trade time for quality; the README reports
-# what the defaults give. The data cache is resumable: rerunning skips the records already made.
+# ITEMS / EPOCHS / HELDOUT / MAX_NEW_TOKENS (environment) trade time for quality, CE_WEIGHT sets
+# --ce-weight (1.0, the CLI default); the README reports what the defaults give. The data cache is resumable: rerunning skips the records already made.
 set -euo pipefail
 OUT=${1:?usage: scripts/train_default_draft.sh OUT_DIR [DATA_DIR]}
 DATA=${2:-${FLASH_CACHE:-$HOME/.cache/flash}/distill/default-recipe}
@@ -14,6 +14,7 @@ ITEMS=${ITEMS:-900}
 EPOCHS=${EPOCHS:-3}
 HELDOUT=${HELDOUT:-40}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}
+CE_WEIGHT=${CE_WEIGHT:-1.0}
 export OMP_NUM_THREADS=1  # one thread per process: two processes keep both cores busy
 start=$SECONDS
 distill=(python -m flash train --out "$OUT" --data-dir "$DATA" --distill-only --train-items "$ITEMS"
@@ -24,5 +25,5 @@ first=$!
 wait "$first"
 echo "distillation done in $((SECONDS - start)) s" >&2
 ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m flash train --train-only --data-dir "$DATA" \
-    --epochs "$EPOCHS" --rules-ce --out "$OUT"
+    --epochs "$EPOCHS" --rules-ce --ce-weight "$CE_WEIGHT" --out "$OUT"
 echo "recipe done in $((SECONDS - start)) s: draft in $OUT" >&2

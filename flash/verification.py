@@ -118,3 +118,48 @@ def sampling_verify(
     if total <= 0:  # p == q exactly: rejection had probability 0; fall back to p itself
         residual, total = target_probs[accepted], target_probs[accepted].sum()
     return accepted, int(sample(residual / total, generator))
+
+
+def draw_siblings(q: torch.Tensor, count: int, generator: torch.Generator) -> list[int]:
+    """Up to ``count`` distinct tokens from ``q`` [V]: the first from q, each next from q with the
+    earlier ones removed (fewer where q holds fewer tokens) -- the order :func:`sibling_verify` checks."""
+    rest, drawn = q.clone(), []
+    while len(drawn) < count and rest.sum() > 0:
+        drawn.append(int(sample(rest, generator)))
+        rest[drawn[-1]] = 0.0
+    return drawn
+
+
+def sibling_verify(
+    candidates: list[int],
+    draft_probs: torch.Tensor,  # [V]
+    target_probs: torch.Tensor,  # [V]
+    generator: torch.Generator,
+) -> tuple[int | None, int]:
+    """Lossless rejection sampling over sibling draft tokens drawn *without replacement* from q.
+
+    ``candidates`` are tree siblings in the order they were drawn: the first from q, each next one
+    from q with the earlier ones removed (renormalised). Candidate i is accepted with probability
+    min(1, r_i(c_i) / q_i(c_i)), where q_i is the distribution it was drawn from and r_i the current
+    residual (r_1 = p); on a rejection r_{i+1} = norm(max(0, r_i - q_i)) (Sequoia, Chen et al. 2024).
+    Returns (index of the accepted candidate, its token), or (None, a draw from the last residual).
+    The output has exactly the target's law p: conditioned on each rejection the next round is plain
+    rejection sampling of r_{i+1}, whatever q_{i+1} is. No candidates: one draw from p.
+    """
+    p = target_probs.double()
+    q = draft_probs.to(p.device).double()
+    uniforms = torch.rand(len(candidates), generator=generator, dtype=torch.float64, device=generator.device)
+    for i, token in enumerate(candidates):
+        q_total = q.sum()
+        if q_total <= 0:
+            break  # nothing left to draw from: a later candidate cannot have been drawn from q_i
+        q = q / q_total
+        if q[token] > 0 and float(uniforms[i]) * float(q[token]) < float(p[token]):
+            return i, token
+        residual = (p - q).clamp_min(0.0)
+        total = residual.sum()
+        if total > 0:  # total 0 means p == q_i: the rejection had probability 0
+            p = residual / total
+        q = q.clone()
+        q[token] = 0.0
+    return None, int(sample(p, generator))

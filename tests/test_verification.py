@@ -14,7 +14,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flash.verification import greedy_verify, logits_to_probs, sample, sampling_verify
+from flash.verification import (
+    draw_siblings,
+    greedy_verify,
+    logits_to_probs,
+    sample,
+    sampling_verify,
+    sibling_verify,
+)
 
 NEG_INF = float("-inf")
 
@@ -351,3 +358,53 @@ def test_two_token_joint_distribution_matches_direct_sampling(k):
     # The draft chain's own joint law is far outside the bound (the test can tell them apart).
     draft_joint = draft_chain[start][:, None] * draft_chain
     assert total_variation(draft_joint, exact) > 5 * bound
+
+
+# --- sibling_verify: siblings drawn without replacement, recursive rejection ---------------------
+
+
+SIBLING_CASES = [
+    # (target p, draft q): a draft far from the target; one that puts 90% on a token the target
+    # rarely picks (the second sibling then comes from a q with that token removed: its q is 1, not
+    # 0.1, so a check that forgets the removal emits token 1 far too often); supports that barely overlap.
+    (TOY_TARGET, TOY_DRAFT),
+    (torch.tensor([0.10, 0.30, 0.45, 0.10, 0.05, 0.0]), torch.tensor([0.90, 0.10, 0.0, 0.0, 0.0, 0.0])),
+    (torch.tensor([0.0, 0.0, 0.5, 0.5, 0.0, 0.0]), torch.tensor([0.5, 0.3, 0.2, 0.0, 0.0, 0.0])),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SIBLING_CASES)))
+@pytest.mark.parametrize("siblings", [1, 2, 3])
+def test_sibling_verify_emits_the_target_distribution(case, siblings):
+    target, draft = SIBLING_CASES[case]
+    generator = torch.Generator().manual_seed(100 + 10 * case + siblings)
+    trials = 20_000
+    counts = torch.zeros(TOY_VOCAB)
+    accepted = 0
+    for _ in range(trials):
+        candidates = draw_siblings(draft, siblings, generator)
+        assert len(set(candidates)) == len(candidates) == min(siblings, int((draft > 0).sum()))
+        pick, token = sibling_verify(candidates, draft, target, generator)
+        if pick is not None:
+            assert token == candidates[pick]
+            accepted += 1
+        counts[token] += 1
+    assert counts[target == 0].sum() == 0, "a token the target rules out was emitted"
+    big = target > 0
+    chi2 = float(((counts[big] - trials * target[big]) ** 2 / (trials * target[big])).sum())
+    assert chi2 < chi2_critical(int(big.sum()) - 1), (counts / trials, target)
+    # One sibling is plain rejection sampling: acceptance sum(min(p, q)). More siblings accept more.
+    one = float(torch.minimum(target, draft).sum())
+    rate = accepted / trials
+    if siblings == 1:
+        assert abs(rate - one) < 4 * math.sqrt(one * (1 - one) / trials)
+    else:
+        assert rate > one + 0.05, (rate, one)
+
+
+def test_sibling_verify_without_candidates_samples_the_target():
+    generator = torch.Generator().manual_seed(7)
+    draws = [sibling_verify([], TOY_DRAFT, TOY_TARGET, generator) for _ in range(5000)]
+    assert all(pick is None for pick, _ in draws)
+    counts = torch.bincount(torch.tensor([token for _, token in draws]), minlength=TOY_VOCAB).double()
+    assert total_variation(counts / 5000, TOY_TARGET.double()) < 0.04

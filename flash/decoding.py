@@ -17,8 +17,16 @@ import torch
 from flash.draft import DraftState, FlashDraft
 from flash.logits_rules import LogitsRules, RulesCursor
 from flash.target import Prompt, TargetModel
-from flash.tree import DraftTree, best_after_changes, build_tree, tree_attention, walk_tree
-from flash.verification import greedy_verify, logits_to_probs, make_generator, sample, sampling_verify
+from flash.tree import DraftTree, best_after_changes, build_tree, tree_attention, walk_sampled_tree, walk_tree
+from flash.verification import (
+    draw_siblings,
+    greedy_verify,
+    logits_to_probs,
+    make_generator,
+    sample,
+    sampling_verify,
+    sibling_verify,
+)
 
 METHODS = ("ar", "eagle", "flash", "flash-tree", "pld")
 #: The confidence cut the CLI and the app use by default (see GenerationConfig.min_draft_prob;
@@ -205,8 +213,8 @@ def _choose(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gen
 def flash_method(target: TargetModel, config: GenerationConfig) -> str:
     """The FLASH variant the app's race and ``caption --method auto`` run: the draft tree for greedy
     requests on targets that verify trees (a few percent ahead of the chain in paired runs), the chain
-    otherwise: with sampling the chain measured faster (1.20x vs the tree's 1.09x over ``ar``, README
-    "Results"), and flash-attention targets cannot verify trees."""
+    otherwise: with sampling the drawn tree is within a few percent of the chain here (README
+    "Results"; the chain is kept), and flash-attention targets cannot verify trees."""
     return "flash-tree" if config.greedy and target.supports_tree else "flash"
 
 
@@ -345,6 +353,50 @@ class _DraftProposer:
 
         return build_tree(expand, depth, config.tree_nodes, config.tree_min_prob, config.tree_branch)
 
+    def propose_sampled_tree(self, depth: int, base: RulesCursor | None, config: GenerationConfig,
+                             generator: torch.Generator) -> tuple[DraftTree, dict[int, torch.Tensor]]:
+        """Sampling: one semi-autoregressive pass read as a tree of a fixed shape whose tokens are drawn.
+
+        The root's ``tree_branch`` children are drawn from slot 1's q without replacement (fewer where
+        q holds fewer tokens); under the first of them a chain (one draw per slot) fills the rest of
+        ``tree_nodes``. The shape is fixed before any draw: whether a node is proposed must not depend
+        on its own token (a best-first pick by its probability would), or
+        :func:`flash.verification.sibling_verify` would not be exact. Returns the tree and, per parent
+        (-1 = the root), the q (target vocabulary) its children were drawn from.
+        """
+        draft = self.draft
+        logits = draft.draft_logits(draft.propose(self.state, self.stream, self.last_feature, self.last_hidden,
+                                                  depth)).float()  # [depth, Vd]
+        column_of = draft.target_columns()
+        if base is not None:
+            base.penalise_seen_(logits, column_of)
+        tokens: list[int] = []
+        parents: list[int] = []
+        depths: list[int] = []
+        q_of: dict[int, torch.Tensor] = {}
+        parent, path, joint = -1, [], 1.0
+        for level in range(1, depth + 1):
+            row = logits[level - 1] if base is None else base.finish_after_(logits[level - 1].clone(), path, column_of)
+            if not torch.isfinite(row).any():
+                break  # the rules ban every token the draft knows
+            q = logits_to_probs(row[None], config.temperature, config.top_p)[0]
+            joint *= float(q.max())  # the chain's confidence cut: it reads q, never a drawn token
+            if config.min_draft_prob and joint < config.min_draft_prob:
+                break
+            room = config.tree_nodes - len(tokens)
+            count = min(config.tree_branch if level == 1 else 1, room)
+            drawn = draw_siblings(q, count, generator)
+            if not drawn:
+                break
+            q_of[parent] = draft.to_target_vocab(q[None], 0.0)[0]
+            first = len(tokens)
+            for column in drawn:
+                tokens.append(int(draft.draft_to_target[column]))
+                parents.append(parent)
+                depths.append(level)
+            parent, path = first, path + [tokens[first]]
+        return DraftTree(tuple(tokens), tuple(parents), tuple(depths)), q_of
+
     def update(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> None:
         """Feed h of the verified tokens; ``next_ids`` are the tokens after each ([a+1])."""
         fused = self.draft.fuse_features(hidden, self.draft.embed(next_ids))
@@ -449,16 +501,35 @@ def _target_choice(logits: torch.Tensor, cursor, config: GenerationConfig, gener
     return choose
 
 
+def _sibling_check(logits: torch.Tensor, cursor, config: GenerationConfig, q_of: dict[int, torch.Tensor],
+                   generator: torch.Generator):
+    """``verify(row, parent, path, candidates)`` for :func:`flash.tree.walk_sampled_tree`: the target's
+    distribution at the row (rules with the row's own path, then temperature and top-p, as ``ar``
+    samples from it) checked against the drawn siblings by :func:`sibling_verify`."""
+    if cursor is not None:
+        cursor.penalise_seen_(logits)
+
+    def verify(row: int, parent: int, path: list[int], candidates: list[int]) -> tuple[int | None, int]:
+        scores = logits[row]
+        if cursor is not None:
+            scores = cursor.finish_after_(scores, path)
+        p = logits_to_probs(scores, config.temperature, config.top_p)
+        q = q_of.get(parent)
+        return sibling_verify(candidates, q if candidates else p, p, generator)
+
+    return verify
+
+
 @torch.inference_mode()
 def _speculative_tree(target: TargetModel, prompt: Prompt, proposer: _DraftProposer,
                       config: GenerationConfig) -> Iterator[StepEvent]:
     """FLASH with a draft tree: one target pass checks every branch (EAGLE-2's verification).
 
-    Exact for greedy and sampling alike: every emitted token is the target's own choice at its exact
-    prefix (argmax, or one draw from its processed distribution with the request's generator, in the
-    order ``ar`` draws); a draft node only saves the pass that would compute the next row. The
-    drafts never touch the generator, so a seeded sampling run emits what ``ar`` emits with the same
-    seed, up to the float differences between a tree pass's logits and a one-token step's.
+    Greedy: every emitted token is the target's own argmax at its exact prefix; a draft node only
+    saves the pass that would compute the next row (the tree is best-first, EAGLE-2's). Sampling:
+    siblings are drawn from the draft without replacement and checked by recursive rejection
+    sampling (:func:`flash.verification.sibling_verify`), so each emitted token has the target's law
+    at its exact prefix, and a wrong first sibling still leaves the others a chance.
     """
     device, rules = target.device, config.rules
     clock, out, generator, pre, token, event = _begin(target, prompt, "flash-tree", config)
@@ -474,7 +545,13 @@ def _speculative_tree(target: TargetModel, prompt: Prompt, proposer: _DraftPropo
         # 1. Draft a tree no deeper than what can still be emitted after the pending token.
         t0 = clock.now()
         depth = min(proposer.k, out.room - 1)
-        tree = proposer.propose_tree(depth, cursor, config) if depth > 0 else DraftTree((), (), ())
+        q_of: dict[int, torch.Tensor] = {}
+        if depth <= 0:
+            tree = DraftTree((), (), ())
+        elif config.greedy:
+            tree = proposer.propose_tree(depth, cursor, config)
+        else:
+            tree, q_of = proposer.propose_sampled_tree(depth, cursor, config, generator)
         t1 = clock.now()
 
         # 2. Verify the root (pending token) and every draft node in one pass.
@@ -487,7 +564,10 @@ def _speculative_tree(target: TargetModel, prompt: Prompt, proposer: _DraftPropo
             logits, hidden = target.forward(state, ids)
 
         # 3. Accept: follow the target's own choices down the tree; each row sees its own path's prefix.
-        accepted, next_token = walk_tree(tree, _target_choice(logits, cursor, config, generator))
+        if config.greedy:
+            accepted, next_token = walk_tree(tree, _target_choice(logits, cursor, config, generator))
+        else:
+            accepted, next_token = walk_sampled_tree(tree, _sibling_check(logits, cursor, config, q_of, generator))
 
         # 4. Keep the root and the accepted path in the target cache; feed their h to the draft.
         target.keep(state, cache_len + 1, accepted)

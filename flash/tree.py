@@ -141,3 +141,29 @@ def walk_tree(tree: DraftTree, choose: Callable[[int, list[int]], int]) -> tuple
             return accepted, token
         accepted.append(child)
         node = child
+
+
+SiblingCheck = Callable[[int, int, list[int], list[int]], tuple[int | None, int]]
+
+
+def walk_sampled_tree(tree: DraftTree, verify: SiblingCheck) -> tuple[list[int], int]:
+    """Follow the target down a tree whose siblings were *drawn* from the draft (sampling).
+
+    ``verify(row, parent, path, candidates)`` decides at laid-out row ``row`` (0 = the root, 1 + i =
+    draft node i; ``parent`` is -1 or i) after the accepted draft tokens ``path`` among the node's
+    children's tokens ``candidates`` (in the order they were drawn): (index of the accepted one,
+    its token), or (None, the target's own token) -- :func:`flash.verification.sibling_verify`.
+    Returns (accepted node indices, in order; the target's next token after them).
+    """
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(tree.parents):
+        children.setdefault(parent, []).append(i)
+    accepted: list[int] = []
+    node = -1
+    while True:
+        kids = children.get(node, [])
+        pick, token = verify(node + 1, node, [tree.tokens[i] for i in accepted], [tree.tokens[i] for i in kids])
+        if pick is None:
+            return accepted, token
+        accepted.append(kids[pick])
+        node = kids[pick]

@@ -571,9 +571,7 @@ def sample_runs(target, prompt, method, draft, config: GenerationConfig, seeds: 
     """The first three tokens of one run per seed ([n, 3]), and the accepted / proposed totals."""
     samples, accepted, proposed = [], 0, 0
     for seed in seeds:
-        cfg = GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                               top_p=config.top_p, seed=seed, rules=config.rules)
-        result = collect(generate(target, prompt, method, draft, cfg))
+        result = collect(generate(target, prompt, method, draft, replace(config, seed=seed)))
         assert len(result.tokens) >= 3, "a run ended before the compared positions"
         samples.append(result.tokens[:3])
         accepted, proposed = accepted + result.accepted, proposed + result.proposed
@@ -598,13 +596,14 @@ SAMPLING_CASES = [
     ("flash", 1.0, 1.0, PENALTIES, 600),  # rules see each verified row's exact prefix, drafts' included
     ("flash", 1.0, 0.8, None, 1500),  # the most samples: top-p makes q's bookkeeping easiest to get wrong
     ("eagle", 0.8, 0.9, None, 500),
-    ("flash-tree", 1.0, 0.8, None, 600),  # the walk draws the target's own token at every node
+    ("flash-tree", 1.0, 0.8, None, 600),  # siblings drawn without replacement, checked in turn
+    ("flash-tree", 1.0, 1.0, PENALTIES, 600),  # each sibling's q and each row's p after its own path
 ]
 
 
 @pytest.mark.parametrize("method,temperature,top_p,rules,samples", SAMPLING_CASES,
                          ids=["flash-T1", "flash-T1-penalties", "flash-T1-top_p0.8", "eagle-T0.8-top_p0.9",
-                              "flash-tree-T1-top_p0.8"])
+                              "flash-tree-T1-top_p0.8", "flash-tree-T1-penalties"])
 def test_sampling_has_the_target_law(peaked_llava, photos, make_echo_draft, method, temperature, top_p, rules,
                                      samples):
     target, vocab = peaked_llava, peaked_llava.vocab_size
@@ -629,3 +628,19 @@ def test_sampling_has_the_target_law(peaked_llava, photos, make_echo_draft, meth
         tv = 0.5 * float((spec_freq - plain_freq).abs().sum())
         bound = tv_bound(law[positions], spec.shape[0]) + tv_bound(law[positions], plain.shape[0]) + dropped
         assert tv < bound, f"{label}, positions {positions}: TV({method}, ar) {tv:.4f} >= {bound:.4f}"
+
+
+def test_sampled_tree_with_a_confidence_cut_has_the_target_law(peaked_llava, photos, make_echo_draft):
+    """The sampled tree stops its chain where the product of each level's top draft probability falls
+    below ``min_draft_prob``: a decision read from q alone, never from a drawn token, so the law holds."""
+    target, vocab = peaked_llava, peaked_llava.vocab_size
+    prompt = build_prompt(target, photos["chelsea"], "describe the cat")
+    config = GenerationConfig(max_new_tokens=SAMPLE_TOKENS, temperature=1.0, rules=PENALTIES, min_draft_prob=0.3)
+    law, dropped = exact_law(target, prompt, config)
+    assert dropped < 0.01
+    samples = 600
+    spec, accepted, proposed = sample_runs(target, prompt, "flash-tree", make_echo_draft(target, k=3, num_latents=4),
+                                           config, range(samples))
+    assert 0 < accepted < proposed
+    assert proposed < config.tree_nodes * samples  # the cut bit: an uncut first step alone proposes 4 per run
+    assert_law(law, dropped, spec, vocab, f"flash-tree cut {config.min_draft_prob}")

@@ -9,6 +9,7 @@ records (hours of distillation), so only its ``--extract`` step is run, in proce
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -186,3 +187,16 @@ def test_draft_probes_extract_matches_the_records_hidden_states(default_target, 
         feats = load_file(str(out / name))
         assert sorted(feats) == ["layer15", "layer3"]
         assert all(f.shape == hidden.shape and f.dtype == torch.float16 for f in feats.values())
+
+
+def test_sampling_speed_pools_every_method(script_cache, tmp_path):
+    out = run_script("sampling_speed.py", script_cache, "assets/examples/cat.jpg", "--seeds", "2",
+                     "--max-new-tokens", "6", "--json", str(tmp_path / "runs.json"))
+    lines = re.findall(r"^(image|all) (ar|flash|flash-tree): ([0-9.]+) ms per decoded token, x([0-9.]+) vs ar, "
+                       r"tau ([0-9.]+), proposed / accepted per pass ([0-9.]+) / ([0-9.]+), 2 runs$", out, flags=re.M)
+    assert [(kind, method) for kind, method, *_ in lines] == [
+        (kind, method) for kind in ("image", "all") for method in ("ar", "flash", "flash-tree")]
+    for _, method, ms, ratio, tau, proposed, accepted in lines:
+        assert float(ms) > 0 and float(ratio) > 0 and float(accepted) <= float(proposed)
+        assert (float(tau), float(proposed)) == (1.0, 0.0) if method == "ar" else float(tau) >= 1.0
+    assert len(json.loads((tmp_path / "runs.json").read_text())) == 6

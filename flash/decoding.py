@@ -514,8 +514,9 @@ def _sibling_check(logits: torch.Tensor, cursor, config: GenerationConfig, q_of:
         if cursor is not None:
             scores = cursor.finish_after_(scores, path)
         p = logits_to_probs(scores, config.temperature, config.top_p)
-        q = q_of.get(parent)
-        return sibling_verify(candidates, q if candidates else p, p, generator)
+        if not candidates:  # a leaf (or no tree): the target's own draw, as ar draws it
+            return None, int(sample(p, generator))
+        return sibling_verify(candidates, q_of[parent], p, generator)
 
     return verify
 

@@ -6,7 +6,8 @@
 # 2. training: two processes averaging gradients, EPOCHS epochs, cross-entropy after the target's
 #    logits rules (--rules-ce). Held-out tau per epoch lands in OUT_DIR/training_log.json.
 # ITEMS / EPOCHS / HELDOUT / MAX_NEW_TOKENS (environment) trade time for quality, CE_WEIGHT sets
-# --ce-weight (1.0, the CLI default); the README reports what the defaults give. The data cache is resumable: rerunning skips the records already made.
+# --ce-weight (1.0, the CLI default); the README reports what the defaults give. The data cache is
+# resumable: rerunning skips the records already made.
 set -euo pipefail
 OUT=${1:?usage: scripts/train_default_draft.sh OUT_DIR [DATA_DIR]}
 DATA=${2:-${FLASH_CACHE:-$HOME/.cache/flash}/distill/default-recipe}

@@ -301,8 +301,20 @@ class _DraftProposer:
         return propose(self.draft, self.state, self.stream, self.last_feature, self.last_hidden, n, config, generator,
                        cursor)
 
+    def _slot_logits(self, depth: int, base: RulesCursor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One semi-autoregressive pass: the draft's logits for ``depth`` slots [depth, Vd] with the
+        prefix's repetition penalty applied to every row in one go (``base`` None: no rules), and the
+        draft columns' target ids (None for a full-vocabulary draft)."""
+        draft = self.draft
+        logits = draft.draft_logits(draft.propose(self.state, self.stream, self.last_feature, self.last_hidden,
+                                                  depth)).float()
+        column_of = draft.target_columns()
+        if base is not None:
+            base.penalise_seen_(logits, column_of)
+        return logits, column_of
+
     def propose_tree(self, depth: int, base: RulesCursor | None, config: GenerationConfig) -> DraftTree:
-        """One semi-autoregressive pass, read as a tree: each slot's best tokens, the target's rules
+        """Greedy: one semi-autoregressive pass, read as a tree: each slot's best tokens, the target's rules
         (``base``: their state after the generated tokens, None without rules) applied along each
         branch's own path (see :func:`flash.tree.build_tree`).
 
@@ -312,15 +324,7 @@ class _DraftProposer:
         those cannot decide is the row processed for that branch (the same ranking either way).
         """
         draft = self.draft
-        logits = draft.draft_logits(draft.propose(self.state, self.stream, self.last_feature, self.last_hidden,
-                                                  depth)).float()  # [depth, Vd]
-        column_of = draft.target_columns()
-        if base is not None:
-            base.penalise_seen_(logits, column_of)  # the prefix's penalty, every depth's row in one go
-        # Sampling: rank by the draft's tempered distribution, the target's top-p left out (it only
-        # rescales the few top tokens; applying it cost 1.9 ms per step when measured, with the full
-        # sort it used then); the shape never affects exactness.
-        scores = logits if config.greedy else logits / config.temperature
+        scores, column_of = self._slot_logits(depth, base)
         width = min(scores.shape[-1], config.tree_branch + _TREE_SPARE)
         top_scores, top_columns = (part.tolist() for part in scores.topk(width))
         log_norms = scores.logsumexp(-1).tolist()
@@ -344,8 +348,8 @@ class _DraftProposer:
             found = best_after_changes(list(zip(top_scores[row], top_columns[row], strict=True)), log_norms[row],
                                        changed, config.tree_branch, exhaustive=width == scores.shape[-1])
             if found is None:  # the top entries cannot decide: process this branch's whole row
-                full = logits[row] if base is None else base.finish_after_(logits[row].clone(), path, column_of)
-                top = (full if config.greedy else full / config.temperature).softmax(-1).topk(config.tree_branch)
+                full = scores[row] if base is None else base.finish_after_(scores[row].clone(), path, column_of)
+                top = full.softmax(-1).topk(config.tree_branch)
                 keep = top.values > 0  # a token the rules ban has probability 0: never a candidate
                 return draft.to_target_ids(top.indices[keep]).tolist(), top.values[keep].tolist()
             columns, probs = found
@@ -365,11 +369,7 @@ class _DraftProposer:
         (-1 = the root), the q (target vocabulary) its children were drawn from.
         """
         draft = self.draft
-        logits = draft.draft_logits(draft.propose(self.state, self.stream, self.last_feature, self.last_hidden,
-                                                  depth)).float()  # [depth, Vd]
-        column_of = draft.target_columns()
-        if base is not None:
-            base.penalise_seen_(logits, column_of)
+        logits, column_of = self._slot_logits(depth, base)
         tokens: list[int] = []
         parents: list[int] = []
         depths: list[int] = []

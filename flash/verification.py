@@ -160,6 +160,5 @@ def sibling_verify(
         total = residual.sum()
         if total > 0:  # total 0 means p == q_i: the rejection had probability 0
             p = residual / total
-        q = q.clone()
-        q[token] = 0.0
+        q[token] = 0.0  # q is this round's own normalised copy
     return None, int(sample(p, generator))

@@ -72,7 +72,10 @@ def machine_info(target: TargetModel) -> dict:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+    # The vector ISA matters here: the same VM has measured ~3x apart between days, and FLASH's CPU
+    # kernels take an AVX-512 path where it exists (torch's name for it: AVX2, AVX512, ...).
+    return {"cpu": cpu, "cpu_isa": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "gpu": gpu,
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "target": target.name, "device": str(target.device),
             "weights": getattr(target, "weight_format", str(target.dtype).removeprefix("torch."))}
@@ -190,7 +193,8 @@ def markdown_table(report: dict) -> str:
                 f"{split['draft']:.0%} / {split['verify']:.0%} / {split['prefill']:.0%} / {split['other']:.0%} |")
     mi = report["machine"]
     lines.append("")
-    lines.append(f"Machine: {mi['cpu']} ({mi['cpu_count']} cores, {mi['torch_threads']} torch threads), "
+    lines.append(f"Machine: {mi['cpu']} ({mi['cpu_count']} cores, {mi.get('cpu_isa', '?')}, "
+                 f"{mi['torch_threads']} torch threads), "
                  f"GPU: {mi['gpu'] or 'none'}, torch {mi['torch']}, transformers {mi['transformers']}.")
     if report["mismatches"]:
         lines.append(f"MISMATCHES vs ar: {json.dumps(report['mismatches'])}")

@@ -8,6 +8,10 @@ registers and applies it to up to six rows: a decoding step's 121 GEMMs, weights
 as in decoding, take 20.5 vs 25.5 ms at 1 row and 21.8 vs 31.7 ms at 5 (``python scripts/gemm_cost.py``,
 which also times each shape with its weights in cache; ``scripts/verify_cost.py`` has the whole
 forward). It also makes each output row independent of the other rows in the call, bit for bit.
+Where the CPU has AVX-512 the same GEMM runs on 512-bit registers (one conversion and M FMAs per
+weight step instead of two and 2M; up to 12 rows in one chunk; a prefill converts blocks in pairs):
+each output is still one fp32 FMA chain over K from zero, so both paths give the same floats (tested);
+``FLASH_NO_AVX512=1`` keeps the AVX2 path (comparisons).
 
 The same library holds FLASH's C++ layer ops (``flash/csrc/layer_ops.cpp``: RMSNorm, rotary
 embedding, decoding attention; :func:`rms_norm`, :func:`rope_qk`, :func:`decode_attention`), which
@@ -38,6 +42,8 @@ from flash.weights import cache_dir
 SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name for name in ("fp16_gemm.cpp", "layer_ops.cpp"))
 #: Output columns per packed weight block (must match ``kCols`` in the source).
 BLOCK_COLUMNS = 16
+#: Set (to anything) to keep the GEMM on its AVX2 path on a CPU with AVX-512; read at every call.
+NO_AVX512_ENV = "FLASH_NO_AVX512"
 #: Set to ``fbgemm`` to skip this kernel (comparisons, or a machine where it misbehaves).
 BACKEND_ENV = "FLASH_FP16_KERNEL"
 # No FMA contraction outside the explicit intrinsics: layer_ops.cpp's rotary embedding rounds each
@@ -121,6 +127,15 @@ def build() -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return library
+
+
+@functools.cache
+def has_avx512() -> bool:
+    """Whether this CPU has AVX-512F, which the GEMM's wider path needs (Linux: /proc/cpuinfo)."""
+    try:
+        return " avx512f " in f" {Path('/proc/cpuinfo').read_text()} ".replace("\n", " ")
+    except OSError:
+        return False
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,6 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path):
         assert agg["identical"] is True
     assert report["methods"]["ar"]["speedup"] == 1.0
     assert set(report["by_kind"]) == {"image", "video"}
-    assert report["machine"]["torch"] and report["mismatches"] == []
+    assert report["machine"]["torch"] and report["machine"]["cpu_isa"] and report["mismatches"] == []
     assert len(report["samples"]) == 2 * 5
     assert "plotly" in plot.read_text()[:5000].lower()

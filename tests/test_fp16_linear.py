@@ -34,12 +34,22 @@ def test_kernel_builds_and_is_what_fp16_linear_runs():
     assert Fp16Linear(torch.nn.Linear(8, 4)).backend == "flash"
 
 
+@pytest.fixture(params=["avx512", "avx2"])
+def gemm_path(request, monkeypatch) -> str:
+    """Each of the GEMM's paths in turn: AVX-512 (where the CPU has it) and AVX2."""
+    if request.param == "avx2":
+        monkeypatch.setenv(cpu_kernels.NO_AVX512_ENV, "1")
+    elif not cpu_kernels.has_avx512():
+        pytest.skip("this CPU has no AVX-512")
+    return request.param
+
+
 @needs_kernel
 @pytest.mark.parametrize("n, k", [(1, 1), (16, 7), (33, 576), (100, 1536)])
-def test_kernel_is_fp32_math_on_fp16_weights(n, k):
+def test_kernel_is_fp32_math_on_fp16_weights(n, k, gemm_path):
     torch.manual_seed(n + k)
     weight = torch.randn(n, k)
-    for m in (1, 2, 5, 6, 7, 13):
+    for m in (1, 2, 5, 6, 7, 13, 40):
         x = torch.randn(m, k)
         got = cpu_kernels.linear(x, cpu_kernels.pack(weight), n)
         ref = (x.double() @ weight.half().double().T).float()
@@ -47,7 +57,7 @@ def test_kernel_is_fp32_math_on_fp16_weights(n, k):
 
 
 @needs_kernel
-def test_kernel_rows_do_not_depend_on_the_other_rows_or_threads():
+def test_kernel_rows_do_not_depend_on_the_other_rows_or_threads(gemm_path):
     """Bit for bit: what makes a verification pass compute exactly what one-token steps compute
     (passes of more than 12 rows, prefills, convert each weight block once; fewer stream them)."""
     torch.manual_seed(0)
@@ -62,6 +72,25 @@ def test_kernel_rows_do_not_depend_on_the_other_rows_or_threads():
         assert torch.equal(cpu_kernels.linear(x, packed, 50), together)
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_kernel
+@pytest.mark.skipif(not cpu_kernels.has_avx512(), reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 32, 33, 48, 50, 100])
+def test_avx512_path_gives_the_avx2_paths_floats(n, monkeypatch):
+    """Bit for bit, at decoding (streamed: up to 12 rows in one chunk) and prefill row counts
+    (blocks converted in pairs; an odd or partial last block alone): a draft verification, and outputs,
+    are the same whichever path a CPU takes."""
+    torch.manual_seed(n)
+    for k in (1, 7, 130):
+        packed = cpu_kernels.pack(torch.randn(n, k))
+        for m in (1, 5, 8, 12, 13, 17, 29, 40):
+            x = torch.randn(m, k)
+            wide = cpu_kernels.linear(x, packed, n)
+            monkeypatch.setenv(cpu_kernels.NO_AVX512_ENV, "1")
+            narrow = cpu_kernels.linear(x, packed, n)
+            monkeypatch.delenv(cpu_kernels.NO_AVX512_ENV)
+            assert torch.equal(wide, narrow), (n, k, m)
 
 
 @needs_kernel

@@ -1,0 +1,67 @@
+"""Which ops a default-model prefill and its 1- and 5-token passes spend their time in (torch.profiler).
+
+    python scripts/pass_profile.py [MEDIA] [--passes 20]
+
+The prefill of MEDIA's prompt (default: the shipped coffee_rocket_cut.mp4, 515 positions), then
+passes of 1 and of 5 random tokens after it, each cropped back; per setting, the ops with the most
+self CPU time, in milliseconds per prefill or per pass. Unlike ``scripts/step_split.py`` (wall-clock
+timers around the decoding loop's functions) this looks inside the target's forward: which GEMMs,
+attention kernels and small ops a verification pass adds over a one-token step.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flash.default_target import load_default_target  # noqa: E402
+from flash.media import MediaError, load_media  # noqa: E402
+
+
+def top_ops(run, repeats: int, rows: int = 8) -> list[tuple[str, float, int]]:
+    """(op name, self CPU ms per repeat, calls per repeat) of the ``rows`` costliest ops of ``run()``."""
+    for _ in range(2):  # warm-up
+        run()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            run()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    return [(e.key, e.self_cpu_time_total / 1000 / repeats, e.count // repeats) for e in events]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("media", nargs="?", default=str(ROOT / "assets" / "examples" / "coffee_rocket_cut.mp4"))
+    parser.add_argument("--passes", type=int, default=20, help="passes profiled per size (default 20)")
+    args = parser.parse_args()
+    try:
+        media = load_media(args.media)
+    except MediaError as exc:
+        sys.exit(f"error: {exc}")
+    target = load_default_target(quiet=True)
+    prompt = target.build_prompt(media, target.default_prompt(media))
+    state = target.prefill(prompt).state
+    settings = {f"prefill ({prompt.length} positions)": (lambda: target.prefill(prompt), max(2, args.passes // 4))}
+    for n in (1, 5):
+        ids = torch.randint(200, 5000, (1, n))
+
+        def one_pass(ids=ids) -> None:
+            target.forward(state, ids)
+            target.crop(state, prompt.length)
+
+        settings[f"{n}-token pass"] = (one_pass, args.passes)
+    print(f"{torch.get_num_threads()} threads, CPU: {torch.backends.cpu.get_cpu_capability()}")
+    for name, (run, repeats) in settings.items():
+        ops = top_ops(run, repeats)
+        print(f"{name}, ms each (self CPU time; calls):")
+        for key, ms, calls in ops:
+            print(f"  {key:55s} {ms:8.2f}  ({calls})")
+
+
+if __name__ == "__main__":
+    main()

@@ -77,7 +77,7 @@ def cmd_caption(args) -> int:
     quiet = args.json or not sys.stderr.isatty()  # progress lines are for people, not for pipes
     target = load_target(args.model, quiet=quiet)
     config = _config(args, target)
-    method = flash_method(target, config) if args.method == "auto" else args.method
+    method = flash_method(target) if args.method == "auto" else args.method
     draft = None if method == "ar" else load_draft(target, args.draft, quiet=quiet)
     prompt = target.build_prompt(media, args.prompt or target.default_prompt(media))
     events = []
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("caption", help="caption an image or a video")
     p.add_argument("media", help="image or video file")
     p.add_argument("--method", choices=("auto", *METHODS), default="auto",
-                   help="auto (default): flash-tree when greedy and the target verifies trees, else flash")
+                   help="auto (default): flash-tree where the target verifies trees, else flash")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_generation_args(p)
     p.set_defaults(func=cmd_caption)

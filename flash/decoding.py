@@ -210,12 +210,11 @@ def _choose(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gen
     return int(sample(logits_to_probs(logits, config.temperature, config.top_p), generator))
 
 
-def flash_method(target: TargetModel, config: GenerationConfig) -> str:
-    """The FLASH variant the app's race and ``caption --method auto`` run: the draft tree for greedy
-    requests on targets that verify trees (a few percent ahead of the chain in paired runs), the chain
-    otherwise: with sampling the drawn tree is within a few percent of the chain here (README
-    "Results"; the chain is kept), and flash-attention targets cannot verify trees."""
-    return "flash-tree" if config.greedy and target.supports_tree else "flash"
+def flash_method(target: TargetModel) -> str:
+    """The FLASH variant the app's race and ``caption --method auto`` run: the draft tree on targets
+    that verify trees, greedy or sampling (ahead of the chain in every paired measurement here, README
+    "Results"), the chain on flash-attention targets, which cannot verify trees."""
+    return "flash-tree" if target.supports_tree else "flash"
 
 
 def generate(target: TargetModel, prompt: Prompt, method: str = "flash", draft: FlashDraft | None = None,

@@ -237,7 +237,7 @@ def race(target: TargetModel, draft: FlashDraft, media: Any, prompt_text: str, c
     """
     prompt = target.build_prompt(media, prompt_text.strip() or target.default_prompt(media))
     sides = [_Side(BASELINE, generate(target, prompt, "ar", None, config), _IncrementalText(target.decode)),
-             _Side(FLASH, generate(target, prompt, flash_method(target, config), draft, config),
+             _Side(FLASH, generate(target, prompt, flash_method(target), draft, config),
                    _IncrementalText(target.decode))]
     baseline, flash = sides
     try:
@@ -276,7 +276,7 @@ def _summarize(target: TargetModel, draft: FlashDraft, config: GenerationConfig,
         "baseline": base_stats,
         "flash": flash_stats,
         "k": min(config.k or draft.cfg.k, draft.cfg.k),
-        "method": flash_method(target, config),
+        "method": flash_method(target),
         "model": target.name,
         "temperature": config.temperature,
         "cancelled": cancelled,

@@ -5,7 +5,8 @@ caption's length (a 10-token caption is mostly prefill). This runs each medium w
 the three methods interleaved (the order rotates), and pools milliseconds per decoded token, tau and
 the drafts proposed / accepted per pass over all runs of a method.
 
-    python scripts/sampling_speed.py [MEDIA ...] [--seeds 6] [--max-new-tokens 128] [--json OUT]
+    python scripts/sampling_speed.py [MEDIA ...] [--seeds 6] [--max-new-tokens 128] [--tree-nodes N]
+        [--tree-branch B] [--json OUT]
 
 Defaults: the benchmark's held-out media (gradio's photos and videos), temperature 0.7, top-p 0.9, the
 CLI's confidence cut and tree settings, the shipped draft.
@@ -36,6 +37,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--tree-nodes", type=int, default=GenerationConfig.tree_nodes,
+                        help="flash-tree's drawn nodes (default: the CLI's)")
+    parser.add_argument("--tree-branch", type=int, default=GenerationConfig.tree_branch,
+                        help="flash-tree's siblings drawn under the root (default: the CLI's)")
     parser.add_argument("--json", default=None, help="write the per-run records here")
     args = parser.parse_args()
     if not args.media:
@@ -51,7 +56,8 @@ def main() -> None:
 
     def config(seed: int, tokens: int) -> GenerationConfig:
         return GenerationConfig(max_new_tokens=tokens, temperature=args.temperature, top_p=args.top_p, seed=seed,
-                                rules=target.logits_rules(), min_draft_prob=DEFAULT_MIN_DRAFT_PROB)
+                                rules=target.logits_rules(), min_draft_prob=DEFAULT_MIN_DRAFT_PROB,
+                                tree_nodes=args.tree_nodes, tree_branch=args.tree_branch)
 
     def run(method: str, sample, cfg: GenerationConfig):
         return collect(generate(target, prompts[sample.name], method, None if method == "ar" else draft, cfg))

@@ -36,9 +36,9 @@ def test_caption_json_shape():
     assert out["text"] and out["tokens_per_s"] > 0 and out["tau"] >= 1
 
 
-@pytest.mark.parametrize("extra,method", [((), "flash-tree"), (("--temperature", "0.7"), "flash")])
+@pytest.mark.parametrize("extra,method", [((), "flash-tree"), (("--temperature", "0.7"), "flash-tree")])
 def test_caption_defaults_to_the_app_s_flash_variant(extra, method):
-    # The app's race picks the tree for greedy requests and the chain for sampling; so does the CLI.
+    # The app's race runs the draft tree for greedy and sampling requests alike; so does the CLI.
     proc = flash_cli("caption", "assets/examples/cat.jpg", "--json", "--max-new-tokens", "6", *extra)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["method"] == method

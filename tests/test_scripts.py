@@ -109,6 +109,16 @@ def test_verify_cost_and_profile_step_run(script_cache):
     assert runs["ar"][1] == 1.0 and runs["flash"][0] == runs["flash-tree"][0] == runs["ar"][0]
 
 
+def test_pass_profile_lists_each_settings_costliest_ops(script_cache):
+    out = run_script("pass_profile.py", script_cache, "assets/examples/cat.jpg", "--passes", "2")
+    sections = re.split(r"^(prefill \([0-9]+ positions\)|[15]-token pass), ms each .*$", out, flags=re.M)
+    assert sections[1::2] == ["prefill (97 positions)", "1-token pass", "5-token pass"]
+    for body in sections[2::2]:
+        ops = re.findall(r"^  (\S.*?)\s+([0-9.]+)  \(([0-9]+)\)$", body, flags=re.M)
+        assert len(ops) == 8 and all(float(ms) >= 0 and int(calls) >= 1 for _, ms, calls in ops)
+        assert [float(ms) for _, ms, _ in ops] == sorted((float(ms) for _, ms, _ in ops), reverse=True)
+
+
 def test_gemm_cost_compares_both_kernels(script_cache):
     out = run_script("gemm_cost.py", script_cache, "--layers", "2").splitlines()
     assert out[0].endswith("FLASH kernel / fbgemm")
@@ -191,7 +201,8 @@ def test_draft_probes_extract_matches_the_records_hidden_states(default_target, 
 
 def test_sampling_speed_pools_every_method(script_cache, tmp_path):
     out = run_script("sampling_speed.py", script_cache, "assets/examples/cat.jpg", "--seeds", "2",
-                     "--max-new-tokens", "6", "--json", str(tmp_path / "runs.json"))
+                     "--max-new-tokens", "6", "--tree-nodes", "5", "--tree-branch", "3",
+                     "--json", str(tmp_path / "runs.json"))
     lines = re.findall(r"^(image|all) (ar|flash|flash-tree): ([0-9.]+) ms per decoded token, x([0-9.]+) vs ar, "
                        r"tau ([0-9.]+), proposed / accepted per pass ([0-9.]+) / ([0-9.]+), 2 runs$", out, flags=re.M)
     assert [(kind, method) for kind, method, *_ in lines] == [

@@ -95,22 +95,20 @@ void block_rows(const float* x, int64_t M, int64_t K, const W* w, float* y, int6
 // is still one fp32 FMA chain over k = 0..K-1 from zero, so it computes exactly the AVX2 path's floats.
 constexpr int64_t kRows512 = 12;  // rows per chunk: a decoding pass or a 12-node tree in one chunk
 constexpr int64_t kRows512Pair = 12;  // a prefill's rows per chunk over two converted (fp32) blocks
-constexpr int64_t kRows512Converted = 16;  // the same over one (the last, odd or partial, block)
 
 __attribute__((target("avx512f"))) inline __m512 load16(const uint16_t* w) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
 }
-__attribute__((target("avx512f"))) inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
 
-template <int M, typename W>
-__attribute__((target("avx512f"))) inline void block_kernel512(const float* x, int64_t K, const W* w, float* y,
+// y[M, ncols] = x[M, K] @ one fp16 block's weights, streamed (prefetched as in block_kernel).
+template <int M>
+__attribute__((target("avx512f"))) inline void block_kernel512(const float* x, int64_t K, const uint16_t* w, float* y,
                                                                int64_t ldy, int64_t ncols) {
   __m512 acc[M];
 #pragma GCC unroll 24
   for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    if constexpr (std::is_same_v<W, uint16_t>)
-      if ((k & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (k + kPrefetchSteps) * kCols), _MM_HINT_T0);
+    if ((k & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (k + kPrefetchSteps) * kCols), _MM_HINT_T0);
     const __m512 wk = load16(w + k * kCols);
 #pragma GCC unroll 24
     for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * K + k]), wk, acc[m]);
@@ -158,18 +156,7 @@ __attribute__((target("avx512f"))) void pair_rows512(const float* x, int64_t row
   }
 }
 
-// The last block of an odd count (or a partial one), converted: chunks of 16 rows, then halving.
-template <int M>
-__attribute__((target("avx512f"))) void converted_rows512(const float* x, int64_t rows, int64_t K, const float* w,
-                                                          float* y, int64_t ldy, int64_t ncols) {
-  int64_t m0 = 0;
-  for (; m0 + M <= rows; m0 += M) block_kernel512<M>(x + m0 * K, K, w, y + m0 * ldy, ldy, ncols);
-  if constexpr (M > 1) {
-    if (m0 < rows) converted_rows512<M / 2>(x + m0 * K, rows - m0, K, w, y + m0 * ldy, ldy, ncols);
-  }
-}
-
-// All M rows (decoding: M <= kMaxStreamedRows) through one fp16 block as it streams in.
+// All M rows through one fp16 block as it streams in, 12 rows at a time (decoding: one chunk).
 __attribute__((target("avx512f"))) void streamed_rows512(const float* x, int64_t M, int64_t K, const uint16_t* w,
                                                          float* y, int64_t ldy, int64_t ncols) {
   for (int64_t m0 = 0; m0 < M; m0 += kRows512) {
@@ -197,7 +184,7 @@ inline void convert_block(const uint16_t* w, int64_t count, float* out) {
 }
 
 // y = x @ W^T on the AVX-512 kernels. Decoding streams each block once for all rows; a prefill
-// converts blocks in pairs to fp32 once for all its rows (an odd or partial last block alone).
+// converts blocks in pairs to fp32 once for all its rows (an odd or partial last block is streamed).
 void linear512(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t blocks, float* y, int64_t n) {
   if (M <= kMaxStreamedRows) {
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -216,10 +203,8 @@ void linear512(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t 
         pair_rows512<kRows512Pair>(x, M, K, wf, wf + K * kCols, y + 2 * p * kCols, n);
         continue;
       }
-      for (int64_t b = 2 * full_pairs; b < blocks; ++b) {  // what is left: at most two blocks
-        convert_block(w + b * K * kCols, K * kCols, wf);
-        converted_rows512<kRows512Converted>(x, M, K, wf, y + b * kCols, n, std::min(kCols, n - b * kCols));
-      }
+      for (int64_t b = 2 * full_pairs; b < blocks; ++b)  // what is left (at most two blocks): streamed
+        streamed_rows512(x, M, K, w + b * K * kCols, y + b * kCols, n, std::min(kCols, n - b * kCols));
     }
   });
 }

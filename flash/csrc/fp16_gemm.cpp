@@ -210,7 +210,11 @@ void linear512(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t 
 }
 
 bool use_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f");
+  // __builtin_cpu_init: the CPU model is also right if this first runs from another library's constructor.
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
   return has && !std::getenv("FLASH_NO_AVX512");  // read per call: tests compare both paths in one process
 }
 

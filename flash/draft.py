@@ -332,11 +332,15 @@ class FlashDraft(nn.Module):
         positions = torch.cat([torch.arange(s, device=stream.device)] + [base + i for i in range(1, k)])
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         mask = train_mask(s, n, k, stream.device)
-        for block in self.blocks:
+        last = len(self.blocks) - 1
+        for layer, block in enumerate(self.blocks):
             q, keys, values = block.project_kv_q(x, cos, sin)
+            if layer == last:
+                # Only the trained positions' rows are read after the last block: the prompt's rows are
+                # keys and values there, so their attention output and MLP are not computed.
+                x, q, mask = x[:, s - n :], q[:, :, s - n :], mask[s - n :]
             x = block.finish(x, q, keys, values, mask)
-        out = x[0]
-        slots = torch.cat([out[s - n : s][None], out[s:].view(k - 1, n, out.shape[-1])])  # [k, n, D]
+        slots = x[0].view(k, n, x.shape[-1])  # rows: the last n stream entries (slot 0), then slots 1..k-1
         return self.out_norm(slots + self.slot_gate[:, None, None] * gate_hidden[None].to(slots.dtype))
 
     # --- saving and loading -------------------------------------------------------------------

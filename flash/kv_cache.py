@@ -110,7 +110,9 @@ class InPlaceLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep only the batch rows ``indices`` (rows that finished leave a batched decode)."""
-        self._reindex_rows(lambda t: t[indices])
+        # index_select, not t[indices]: advanced indexing took ~30x longer on these buffers (15 vs 0.5 ms
+        # for 8 rows of a video prompt's layer, torch 2.13 CPU); the same copy.
+        self._reindex_rows(lambda t: t.index_select(0, indices.to(t.device)))
 
 
 def in_place_cache(config) -> DynamicCache:

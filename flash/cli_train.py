@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from flash.models import DEFAULT_MODEL
+from flash.training import MIXED_PRECISION
 
 
 def add_parser(sub) -> None:
@@ -45,6 +46,9 @@ def add_parser(sub) -> None:
     p.add_argument("--init-from", default="", metavar="DRAFT",
                    help="continue training this saved draft (same shape, or fewer --num-layers: extra blocks "
                         "start as the identity; keeps its draft vocabulary)")
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no",
+                   help="bf16: the draft's matmuls in bfloat16 under autocast (weights and metrics stay fp32); "
+                        "auto: bf16 where the GPU or CPU computes it natively (CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--batch-size", type=int, default=32, help="distillation rows decoded together")
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="distil only every N-th item from the I-th (run N processes to fill one cache)")
@@ -121,7 +125,8 @@ def cmd_train(args) -> int:
                       draft_vocab_size=args.draft_vocab, epochs=args.epochs,
                       lr=args.lr, grad_accum=args.grad_accum, ce_weight=args.ce_weight, noise=args.noise,
                       slot_decay=args.slot_decay, rules_ce=args.rules_ce,
-                      teacher_temperature=args.teacher_temperature, seed=args.seed, init_from=args.init_from)
+                      teacher_temperature=args.teacher_temperature, seed=args.seed, init_from=args.init_from,
+                      mixed_precision=args.mixed_precision)
     train(target, records, Path(args.out), cfg)
     print(f"draft saved to {args.out}", file=sys.stderr)
     return 0

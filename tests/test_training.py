@@ -279,3 +279,66 @@ def test_teacher_temperature_sharpens_the_cross_entropy_target(tiny_llava, tiny_
     assert sharp != pytest.approx(soft, rel=1e-3) and sharp == pytest.approx(sharper, rel=1e-4)
     with pytest.raises(ValueError):
         TrainConfig(teacher_temperature=0.0)
+
+
+def test_auto_mixed_precision_follows_the_hardware(monkeypatch):
+    """"auto" is bf16 only where bfloat16 matmuls are native (emulated bf16 is slower than fp32)."""
+    from flash.training import resolve_mixed_precision
+
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in [(False, False, "no"), (True, False, "bf16"), (False, True, "bf16")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert resolve_mixed_precision("auto", cpu) == expected
+    assert resolve_mixed_precision("no", cpu) == "no" and resolve_mixed_precision("bf16", cpu) == "bf16"
+    assert resolve_mixed_precision("auto", torch.device("meta")) == "no"
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp16")
+
+
+def test_bf16_autocast_keeps_the_target_side_in_fp32(tiny_llava, tiny_data):
+    """Under bf16 autocast the draft's side of the loss moves by bf16 rounding only, and the target's
+    side (the cross-entropy's teacher, from the frozen head) is computed in fp32: the same loss as fp32
+    where the draft's predictions are replaced by the exact targets."""
+    from flash.logits_rules import LogitsRules
+    from flash.training import record_loss
+
+    torch.manual_seed(0)
+    rec = load_records(tiny_data, tiny_llava.name)[0]
+    shape = DraftConfig(tiny_llava.name, hidden_size=tiny_llava.hidden_size, vocab_size=tiny_llava.vocab_size,
+                        num_heads=4, intermediate_size=64, k=2, num_latents=2)
+    draft = FlashDraft(shape).bind(tiny_llava)
+    cfg = TrainConfig(**{**SMALL.__dict__, "rules_ce": True})
+    rules = LogitsRules(repetition_penalty=1.3, no_repeat_ngram_size=2)
+    with torch.no_grad():
+        fp32 = float(record_loss(draft, rec, cfg, "cpu", noise=0.0, loss_rules=rules)[0])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = float(record_loss(draft, rec, cfg, "cpu", noise=0.0, loss_rules=rules)[0])
+    assert bf16 == pytest.approx(fp32, rel=2e-2) and bf16 != fp32
+
+    seen = {}
+    original = FlashDraft.draft_logits
+
+    def spy(self, features):
+        out = original(self, features)
+        seen.setdefault("teacher", out.dtype)  # the first call is the target's side
+        return out
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        FlashDraft.draft_logits = spy
+        try:
+            record_loss(draft, rec, cfg, "cpu", noise=0.0, loss_rules=rules)
+        finally:
+            FlashDraft.draft_logits = original
+    assert seen["teacher"] == torch.float32
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_training_in_each_precision_learns_and_logs_it(tiny_llava, tiny_data, tmp_path, precision):
+    records = load_records(tiny_data, tiny_llava.name)
+    cfg = TrainConfig(**{**SMALL.__dict__, "epochs": 3, "lr": 3e-3, "mixed_precision": precision})
+    draft = train(tiny_llava, records, tmp_path / "d", cfg, log=lambda m: None)
+    assert all(p.dtype == torch.float32 for p in draft.parameters())  # autocast never lowers the weights
+    log = json.loads((tmp_path / "d" / "training_log.json").read_text())
+    assert log["mixed_precision"] == precision
+    assert log["history"][-1]["train_loss"] < log["history"][0]["train_loss"]

@@ -13,7 +13,7 @@ from flash.draft import FlashDraft
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_the_one_command_recipe_distils_and_trains_with_two_processes(tmp_path, default_target):
+def test_the_one_command_recipe_distils_with_two_processes_and_trains(tmp_path, default_target):
     out, data = tmp_path / "draft", tmp_path / "data"
     env = {**os.environ, "ITEMS": "2", "HELDOUT": "1", "EPOCHS": "1", "MAX_NEW_TOKENS": "8"}
     run = subprocess.run(["bash", str(ROOT / "scripts" / "train_default_draft.sh"), str(out), str(data)], cwd=ROOT,

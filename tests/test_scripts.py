@@ -214,3 +214,12 @@ def test_sampling_speed_pools_every_method(script_cache, tmp_path):
         else:
             assert float(tau) >= 1.0
     assert len(json.loads((tmp_path / "runs.json").read_text())) == 6
+
+
+def test_fit_gap_evaluates_held_out_and_training_records(script_cache):
+    out = run_script("fit_gap.py", script_cache).splitlines()
+    assert [line.split(" (")[0] for line in out] == ["held-out", "training"]
+    assert out[0].startswith("held-out (2 records)") and out[1].startswith("training (1 records)")
+    for line in out:
+        taus = [float(t) for t in re.findall(r"tau " + NUMBER, line)]
+        assert taus and all(1.0 <= t <= 5.0 for t in taus), line

@@ -172,10 +172,30 @@ def test_bench_ratios_reads_the_shipped_benchmark():
     assert set(speedups) == {"eagle", "flash", "flash-tree", "pld"} and all(float(v) > 0 for v in speedups.values())
     assert re.search(r"flash-tree ([0-9.]+) / ([0-9.]+)", lines[2])
     assert re.search(r"faster in [0-9]+ of 21", lines[3])
-    assert [line.split(",")[0] for line in lines[4:]] == ["  ar", "  ar"]
+    assert [line.split(",")[0] for line in lines[4:]] == ["  ar"] * 4
+    ceilings = [re.search(r"prefill ([0-9]+)% of the run, so at most ([0-9.]+)x end to end; ([0-9.]+)x needs "
+                          r"decoding ([0-9.]+|inf)x faster", line) for line in lines[5::2]]
+    assert all(ceilings) and [float(m[3]) for m in ceilings] == [2.5, 2.7]
+    assert all(float(m[4]) > 1 for m in ceilings)
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ratios.py"), str(ROOT / "README.md")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "not a benchmark" in bad.stderr
+
+
+def test_decoding_speedup_needed_gives_the_goal_back():
+    """Amdahl's law read backwards: decoding that much faster, after the same prefill, is the goal exactly."""
+    spec = importlib.util.spec_from_file_location("bench_ratios", ROOT / "scripts" / "bench_ratios.py")
+    ratios = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ratios)
+    for share in (0.0, 0.12, 0.28, 0.35):
+        for goal in (1.5, 2.5, 2.7):
+            needed = ratios.decoding_speedup_needed(share, goal)
+            if share < 1 / goal:
+                assert 1 / (share + (1 - share) / needed) == pytest.approx(goal)
+            else:
+                assert needed == float("inf")
+    assert ratios.decoding_speedup_needed(0.0, 2.7) == pytest.approx(2.7)
+    assert ratios.decoding_speedup_needed(0.4, 2.7) == float("inf")  # 1 / 0.4 = 2.5 < 2.7
 
 
 def test_draft_probes_extract_matches_the_records_hidden_states(default_target, tmp_path, monkeypatch, capsys):

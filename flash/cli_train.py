@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+import time
 from pathlib import Path
 
 from flash.models import DEFAULT_MODEL
@@ -25,7 +26,12 @@ def add_parser(sub) -> None:
                         "those the draft you continue from was trained on, are skipped)")
     p.add_argument("--heldout-items", type=int, default=40, help="built-in corpus: held-out items")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=None, help="epochs to train (default 4)")
+    p.add_argument("--train-minutes", type=float, default=0.0,
+                   help="train for this long instead of a number of epochs (the cosine decays over the time)")
+    p.add_argument("--distill-minutes", type=float, default=0.0,
+                   help="stop starting new training records this long after the command started (the "
+                        "held-out ones are always made; 0 = no limit)")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--num-latents", type=int, default=8, help="C latents per media span (0 = no compression)")
     p.add_argument("--num-layers", type=int, default=1, help="decoder blocks in the draft's SAR head")
@@ -89,6 +95,11 @@ def cmd_train(args) -> int:
     from flash.training import TrainConfig, train
     from flash.weights import cache_dir
 
+    started = time.time()  # --distill-minutes counts from here: building the corpus takes part of it
+    if args.train_minutes and args.epochs is not None:
+        raise UsageError("give --epochs or --train-minutes, not both")
+    if args.train_minutes < 0 or args.distill_minutes < 0:
+        raise UsageError("--train-minutes and --distill-minutes must be >= 0")
     if args.media and args.first_item:
         raise UsageError("--first-item counts the built-in corpus's items; it does not apply to --media")
     parts = args.shard.split("/")
@@ -111,7 +122,8 @@ def cmd_train(args) -> int:
     if not args.train_only:
         print(f"distilling {len(items)} items into {data_dir} ...", file=sys.stderr)
         distill(target, items, data_dir, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                batch_size=args.batch_size, shard=shard)
+                batch_size=args.batch_size, shard=shard,
+                deadline=started + 60 * args.distill_minutes if args.distill_minutes else None)
     if args.distill_only:
         return 0
     records = load_records(data_dir, target.name)
@@ -122,7 +134,8 @@ def cmd_train(args) -> int:
         records = train_part + [r for r in records if r.split != "train"]
     print(f"training on {len(records)} records from {data_dir}", file=sys.stderr)
     cfg = TrainConfig(k=args.k, num_latents=args.num_latents, num_layers=args.num_layers,
-                      draft_vocab_size=args.draft_vocab, epochs=args.epochs,
+                      draft_vocab_size=args.draft_vocab, epochs=4 if args.epochs is None else args.epochs,
+                      minutes=args.train_minutes,
                       lr=args.lr, grad_accum=args.grad_accum, ce_weight=args.ce_weight, noise=args.noise,
                       slot_decay=args.slot_decay, rules_ce=args.rules_ce,
                       teacher_temperature=args.teacher_temperature, seed=args.seed, init_from=args.init_from,

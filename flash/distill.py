@@ -21,6 +21,9 @@ from flash.decoding import GenerationConfig
 from flash.target import Prompt, TargetModel
 from flash.verification import make_generator
 
+#: With a deadline, frame counts are batched together only within blocks of this many batches.
+_DEADLINE_BLOCK = 8
+
 
 @dataclass(frozen=True)
 class Record:
@@ -67,10 +70,14 @@ def _record(prompt: Prompt, response: list[int], hidden: torch.Tensor, split: st
 
 def distill(target: TargetModel, items: list[CorpusItem | MediaFileItem], out_dir: Path, *, max_new_tokens: int = 160,
             sample_temperature: float = 0.7, batch_size: int = 16, seed: int = 0,
-            shard: tuple[int, int] = (0, 1)) -> None:
-    """Write a greedy and a sampled record for each item into ``out_dir`` (resumable).
+            shard: tuple[int, int] = (0, 1), deadline: float | None = None) -> int:
+    """Write a greedy and a sampled record for each item into ``out_dir`` (resumable); returns how many
+    records this call wrote.
 
     ``shard=(i, n)`` takes every n-th item from the i-th: n processes can fill one cache together.
+    ``deadline`` (a ``time.time()``): no batch of training records starts that would, at the rate so
+    far, end after it; the held-out records are always made (the evaluation split stays whole), and the
+    training records made are a prefix of the corpus, images and videos in its proportions.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     rules = target.logits_rules()
@@ -85,10 +92,26 @@ def distill(target: TargetModel, items: list[CorpusItem | MediaFileItem], out_di
     # media with the same number of frames together cuts the prefill's padded tokens ~2.3x on the
     # built-in corpus. Held-out items stay first (an interrupted run still has its evaluation split);
     # the sort is stable, so items keep their order otherwise.
-    todo.sort(key=lambda job: (job[0].split != "heldout", job[0].frame_count))
+    if deadline is None:
+        todo.sort(key=lambda job: (job[0].split != "heldout", job[0].frame_count))
+    else:  # a run that may stop part-way groups frame counts only within blocks of the corpus's order
+        block = _DEADLINE_BLOCK * batch_size
+        order = sorted(range(len(todo)), key=lambda j: (todo[j][0].split != "heldout", j // block,
+                                                       todo[j][0].frame_count))
+        todo = [todo[j] for j in order]
+    # Held-out and training records never share a batch: a deadline stops only training batches.
+    held = sum(item.split == "heldout" for item, _ in todo)
+    batches = [todo[i : min(i + batch_size, held)] for i in range(0, held, batch_size)]
+    batches += [todo[i : i + batch_size] for i in range(held, len(todo), batch_size)]
     start, done, tokens = time.perf_counter(), 0, 0
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i : i + batch_size]
+    for chunk in batches:
+        if deadline is not None and chunk[0][0].split != "heldout":
+            per_record = (time.perf_counter() - start) / done if done else 0.0
+            if time.time() + per_record * len(chunk) > deadline:
+                made = done - held
+                print(f"distill: time is up: {made} of {len(todo) - held} training records made "
+                      "(rerun without the time limit to add the rest)", file=sys.stderr, flush=True)
+                return done
         # One Prompt object per item: its greedy and sampled rows share the prefill.
         prompts = {}
         for item, _ in chunk:
@@ -108,6 +131,7 @@ def distill(target: TargetModel, items: list[CorpusItem | MediaFileItem], out_di
         elapsed = time.perf_counter() - start
         print(f"distill: {done}/{len(todo)} records, {tokens} tokens ({done / elapsed:.2f} records/s, "
               f"~{(len(todo) - done) * elapsed / done:.0f} s left)", file=sys.stderr, flush=True)
+    return done
 
 
 def load_records(data_dir: Path, target_name: str) -> list[Record]:

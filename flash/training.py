@@ -8,6 +8,7 @@ same loop on CPU, one GPU or several (``accelerate launch -m flash train ...``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -58,8 +59,13 @@ class TrainConfig:
     # target's side of the loss and held-out metrics stay fp32); "no": all fp32; "auto": bf16 where
     # the hardware computes it natively (see :func:`resolve_mixed_precision`).
     mixed_precision: str = "no"
+    # > 0: train for this many minutes instead of ``epochs`` epochs: after the warm-up the cosine decays
+    # over the time (wall clock, including the per-epoch evaluations), and training stops when it is up.
+    minutes: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.minutes < 0:
+            raise ValueError("minutes must be >= 0")
         if self.epochs < 1 or self.grad_accum < 1 or self.lr <= 0 or self.slot_decay <= 0 \
                 or self.teacher_temperature <= 0:
             raise ValueError("epochs, grad_accum, lr, slot_decay and teacher_temperature must be positive")
@@ -87,12 +93,40 @@ def resolve_mixed_precision(choice: str, device: torch.device) -> str:
     return "no"
 
 
-def get_lr(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio * lr (a pure function of the step)."""
+def get_lr(step: int, total: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr (a pure function of the step).
+
+    ``progress`` (0..1) replaces the step-based position in the decay (a run trained for a time: the
+    fraction of its time after the warm-up that has passed)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    if progress is None:
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    progress = min(1.0, max(0.0, progress))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class _TimeBudget:
+    """Where a run trained for ``minutes`` stands: the decay's progress after the warm-up, read on the
+    main process and shared, so every process takes the same learning rates and stops at the same step."""
+
+    def __init__(self, accelerator, minutes: float) -> None:
+        self.accelerator, self.seconds = accelerator, minutes * 60
+        self.start = time.perf_counter()
+        self.warm_end: float | None = None  # seconds in, when the warm-up ended
+
+    def progress(self, warming_up: bool) -> float:
+        elapsed = time.perf_counter() - self.start
+        if warming_up or self.warm_end is None:
+            self.warm_end = elapsed
+        value = (elapsed - self.warm_end) / max(1e-9, self.seconds - self.warm_end)
+        if elapsed >= self.seconds:
+            value = 1.0  # a warm-up longer than the whole budget still stops
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            value = float(broadcast(torch.tensor([value], device=self.accelerator.device), from_process=0)[0])
+        return value
 
 
 def draft_vocabulary(records: list[Record], size: int, eos_ids, vocab_size: int) -> torch.Tensor:
@@ -337,39 +371,51 @@ def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = Train
     per_process = len(train_recs) // accelerator.num_processes or len(train_recs)
     shard = train_recs[accelerator.process_index :: accelerator.num_processes][:per_process]
     total_steps = cfg.epochs * math.ceil(len(shard) / cfg.grad_accum)
+    budget = _TimeBudget(accelerator, cfg.minutes) if cfg.minutes else None
     rng = random.Random(cfg.seed)
     if accelerator.is_main_process:
         log(f"training on {device} ({accelerator.num_processes} process(es)), "
-            f"{'bf16 autocast' if precision == 'bf16' else 'fp32'}")
-    step, history, start = 0, [], time.perf_counter()
-    for epoch in range(cfg.epochs):
+            f"{'bf16 autocast' if precision == 'bf16' else 'fp32'}"
+            + (f", for {cfg.minutes:g} minutes" if budget else ""))
+    step, history, start, time_up = 0, [], time.perf_counter(), False
+    epochs = itertools.count() if budget else range(cfg.epochs)
+    for epoch in epochs:
         order = list(shard)
         rng.shuffle(order)
-        running = 0.0
+        running, seen = 0.0, 0
         for i, rec in enumerate(order):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss, _ = record_loss(model, rec, cfg, device, loss_rules=loss_rules)
             accelerator.backward(loss / cfg.grad_accum)
-            running += float(loss.detach())
+            running, seen = running + float(loss.detach()), i + 1
             if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(order):
+                progress = budget.progress(step < cfg.warmup_steps) if budget else None
                 for group in optimizer.param_groups:
-                    group["lr"] = get_lr(step, total_steps, cfg)
+                    group["lr"] = get_lr(step, total_steps, cfg, progress)
                 _average_gradients(accelerator, model)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                time_up = progress is not None and progress >= 1.0
             if (i + 1) % 50 == 0 and accelerator.is_main_process:
-                log(f"epoch {epoch + 1}/{cfg.epochs} record {i + 1}/{len(order)} loss {running / (i + 1):.4f} "
-                    f"({time.perf_counter() - start:.0f} s)")
+                of = f" of {budget.seconds:.0f}" if budget else ""
+                log(f"epoch {epoch + 1}{'' if budget else f'/{cfg.epochs}'} record {i + 1}/{len(order)} "
+                    f"loss {running / (i + 1):.4f} ({time.perf_counter() - start:.0f} s{of})")
+            if time_up:
+                break
         # Held-out metrics on the main process only; the others wait at the next gradient sync.
         metrics = (evaluate(model, heldout, cfg, device, target.logits_rules())
                    if heldout and accelerator.is_main_process else {})
-        history.append({"epoch": epoch + 1, "train_loss": running / len(order), "heldout": metrics,
-                        "seconds": round(time.perf_counter() - start, 1)})
+        history.append({"epoch": epoch + 1, "train_loss": running / seen, "heldout": metrics,
+                        "seconds": round(time.perf_counter() - start, 1), "lr": optimizer.param_groups[0]["lr"]})
+        if seen < len(order):
+            history[-1]["records"] = seen  # the time ran out part-way through this epoch
         if accelerator.is_main_process:
-            log(f"epoch {epoch + 1}: train loss {running / len(order):.4f} heldout {json.dumps(metrics)}")
+            log(f"epoch {epoch + 1}: train loss {running / seen:.4f} heldout {json.dumps(metrics)}")
             model.save(out_dir)  # checkpoint every epoch: an interrupted run keeps its best-so-far
             run_log = {"config": asdict(cfg), "mixed_precision": precision, "history": history}
             (out_dir / "training_log.json").write_text(json.dumps(run_log, indent=2) + "\n")
+        if time_up:
+            break
     return model.eval()

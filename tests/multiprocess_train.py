@@ -19,7 +19,7 @@ from flash.training import TrainConfig, train  # noqa: E402
 target = tiny_llava(0)
 records = load_records(Path(sys.argv[1]), target.name)
 cfg = TrainConfig(k=2, num_latents=2, num_heads=4, intermediate_size=64, draft_vocab_size=64, epochs=2,
-                  warmup_steps=1, lr=1e-2)
+                  warmup_steps=1, lr=1e-2, minutes=float(sys.argv[3]) if len(sys.argv) > 3 else 0.0)
 draft = train(target, records, Path(sys.argv[2]), cfg, log=lambda m: None)
 with torch.no_grad():
     checksum = sum(float(p.double().sum()) for p in draft.parameters())

@@ -43,9 +43,36 @@ def test_distill_orders_held_out_first_then_by_frame_count(tiny_llava, tmp_path,
 
     monkeypatch.setattr(tiny_llava, "build_prompt", spy)
     distill(tiny_llava, items(), tmp_path / "data", max_new_tokens=4, batch_size=2)
-    # Rows: c3 (held out: greedy only), then c0..c2 greedy + sampled, then the video; one prompt
-    # per distinct item in each batch of two rows.
-    assert seen == ["c3", "c0", "c0", "c1", "c1", "c2", "c2", "v", "v"]
+    # Rows: c3 (held out: greedy only, a batch of its own), then c0..c2 greedy + sampled, then the
+    # video; one prompt per distinct item in each batch of two rows.
+    assert seen == ["c3", "c0", "c1", "c2", "v"]
+
+
+def test_distill_with_a_deadline_keeps_the_corpus_order_and_the_held_out_split(tiny_llava, tmp_path, monkeypatch):
+    """A run that may stop part-way batches frame counts together only within blocks, so what it makes
+    is the corpus's first items (the video first here, as in the corpus); the held-out records are made
+    even when the time is already up."""
+    import time
+
+    import flash.distill
+
+    seen = []
+    real = tiny_llava.build_prompt
+
+    def spy(media, text):
+        seen.append(media.source)
+        return real(media, text)
+
+    monkeypatch.setattr(tiny_llava, "build_prompt", spy)
+    monkeypatch.setattr(flash.distill, "_DEADLINE_BLOCK", 1)  # blocks of one batch (two rows)
+    video_first = [items()[-1], *items()[:-1]]
+    made = distill(tiny_llava, video_first, tmp_path / "late", max_new_tokens=4, batch_size=2, deadline=time.time())
+    assert made == 1 and seen == ["c3"]
+    assert [r.split for r in load_records(tmp_path / "late", tiny_llava.name)] == ["heldout"]
+    seen.clear()
+    made = distill(tiny_llava, video_first, tmp_path / "data", max_new_tokens=4, batch_size=2,
+                   deadline=time.time() + 3600)
+    assert made == 9 and seen == ["c3", "v", "c0", "c1", "c2"]
 
 
 @pytest.mark.parametrize("target_fixture", ["tiny_llava", "tiny_qwen"])
@@ -107,6 +134,11 @@ def test_lr_schedule_is_pure():
     assert get_lr(9, 100, cfg) == pytest.approx(1e-3)
     assert get_lr(100, 100, cfg) == pytest.approx(1e-4)
     assert get_lr(55, 100, cfg) < get_lr(20, 100, cfg)
+    # A run trained for a time: the decay follows the time's progress, the warm-up still the step.
+    assert get_lr(3, 100, cfg, progress=0.9) == get_lr(3, 100, cfg)
+    assert get_lr(20, 100, cfg, progress=0.0) == pytest.approx(1e-3)
+    assert get_lr(20, 100, cfg, progress=0.5) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert get_lr(20, 100, cfg, progress=1.0) == get_lr(20, 100, cfg, progress=7.0) == pytest.approx(1e-4)
 
 
 def test_draft_vocabulary_keeps_frequent_tokens_and_eos():
@@ -154,17 +186,22 @@ def test_two_cpu_processes_train_one_draft(tiny_data, tmp_path):
     script = Path(__file__).with_name("multiprocess_train.py")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
-    def run(*launcher: str) -> list[dict]:
-        out = subprocess.run([*launcher, str(script), str(tiny_data), str(tmp_path / "draft")], env=env,
+    def run(*launcher: str, minutes: str = "0") -> list[dict]:
+        out = subprocess.run([*launcher, str(script), str(tiny_data), str(tmp_path / "draft"), minutes], env=env,
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
-    two = run(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
+    two = run(*torchrun)
     one = run(sys.executable)
     assert sorted(r["rank"] for r in two) == [0, 1] and all(r["world"] == 2 for r in two)
     assert two[0]["checksum"] == pytest.approx(two[1]["checksum"], rel=1e-9)
     assert two[0]["checksum"] != pytest.approx(one[0]["checksum"], rel=1e-9)
+    # Trained for a time, the main process's clock decides for both: the same rates, the same last step
+    # (a process stopping alone would leave the other waiting in its gradient sync).
+    timed = run(*torchrun, minutes="0.05")
+    assert len(timed) == 2 and timed[0]["checksum"] == pytest.approx(timed[1]["checksum"], rel=1e-9)
 
 
 def test_training_can_continue_from_a_saved_draft(tiny_llava, tiny_data, tmp_path):
@@ -338,3 +375,23 @@ def test_training_in_each_precision_learns_and_logs_it(tiny_llava, tiny_data, tm
     log = json.loads((tmp_path / "d" / "training_log.json").read_text())
     assert log["mixed_precision"] == precision
     assert log["history"][-1]["train_loss"] < log["history"][0]["train_loss"]
+
+
+def test_training_for_a_time_stops_when_it_is_up_with_the_rate_decayed(tiny_llava, tiny_data, tmp_path):
+    """``minutes``: as many epochs as fit (``epochs`` is ignored), the cosine over the time, and the last
+    step at the lowest rate; the log says how far the last epoch got."""
+    import time
+
+    records = load_records(tiny_data, tiny_llava.name)
+    cfg = TrainConfig(**{**SMALL.__dict__, "minutes": 0.05, "lr": 3e-3})  # 3 s
+    begin = time.perf_counter()
+    train(tiny_llava, records, tmp_path / "d", cfg, log=lambda m: None)
+    assert time.perf_counter() - begin >= 3.0
+    log = json.loads((tmp_path / "d" / "training_log.json").read_text())
+    history = log["history"]
+    assert log["config"]["minutes"] == 0.05 and len(history) > cfg.epochs
+    assert history[-1]["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+    assert history[0]["lr"] > history[-1]["lr"] and all(h["heldout"] for h in history)
+    assert all("records" not in h for h in history[:-1])  # only the last epoch can stop part-way
+    with pytest.raises(ValueError, match="minutes"):
+        TrainConfig(minutes=-1)

@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
                         "those the draft you continue from was trained on, are skipped)")
     p.add_argument("--heldout-items", type=int, default=40, help="built-in corpus: held-out items")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=None, help="epochs to train (default 4)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs to train (None: 4, unless --train-minutes is given)")
     p.add_argument("--train-minutes", type=float, default=0.0,
                    help="train for this long instead of a number of epochs (the cosine decays over the time)")
     p.add_argument("--distill-minutes", type=float, default=0.0,
@@ -113,16 +114,16 @@ def cmd_train(args) -> int:
     elif args.media:
         items = _user_corpus(args.media, args.seed)
     else:
-        items = build_corpus(args.train_items, args.heldout_items, seed=args.seed)
-        # Items are drawn in sequence from one seed, so item i is the same whatever the count.
-        held = [item for item in items if item.split != "train"]
-        items = held + [item for item in items if item.split == "train"][args.first_item:]
+        # Items are drawn in sequence from one seed, so item i is the same whatever the count; this
+        # process keeps only its shard's media in memory.
+        items = build_corpus(args.train_items, args.heldout_items, seed=args.seed, first_item=args.first_item,
+                             shard=shard)
     if not items and not args.train_only:
         raise UsageError("no usable media to train on; pass --media FOLDER with images or videos")
     if not args.train_only:
         print(f"distilling {len(items)} items into {data_dir} ...", file=sys.stderr)
         distill(target, items, data_dir, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                batch_size=args.batch_size, shard=shard,
+                batch_size=args.batch_size, shard=shard if args.media else (0, 1),  # the corpus is sharded
                 deadline=started + 60 * args.distill_minutes if args.distill_minutes else None)
     if args.distill_only:
         return 0

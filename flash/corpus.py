@@ -156,12 +156,21 @@ def procedural_video(rng: random.Random, photos: list[Image.Image], frames: int 
 
 
 def build_corpus(num_train: int, num_heldout: int, seed: int = 0, video_fraction: float = 0.3,
-                 gradio_media: Path | None = None) -> list[CorpusItem]:
-    """Make ``num_train`` training and ``num_heldout`` held-out (media, prompt) items."""
+                 gradio_media: Path | None = None, *, first_item: int = 0,
+                 shard: tuple[int, int] = (0, 1)) -> list[CorpusItem]:
+    """Make ``num_train`` training and ``num_heldout`` held-out (media, prompt) items, held-out first.
+
+    ``first_item`` leaves out the training items before it; ``shard=(i, n)`` keeps every n-th item of
+    the result from the i-th (what one of n distillation processes makes). Items left out are still
+    drawn, so item k is the same whatever is kept, but their media are not kept in memory.
+    """
+    index, count = shard
     rng = random.Random(seed)
     photos = [_skimage_photo(name) for name in TRAIN_PHOTOS]
     # Held-out items first: an interrupted distillation still has its evaluation split.
-    items: list[CorpusItem] = heldout_items(num_heldout, seed + 1, gradio_media)
+    held = heldout_items(num_heldout, seed + 1, gradio_media)
+    items: list[CorpusItem] = held[index::count]
+    position = len(held)  # the next training item's place in the unsharded result
     for i in range(num_train):
         if rng.random() < video_fraction:
             media, prompt = procedural_video(rng, photos), rng.choice(VIDEO_PROMPTS)
@@ -169,7 +178,11 @@ def build_corpus(num_train: int, num_heldout: int, seed: int = 0, video_fraction
             img = _augment(rng.choice(photos), rng) if rng.random() < 0.6 else procedural_scene(rng)[0]
             media = Media(kind="image", frames=(img,), source="train", size=img.size)
             prompt = rng.choice(IMAGE_PROMPTS)
-        items.append(CorpusItem(f"train-{i:05d}", media, prompt, "train"))
+        if i < first_item:
+            continue
+        if position % count == index:
+            items.append(CorpusItem(f"train-{i:05d}", media, prompt, "train"))
+        position += 1
     return items
 
 

@@ -395,3 +395,19 @@ def test_training_for_a_time_stops_when_it_is_up_with_the_rate_decayed(tiny_llav
     assert all("records" not in h for h in history[:-1])  # only the last epoch can stop part-way
     with pytest.raises(ValueError, match="minutes"):
         TrainConfig(minutes=-1)
+
+
+def test_a_sharded_corpus_is_the_whole_one_split_between_processes():
+    """``build_corpus(shard=(i, n))`` keeps what ``items[i::n]`` of the whole corpus would be (held-out
+    items first, ``first_item`` applied), with the same media, so n processes still fill one cache."""
+    from flash.corpus import build_corpus
+
+    whole = build_corpus(7, 3, seed=0, first_item=2)
+    assert [i.item_id for i in whole] == ["heldout-00000", "heldout-00001", "heldout-00002",
+                                          *(f"train-{k:05d}" for k in range(2, 7))]
+    parts = [build_corpus(7, 3, seed=0, first_item=2, shard=(i, 2)) for i in range(2)]
+    for i, part in enumerate(parts):
+        assert [item.item_id for item in part] == [item.item_id for item in whole[i::2]]
+        for mine, theirs in zip(part, whole[i::2], strict=True):
+            assert mine.prompt == theirs.prompt and mine.kind == theirs.kind
+            assert [f.tobytes() for f in mine.media.frames] == [f.tobytes() for f in theirs.media.frames]

@@ -376,7 +376,7 @@ def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = Train
     if accelerator.is_main_process:
         log(f"training on {device} ({accelerator.num_processes} process(es)), "
             f"{'bf16 autocast' if precision == 'bf16' else 'fp32'}"
-            + (f", for {cfg.minutes:g} minutes" if budget else ""))
+            + (f", for {cfg.minutes:.1f} minutes" if budget else ""))
     step, history, start, time_up = 0, [], time.perf_counter(), False
     epochs = itertools.count() if budget else range(cfg.epochs)
     for epoch in epochs:

@@ -8,7 +8,7 @@
 #    (--rules-ce). Held-out tau per epoch lands in OUT_DIR/training_log.json.
 # Sizes follow the clock, so the recipe fits its time on a slow day and uses a fast one: MINUTES (55)
 # is the whole run; distillation makes training records for DISTILL_SHARE (0.5) of it (at most ITEMS
-# items, 4000), then training takes what is left, less a minute for loading the records and the last
+# items, 2400), then training takes what is left, less a minute for loading the records and the last
 # evaluation. MINUTES=0 sizes the run by count instead: ITEMS (900) items, EPOCHS (3) epochs.
 # HELDOUT / MAX_NEW_TOKENS (environment) set the rest, CE_WEIGHT --ce-weight (1.0, the CLI default);
 # the README reports what the defaults give. The data cache is resumable: rerunning skips the records
@@ -26,7 +26,7 @@ if [ "$(python -c "print(float('$MINUTES') > 0)")" = "False" ]; then
     limit=()
     length=(--epochs "${EPOCHS:-3}")
 else
-    ITEMS=${ITEMS:-4000}
+    ITEMS=${ITEMS:-2400}
     limit=(--distill-minutes "$(python -c "print($MINUTES * $DISTILL_SHARE)")")
 fi
 start=$SECONDS

@@ -77,7 +77,8 @@ def distill(target: TargetModel, items: list[CorpusItem | MediaFileItem], out_di
     ``shard=(i, n)`` takes every n-th item from the i-th: n processes can fill one cache together.
     ``deadline`` (a ``time.time()``): no batch of training records starts that would, at the rate so
     far, end after it; the held-out records are always made (the evaluation split stays whole), and the
-    training records made are a prefix of the corpus, images and videos in its proportions.
+    training records made are about a prefix of the corpus (frame counts are grouped only within blocks
+    of a few batches), so images and videos come in about its proportions.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     rules = target.logits_rules()

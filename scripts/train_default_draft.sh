@@ -21,13 +21,17 @@ DISTILL_SHARE=${DISTILL_SHARE:-0.5}
 HELDOUT=${HELDOUT:-40}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-128}
 CE_WEIGHT=${CE_WEIGHT:-1.0}
-if [ "$(python -c "print(float('$MINUTES') > 0)")" = "False" ]; then
+number='^[0-9]+([.][0-9]+)?$'
+[[ $MINUTES =~ $number ]] || { echo "error: MINUTES must be a number of minutes, not '$MINUTES'" >&2; exit 2; }
+[[ $DISTILL_SHARE =~ $number ]] && awk "BEGIN { exit !($DISTILL_SHARE > 0 && $DISTILL_SHARE < 1) }" ||
+    { echo "error: DISTILL_SHARE must be a fraction between 0 and 1, not '$DISTILL_SHARE'" >&2; exit 2; }
+if awk "BEGIN { exit !($MINUTES == 0) }"; then
     ITEMS=${ITEMS:-900}
     limit=()
     length=(--epochs "${EPOCHS:-3}")
 else
     ITEMS=${ITEMS:-2400}
-    limit=(--distill-minutes "$(python -c "print($MINUTES * $DISTILL_SHARE)")")
+    limit=(--distill-minutes "$(awk "BEGIN { print $MINUTES * $DISTILL_SHARE }")")
 fi
 start=$SECONDS
 distill=(python -m flash train --out "$OUT" --data-dir "$DATA" --distill-only --train-items "$ITEMS"
@@ -40,7 +44,7 @@ wait "$first"
 echo "distillation done in $((SECONDS - start)) s" >&2
 if [ ${#limit[@]} -gt 0 ]; then
     # what is left of MINUTES, less a minute for loading and the final evaluation; at least 0.2 minutes
-    left=$(python -c "print(max($MINUTES - ($SECONDS - $start) / 60 - 1, 0.2))")
+    left=$(awk "BEGIN { m = $MINUTES - ($SECONDS - $start) / 60 - 1; print (m > 0.2 ? m : 0.2) }")
     length=(--train-minutes "$left")
 fi
 OMP_NUM_THREADS=2 python -m flash train --train-only --data-dir "$DATA" \

@@ -96,6 +96,14 @@ def test_caption_eval_refuses_an_unwritable_report_before_running(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
 
 
+def test_train_takes_epochs_or_minutes_not_both(tmp_path):
+    for flags, message in ((["--epochs", "2", "--train-minutes", "5"], "not both"),
+                           (["--distill-minutes", "-1"], "must be >= 0")):
+        proc = flash_cli("train", "--out", str(tmp_path / "draft"), *flags, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
 def test_train_first_item_distils_only_the_later_corpus_items(tmp_path):
     """``--first-item`` skips the training items an earlier draft already learnt from; the held-out
     split is always distilled (every evaluation needs it)."""

@@ -46,3 +46,11 @@ def test_the_recipe_sized_by_the_clock_stops_distilling_and_trains_for_what_is_l
     assert log["history"] and log["history"][-1]["heldout"]
     assert log["history"][-1]["seconds"] >= 12
     assert "recipe done" in run.stderr
+
+
+def test_the_recipe_refuses_a_time_that_is_not_a_number(tmp_path):
+    for name, value in (("MINUTES", "an hour"), ("DISTILL_SHARE", "1.5"), ("DISTILL_SHARE", "0")):
+        run = subprocess.run(["bash", str(ROOT / "scripts" / "train_default_draft.sh"), str(tmp_path / "d")],
+                             cwd=ROOT, env={**os.environ, name: value}, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and run.stderr.startswith(f"error: {name}")
+    assert not (tmp_path / "d").exists()

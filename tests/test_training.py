@@ -31,17 +31,23 @@ def items() -> list[CorpusItem]:
     return out
 
 
-def test_distill_orders_held_out_first_then_by_frame_count(tiny_llava, tmp_path, monkeypatch):
-    """A batch is padded to its longest prompt: media with the same number of frames are decoded
-    together (the video last), and held-out items come first so an interrupted run can evaluate."""
+def prompts_built(target, monkeypatch) -> list[str]:
+    """The media sources ``target.build_prompt`` is called with, in order (a list that fills as it runs)."""
     seen = []
-    real = tiny_llava.build_prompt
+    real = target.build_prompt
 
     def spy(media, text):
         seen.append(media.source)
         return real(media, text)
 
-    monkeypatch.setattr(tiny_llava, "build_prompt", spy)
+    monkeypatch.setattr(target, "build_prompt", spy)
+    return seen
+
+
+def test_distill_orders_held_out_first_then_by_frame_count(tiny_llava, tmp_path, monkeypatch):
+    """A batch is padded to its longest prompt: media with the same number of frames are decoded
+    together (the video last), and held-out items come first so an interrupted run can evaluate."""
+    seen = prompts_built(tiny_llava, monkeypatch)
     distill(tiny_llava, items(), tmp_path / "data", max_new_tokens=4, batch_size=2)
     # Rows: c3 (held out: greedy only, a batch of its own), then c0..c2 greedy + sampled, then the
     # video; one prompt per distinct item in each batch of two rows.
@@ -56,14 +62,7 @@ def test_distill_with_a_deadline_keeps_the_corpus_order_and_the_held_out_split(t
 
     import flash.distill
 
-    seen = []
-    real = tiny_llava.build_prompt
-
-    def spy(media, text):
-        seen.append(media.source)
-        return real(media, text)
-
-    monkeypatch.setattr(tiny_llava, "build_prompt", spy)
+    seen = prompts_built(tiny_llava, monkeypatch)
     monkeypatch.setattr(flash.distill, "_DEADLINE_BLOCK", 1)  # blocks of one batch (two rows)
     video_first = [items()[-1], *items()[:-1]]
     made = distill(tiny_llava, video_first, tmp_path / "late", max_new_tokens=4, batch_size=2, deadline=time.time())

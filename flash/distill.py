@@ -92,14 +92,15 @@ def distill(target: TargetModel, items: list[CorpusItem | MediaFileItem], out_di
     # A batch is left-padded to its longest prompt, and a video prompt is ~5x an image's: batching
     # media with the same number of frames together cuts the prefill's padded tokens ~2.3x on the
     # built-in corpus. Held-out items stay first (an interrupted run still has its evaluation split);
-    # the sort is stable, so items keep their order otherwise.
-    if deadline is None:
-        todo.sort(key=lambda job: (job[0].split != "heldout", job[0].frame_count))
-    else:  # a run that may stop part-way groups frame counts only within blocks of the corpus's order
-        block = _DEADLINE_BLOCK * batch_size
-        order = sorted(range(len(todo)), key=lambda j: (todo[j][0].split != "heldout", j // block,
-                                                       todo[j][0].frame_count))
-        todo = [todo[j] for j in order]
+    # the sort is stable, so items keep their order otherwise. A run that may stop part-way groups
+    # frame counts only within blocks of the corpus's order (without a deadline: one block).
+    block = _DEADLINE_BLOCK * batch_size if deadline is not None else max(1, len(todo))
+
+    def place(entry: tuple[int, tuple]) -> tuple[bool, int, int]:
+        position, (item, _) = entry
+        return item.split != "heldout", position // block, item.frame_count
+
+    todo = [job for _, job in sorted(enumerate(todo), key=place)]
     # Held-out and training records never share a batch: a deadline stops only training batches.
     held = sum(item.split == "heldout" for item, _ in todo)
     batches = [todo[i : min(i + batch_size, held)] for i in range(0, held, batch_size)]

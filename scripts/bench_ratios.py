@@ -8,7 +8,10 @@ pass (mean over runs; proposed = accepted / acceptance rate); ``flash-tree`` ove
 seconds and whole seconds, for images and videos; and what the prefill leaves of issue #6's goals (2.5x
 on images, 2.7x on videos): the prefill is the same work for every method, so with ``ar``'s prefill a
 share p of its run, no method can be more than 1 / p faster end to end, and a goal g needs decoding
-(1 - p) / (1 / g - p) times faster than ``ar``'s (medians over runs).
+(1 - p) / (1 / g - p) times faster than ``ar``'s (medians over runs). Last, the most a draft that is
+*always right* could give at the benchmark's draft depth k: every target pass then emits k + 1 tokens,
+and a pass costs at least a one-token step (its k + 1 rows read the same weights), so end to end at
+most 1 / (p + (1 - p) / (k + 1)) -- drafting taken as free, so a bound no draft of that depth can pass.
 """
 
 import argparse
@@ -28,12 +31,20 @@ def decoding_speedup_needed(prefill_share: float, goal: float) -> float:
     return (1 - prefill_share) / room if room > 0 else float("inf")
 
 
+def perfect_draft_speedup(prefill_share: float, tokens_per_pass: float, pass_cost: float = 1.0) -> float:
+    """End-to-end speed-up over ``ar`` of a draft that is always right: after the same prefill (``prefill_share``
+    of ``ar``'s run), every target pass emits ``tokens_per_pass`` tokens and costs ``pass_cost`` one-token
+    steps, and drafting costs nothing (an upper bound for any real draft of that depth)."""
+    return 1 / (prefill_share + (1 - prefill_share) * pass_cost / tokens_per_pass)
+
+
 def ms_per_token(record: dict) -> float:
     """Decoding time after the prefill per new token (the prefill's token included, as in the ratios)."""
     return (record["seconds"] - record["prefill_seconds"]) * 1000 / record["new_tokens"]
 
 
 def report(path: Path, data: dict) -> None:
+    depth = (data.get("config", {}).get("k") or data.get("config", {}).get("draft", {}).get("k"))
     runs: dict[tuple[str, int], dict[str, dict]] = {}
     for record in data["samples"]:
         runs.setdefault((record["sample"], record["repeat"]), {})[record["method"]] = record
@@ -70,6 +81,10 @@ def report(path: Path, data: dict) -> None:
             print(f"  ar, {kind}s: prefill {statistics.median(shares):.0%} of the run, so at most "
                   f"{statistics.median(1 / p for p in shares):.1f}x end to end; {GOALS[kind]}x needs decoding "
                   f"{needed:.1f}x faster (medians)")
+            if depth:
+                ceiling = statistics.median(perfect_draft_speedup(p, depth + 1) for p in shares)
+                print(f"  ar, {kind}s: a draft always right at depth {depth} ({depth + 1} tokens per pass, a pass "
+                      f"costing one step, drafting free): at most {ceiling:.2f}x end to end (median)")
 
 
 if __name__ == "__main__":

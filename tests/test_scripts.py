@@ -172,21 +172,33 @@ def test_bench_ratios_reads_the_shipped_benchmark():
     assert set(speedups) == {"eagle", "flash", "flash-tree", "pld"} and all(float(v) > 0 for v in speedups.values())
     assert re.search(r"flash-tree ([0-9.]+) / ([0-9.]+)", lines[2])
     assert re.search(r"faster in [0-9]+ of 21", lines[3])
-    assert [line.split(",")[0] for line in lines[4:]] == ["  ar"] * 4
+    assert [line.split(",")[0] for line in lines[4:]] == ["  ar"] * 6
     ceilings = [re.search(r"prefill ([0-9]+)% of the run, so at most ([0-9.]+)x end to end; ([0-9.]+)x needs "
-                          r"decoding ([0-9.]+|inf)x faster", line) for line in lines[5::2]]
+                          r"decoding ([0-9.]+|inf)x faster", line) for line in lines[5::3]]
     assert all(ceilings) and [float(m[3]) for m in ceilings] == [2.5, 2.7]
     assert all(float(m[4]) > 1 for m in ceilings)
+    # The shipped benchmark's draft has depth 4: an always-right draft emits 5 tokens per pass, which
+    # caps it below the prefill-only ceiling.
+    perfect = [re.search(r"always right at depth 4 \(5 tokens per pass.*at most ([0-9.]+)x end to end", line)
+               for line in lines[6::3]]
+    assert all(perfect)
+    assert all(1 < float(m[1]) < float(c[2]) for m, c in zip(perfect, ceilings, strict=True))
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ratios.py"), str(ROOT / "README.md")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "not a benchmark" in bad.stderr
 
 
-def test_decoding_speedup_needed_gives_the_goal_back():
-    """Amdahl's law read backwards: decoding that much faster, after the same prefill, is the goal exactly."""
+def _bench_ratios():
+    """scripts/bench_ratios.py as a module (a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location("bench_ratios", ROOT / "scripts" / "bench_ratios.py")
     ratios = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ratios)
+    return ratios
+
+
+def test_decoding_speedup_needed_gives_the_goal_back():
+    """Amdahl's law read backwards: decoding that much faster, after the same prefill, is the goal exactly."""
+    ratios = _bench_ratios()
     for share in (0.0, 0.12, 0.28, 0.35):
         for goal in (1.5, 2.5, 2.7):
             needed = ratios.decoding_speedup_needed(share, goal)
@@ -196,6 +208,20 @@ def test_decoding_speedup_needed_gives_the_goal_back():
                 assert needed == float("inf")
     assert ratios.decoding_speedup_needed(0.0, 2.7) == pytest.approx(2.7)
     assert ratios.decoding_speedup_needed(0.4, 2.7) == float("inf")  # 1 / 0.4 = 2.5 < 2.7
+
+
+def test_perfect_draft_speedup_is_amdahl_at_the_draft_depth():
+    """An always-right depth-k draft shortens decoding k + 1 times (at one step per pass); its bound agrees
+    with decoding_speedup_needed, and a dearer pass or a larger prefill share only lowers it."""
+    ratios = _bench_ratios()
+    assert ratios.perfect_draft_speedup(0.0, 5) == pytest.approx(5)
+    assert ratios.perfect_draft_speedup(0.28, 5) == pytest.approx(1 / (0.28 + 0.72 / 5))  # ~2.36: under 2.7
+    for share in (0.0, 0.12, 0.28, 0.35):
+        for tokens in (2, 5, 9):
+            bound = ratios.perfect_draft_speedup(share, tokens)
+            assert ratios.decoding_speedup_needed(share, bound) == pytest.approx(tokens)
+            assert ratios.perfect_draft_speedup(share, tokens, pass_cost=1.2) < bound
+            assert ratios.perfect_draft_speedup(share + 0.05, tokens) < bound
 
 
 def test_draft_probes_extract_matches_the_records_hidden_states(default_target, tmp_path, monkeypatch, capsys):

@@ -5,8 +5,12 @@ raw argmax is the token it emitted (after repetition penalty and n-gram ban), ho
 raw argmax equals the target's raw argmax, and how often the draft's rule-processed pick is the
 emitted token; then that slot-0 hit rate by how sure the target itself was (the probability of its
 top token after the rules): a draft can only guess an argmax the target's own logits barely decide.
-Last, for sampling: the expected slot-0 acceptance sum_x min(p(x), q(x)) of the target's and the
-draft's rule-processed distributions at ``--temperature`` (the rejection sampler's acceptance).
+Then what that caps: were the draft always right wherever the target's top probability is at least
+0.3, its slot-0 hit rate, and the τ of four drafts each right at that rate, (1 - a^5) / (1 - a) (an
+estimate: it takes the slots as alike and independent); and the hit rate the other positions would
+need for τ 3.5 (issue #4's target) even then. Last, for sampling: the expected slot-0 acceptance
+sum_x min(p(x), q(x)) of the target's and the draft's rule-processed distributions at ``--temperature``
+(the rejection sampler's acceptance).
 Run: ``python scripts/rules_gap.py [DRAFT_DIR]`` (default: the shipped draft).
 """
 
@@ -47,6 +51,27 @@ if not records:
 rules = target.logits_rules()
 total = target_kept = draft_raw = 0
 BUCKETS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
+DRAFTS, GOAL_TAU, EASY = 4, 3.5, 0.3
+
+
+def chain_tau(rate: float, drafts: int = DRAFTS) -> float:
+    """τ of a chain of ``drafts`` draft tokens, each accepted with probability ``rate`` (the target's own
+    token counted)."""
+    return sum(rate**i for i in range(drafts + 1))
+
+
+def rate_for_tau(tau: float, drafts: int = DRAFTS) -> float:
+    """The per-token acceptance :func:`chain_tau` needs for ``tau`` (bisection; it increases with the rate)."""
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if chain_tau(middle, drafts) < tau:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
 confidence, hits = [], []  # per position: the target's top probability after the rules; slot-0 hit
 overlap = []  # per position: sum_x min(p, q) at --temperature
 with torch.no_grad():
@@ -80,4 +105,11 @@ for low, high in itertools.pairwise(BUCKETS):
     if inside.any():
         print(f"  [{low:.1f}, {high:.1f}{']' if high == 1.0 else ')'}: {float(inside.float().mean()):.3f} of "
               f"positions, hit {float(hits[inside].mean()):.3f}")
+hard = confidence < EASY
+if hard.any():
+    hard_share, hard_hit = float(hard.float().mean()), float(hits[hard].mean())
+    capped, goal_rate = 1 - hard_share + hard_share * hard_hit, rate_for_tau(GOAL_TAU)
+    print(f"always right where the target's top probability is >= {EASY}: slot-0 hit {capped:.3f}, so tau ~ "
+          f"{chain_tau(capped):.2f} with {DRAFTS} drafts; tau {GOAL_TAU} needs {goal_rate:.3f}, i.e. a hit rate of "
+          f"{(goal_rate - (1 - hard_share)) / hard_share:.3f} where it is under {EASY} (now {hard_hit:.3f})")
 print(f"sampling at temperature {args.temperature}: expected slot-0 acceptance {float(torch.cat(overlap).mean()):.3f}")

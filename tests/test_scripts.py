@@ -62,8 +62,13 @@ def test_rules_gap_reports_three_rates(script_cache):
         value = rates(line.split(":")[-1])[0]
         assert 0.0 <= value <= 1.0, line
     buckets = [re.match(r"  \[[0-9.]+, [0-9.]+[])]: ([0-9.]+) of positions, hit ([0-9.]+)$", line)
-               for line in out[5:-1]]
-    assert buckets and all(buckets), out[5:-1]
+               for line in out[5:-2]]
+    assert buckets and all(buckets), out[5:-2]
+    capped = re.match(r"always right where the target's top probability is >= 0.3: slot-0 hit ([0-9.]+), so tau ~ "
+                      r"([0-9.]+) with 4 drafts; tau 3.5 needs 0.821, i.e. a hit rate of (-?[0-9.]+) where", out[-2])
+    assert capped, out[-2]  # 0.821: 1 + a + a^2 + a^3 + a^4 = 3.500 at a = 0.821 (3.499 at 0.8205, 3.506 at 0.8215)
+    hit = float(capped[1])
+    assert 0.0 <= hit <= 1.0 and float(capped[2]) == pytest.approx(sum(hit**i for i in range(5)), abs=0.006)
     assert 0.0 < rates(out[-1].split("acceptance")[1])[0] <= 1.0, out[-1]
     assert abs(sum(float(b.group(1)) for b in buckets) - 1.0) < 0.01  # every position in one bucket
 

@@ -7,8 +7,9 @@ emitted token; then that slot-0 hit rate by how sure the target itself was (the 
 top token after the rules): a draft can only guess an argmax the target's own logits barely decide.
 Then what that caps: were the draft always right wherever the target's top probability is at least
 0.3, its slot-0 hit rate, and the τ of four drafts each right at that rate, (1 - a^5) / (1 - a) (an
-estimate: it takes the slots as alike and independent); and the hit rate the other positions would
-need for τ 3.5 (issue #4's target) even then. Last, for sampling: the expected slot-0 acceptance
+estimate that flatters the draft: it takes the slots as alike and independent, and later slots do
+worse); and the hit rate the other positions would need for τ 3.5 (issue #4's target) even then.
+Last, for sampling: the expected slot-0 acceptance
 sum_x min(p(x), q(x)) of the target's and the draft's rule-processed distributions at ``--temperature``
 (the rejection sampler's acceptance).
 Run: ``python scripts/rules_gap.py [DRAFT_DIR]`` (default: the shipped draft).

@@ -44,7 +44,8 @@ def ms_per_token(record: dict) -> float:
 
 
 def report(path: Path, data: dict) -> None:
-    depth = (data.get("config", {}).get("k") or data.get("config", {}).get("draft", {}).get("k"))
+    config = data.get("config") or {}
+    depth = config.get("k") or (config.get("draft") or {}).get("k")  # a run's --k, else its draft's own k
     runs: dict[tuple[str, int], dict[str, dict]] = {}
     for record in data["samples"]:
         runs.setdefault((record["sample"], record["repeat"]), {})[record["method"]] = record

@@ -6,10 +6,10 @@ raw argmax equals the target's raw argmax, and how often the draft's rule-proces
 emitted token; then that slot-0 hit rate by how sure the target itself was (the probability of its
 top token after the rules): a draft can only guess an argmax the target's own logits barely decide.
 Then what that caps: were the draft always right wherever the target's top probability is at least
-0.3, its slot-0 hit rate, and the τ of four drafts each right at that rate, (1 - a^5) / (1 - a) (an
-estimate that flatters the draft: it takes the slots as alike and independent, and later slots do
-worse); and the hit rate the other positions would need for τ 3.5 (issue #4's target) even then.
-Last, for sampling: the expected slot-0 acceptance
+0.3, its slot-0 hit rate, and the τ of the draft's k tokens each right at that rate, (1 - a^(k+1)) /
+(1 - a) (an estimate that flatters the draft: it takes the slots as alike and independent, and later
+slots do worse); and the hit rate the other positions would need for τ 3.5 (issue #4's target) even
+then (over 1: out of reach even so). Last, for sampling: the expected slot-0 acceptance
 sum_x min(p(x), q(x)) of the target's and the draft's rule-processed distributions at ``--temperature``
 (the rejection sampler's acceptance).
 Run: ``python scripts/rules_gap.py [DRAFT_DIR]`` (default: the shipped draft).
@@ -52,7 +52,7 @@ if not records:
 rules = target.logits_rules()
 total = target_kept = draft_raw = 0
 BUCKETS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
-DRAFTS, GOAL_TAU, EASY = 4, 3.5, 0.3
+DRAFTS, GOAL_TAU, EASY = draft.cfg.k, 3.5, 0.3
 
 
 def chain_tau(rate: float, drafts: int = DRAFTS) -> float:

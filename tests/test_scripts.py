@@ -193,6 +193,18 @@ def test_bench_ratios_reads_the_shipped_benchmark():
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "not a benchmark" in bad.stderr
 
 
+def test_bench_ratios_without_a_draft_skips_the_depth_bound(tmp_path):
+    """A benchmark of methods without a draft (``--methods ar pld``) records no depth: no bound, no crash."""
+    data = json.loads((ROOT / "docs" / "bench.json").read_text())
+    data["config"]["k"], data["config"]["draft"] = None, None
+    path = tmp_path / "no_draft.json"
+    path.write_text(json.dumps(data))
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ratios.py"), str(path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "needs decoding" in out.stdout and "always right" not in out.stdout
+
+
 def _bench_ratios():
     """scripts/bench_ratios.py as a module (a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location("bench_ratios", ROOT / "scripts" / "bench_ratios.py")

@@ -45,7 +45,9 @@ def ms_per_token(record: dict) -> float:
 
 def report(path: Path, data: dict) -> None:
     config = data.get("config") or {}
-    depth = config.get("k") or (config.get("draft") or {}).get("k")  # a run's --k, else its draft's own k
+    # The draft's depth: its own k, or a run's smaller --k (the FLASH loops draft min(--k, the draft's k)).
+    depths = [k for k in (config.get("k"), (config.get("draft") or {}).get("k")) if k]
+    depth = min(depths) if depths else None
     runs: dict[tuple[str, int], dict[str, dict]] = {}
     for record in data["samples"]:
         runs.setdefault((record["sample"], record["repeat"]), {})[record["method"]] = record

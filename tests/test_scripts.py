@@ -168,8 +168,7 @@ def test_step_split_accounts_for_a_tree_step(script_cache):
 
 
 def test_bench_ratios_reads_the_shipped_benchmark():
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ratios.py")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    out = _run_bench_ratios()
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].endswith("bench.json: 21 runs")
@@ -188,21 +187,30 @@ def test_bench_ratios_reads_the_shipped_benchmark():
                for line in lines[6::3]]
     assert all(perfect)
     assert all(1 < float(m[1]) < float(c[2]) for m, c in zip(perfect, ceilings, strict=True))
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ratios.py"), str(ROOT / "README.md")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    bad = _run_bench_ratios(str(ROOT / "README.md"))
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "not a benchmark" in bad.stderr
 
 
-def test_bench_ratios_without_a_draft_skips_the_depth_bound(tmp_path):
-    """A benchmark of methods without a draft (``--methods ar pld``) records no depth: no bound, no crash."""
+def _run_bench_ratios(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ratios.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bench_ratios_depth_follows_the_run(tmp_path):
+    """The bound's depth is what the FLASH loops drafted: a larger --k than the draft's is capped at the
+    draft's k, a smaller one is kept; a benchmark without a draft or --k (``--methods ar pld``) prints no
+    bound and does not crash."""
     data = json.loads((ROOT / "docs" / "bench.json").read_text())
-    data["config"]["k"], data["config"]["draft"] = None, None
-    path = tmp_path / "no_draft.json"
-    path.write_text(json.dumps(data))
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ratios.py"), str(path)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "needs decoding" in out.stdout and "always right" not in out.stdout
+    path = tmp_path / "bench.json"
+    for k, draft, expected in ((8, data["config"]["draft"], "depth 4 "), (2, data["config"]["draft"], "depth 2 "),
+                               (None, None, None)):
+        data["config"]["k"], data["config"]["draft"] = k, draft
+        path.write_text(json.dumps(data))
+        out = _run_bench_ratios(str(path))
+        assert out.returncode == 0, out.stderr
+        assert "needs decoding" in out.stdout
+        bounds = [line for line in out.stdout.splitlines() if "always right" in line]
+        assert len(bounds) == (2 if expected else 0) and all(expected in line for line in bounds)
 
 
 def _bench_ratios():

@@ -55,18 +55,19 @@ BUCKETS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
 DRAFTS, GOAL_TAU, EASY = draft.cfg.k, 3.5, 0.3
 
 
-def chain_tau(rate: float, drafts: int = DRAFTS) -> float:
+def independent_chain_tau(rate: float, drafts: int = DRAFTS) -> float:
     """τ of a chain of ``drafts`` draft tokens, each accepted with probability ``rate`` (the target's own
     token counted)."""
     return sum(rate**i for i in range(drafts + 1))
 
 
 def rate_for_tau(tau: float, drafts: int = DRAFTS) -> float:
-    """The per-token acceptance :func:`chain_tau` needs for ``tau`` (bisection; it increases with the rate)."""
+    """The per-token acceptance :func:`independent_chain_tau` needs for ``tau`` (bisection: τ grows with the
+    rate)."""
     low, high = 0.0, 1.0
     for _ in range(60):
         middle = (low + high) / 2
-        if chain_tau(middle, drafts) < tau:
+        if independent_chain_tau(middle, drafts) < tau:
             low = middle
         else:
             high = middle
@@ -110,7 +111,8 @@ hard = confidence < EASY
 if hard.any():
     hard_share, hard_hit = float(hard.float().mean()), float(hits[hard].mean())
     capped, goal_rate = 1 - hard_share + hard_share * hard_hit, rate_for_tau(GOAL_TAU)
+    capped_tau, hard_needed = independent_chain_tau(capped), (goal_rate - (1 - hard_share)) / hard_share
     print(f"always right where the target's top probability is >= {EASY}: slot-0 hit {capped:.3f}, so tau ~ "
-          f"{chain_tau(capped):.2f} with {DRAFTS} drafts; tau {GOAL_TAU} needs {goal_rate:.3f}, i.e. a hit rate of "
-          f"{(goal_rate - (1 - hard_share)) / hard_share:.3f} where it is under {EASY} (now {hard_hit:.3f})")
+          f"{capped_tau:.2f} with {DRAFTS} drafts; tau {GOAL_TAU} needs {goal_rate:.3f}, i.e. a hit rate of "
+          f"{hard_needed:.3f} where it is under {EASY} (now {hard_hit:.3f})")
 print(f"sampling at temperature {args.temperature}: expected slot-0 acceptance {float(torch.cat(overlap).mean()):.3f}")

@@ -3,7 +3,7 @@ was trained on.
 
 Greedy, the target's rules applied (as in training's held-out evaluation). If τ on its own training
 records is far above held-out τ, more data would help; if both are low, the draft cannot fit the target
-any better at its size. Run: ``python scripts/fit_gap.py [DRAFT_DIR] [--data-dir DIR] [--train-records N]``
+any better at its size. Run: ``python research/fit_gap.py [DRAFT_DIR] [--data-dir DIR] [--train-records N]``
 (the default data dir is the distillation cache of the default model; the shipped draft was trained on
 the built-in corpus's first items, which the one-hour recipe's cache, ``<cache>/distill/default-recipe``,
 holds again).

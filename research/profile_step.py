@@ -1,4 +1,4 @@
-"""Where a decoding step's time goes (the default model, CPU): ``python scripts/profile_step.py [MEDIA]``.
+"""Where a decoding step's time goes (the default model, CPU): ``python research/profile_step.py [MEDIA]``.
 
 Runs ``ar``, ``flash`` and ``flash-tree`` once each to warm up, then once each under cProfile, and prints per-step
 milliseconds split into: the target's forward (its fp16 GEMMs vs everything else inside it: norms,

@@ -15,7 +15,7 @@ thing, and writes its held-out log to OUT/training_log.json:
 
 ``--extract`` computes the multilayer probe's features: each record's prompt is rebuilt from the
 (deterministic) corpus and prompt + response run through the target once, teacher-forced; its last
-layer is checked against the record's h. Run: ``python scripts/draft_probes.py VARIANT OUT [--seed S]``.
+layer is checked against the record's h. Run: ``python research/draft_probes.py VARIANT OUT [--seed S]``.
 """
 
 import argparse

@@ -1,6 +1,6 @@
-"""Where a ``flash-tree`` step's time goes, by wall clock: ``python scripts/step_split.py [MEDIA] [--rounds N]``.
+"""Where a ``flash-tree`` step's time goes, by wall clock: ``python research/step_split.py [MEDIA] [--rounds N]``.
 
-Unlike ``scripts/profile_step.py`` (cProfile, which inflates Python-heavy parts), this wraps the
+Unlike ``research/profile_step.py`` (cProfile, which inflates Python-heavy parts), this wraps the
 decoding loop's own functions in ``time.perf_counter`` timers and runs ``ar`` and ``flash-tree``
 alternately (default model, shipped draft, 128 greedy tokens). Per step after the prefill: the
 target's pass, drafting the tree (the draft's pass, its logits, building the tree), laying out the

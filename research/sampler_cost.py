@@ -1,4 +1,4 @@
-"""What a sampled token's filtering and draw cost on this CPU: ``python scripts/sampler_cost.py``.
+"""What a sampled token's filtering and draw cost on this CPU: ``python research/sampler_cost.py``.
 
 On real logits rows of the default model (its greedy continuation of cat.jpg's caption, fed in one
 pass), times :func:`flash.verification.logits_to_probs` (temperature + top-p) and

@@ -4,14 +4,14 @@ A tree verifies several candidates per position in one target pass, so it raises
 pass longer. This script measures both sides for the default model and the shipped draft:
 
 1. the cost of a target forward over n tokens, relative to a one-token step (video context, as in
-   ``scripts/verify_cost.py``);
+   ``research/verify_cost.py``);
 2. on the held-out distillation records (greedy, teacher-forced, the target's logits rules applied
    with the true prefix): the rank of the emitted token in each slot's rule-processed draft
    distribution, and the draft's top probabilities.
 
 From these it predicts τ and speed (τ over the step's cost: verification + the draft's share) for
 the chain the engine runs (joint confidence cut T) and for dynamic trees (the N most confident
-nodes by joint draft probability, cut at T). Run: ``python scripts/tree_gain.py``.
+nodes by joint draft probability, cut at T). Run: ``python research/tree_gain.py``.
 """
 
 import sys

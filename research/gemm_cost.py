@@ -1,10 +1,10 @@
-"""FLASH's fp16 GEMM kernel vs fbgemm's on the default model's layer shapes: ``python scripts/gemm_cost.py``.
+"""FLASH's fp16 GEMM kernel vs fbgemm's on the default model's layer shapes: ``python research/gemm_cost.py``.
 
 For each of a decoder layer's four GEMMs (q/k/v fused, o, gate/up fused, down) and the LM head, the
 median microseconds of one call at 1, 2, 4, 5 and 8 rows, both kernels interleaved in one process,
 the weights warm in cache. Then a decoding step's GEMMs as the forward runs them: 30 layers' own
 weights and the head in order (269 MB of fp16, streamed from memory as in real decoding), median
-milliseconds at 1 and 5 rows (``scripts/verify_cost.py`` has the whole forward). Random weights of
+milliseconds at 1 and 5 rows (``research/verify_cost.py`` has the whole forward). Random weights of
 the real shapes (SmolLM2-135M). ``--layers N`` streams fewer layers (a quick run).
 """
 

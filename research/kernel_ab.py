@@ -1,4 +1,4 @@
-"""FLASH's CPU kernels at another git revision vs the working tree's: ``python scripts/kernel_ab.py REV``.
+"""FLASH's CPU kernels at another git revision vs the working tree's: ``python research/kernel_ab.py REV``.
 
 Builds ``flash/csrc/*.cpp`` as of REV (e.g. ``HEAD~1``) and as in the working tree into two libraries
 whose ops live under other names (so both load into one process), checks that their outputs are the

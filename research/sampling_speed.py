@@ -5,7 +5,7 @@ caption's length (a 10-token caption is mostly prefill). This runs each medium w
 the three methods interleaved (the order rotates), and pools milliseconds per decoded token, tau and
 the drafts proposed / accepted per pass over all runs of a method.
 
-    python scripts/sampling_speed.py [MEDIA ...] [--seeds 6] [--max-new-tokens 128] [--tree-nodes N]
+    python research/sampling_speed.py [MEDIA ...] [--seeds 6] [--max-new-tokens 128] [--tree-nodes N]
         [--tree-branch B] [--json OUT]
 
 Defaults: the benchmark's held-out media (gradio's photos and videos), temperature 0.7, top-p 0.9, the

@@ -1,10 +1,10 @@
 """Which ops a default-model prefill and its 1- and 5-token passes spend their time in (torch.profiler).
 
-    python scripts/pass_profile.py [MEDIA] [--passes 20]
+    python research/pass_profile.py [MEDIA] [--passes 20]
 
 The prefill of MEDIA's prompt (default: the shipped coffee_rocket_cut.mp4, 515 positions), then
 passes of 1 and of 5 random tokens after it, each cropped back; per setting, the ops with the most
-self CPU time, in milliseconds per prefill or per pass. Unlike ``scripts/step_split.py`` (wall-clock
+self CPU time, in milliseconds per prefill or per pass. Unlike ``research/step_split.py`` (wall-clock
 timers around the decoding loop's functions) this looks inside the target's forward: which GEMMs,
 attention kernels and small ops a verification pass adds over a one-token step.
 """

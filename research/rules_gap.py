@@ -12,7 +12,7 @@ slots do worse); and the hit rate the other positions would need for τ 3.5 (iss
 then (over 1: out of reach even so). Last, for sampling: the expected slot-0 acceptance
 sum_x min(p(x), q(x)) of the target's and the draft's rule-processed distributions at ``--temperature``
 (the rejection sampler's acceptance).
-Run: ``python scripts/rules_gap.py [DRAFT_DIR]`` (default: the shipped draft).
+Run: ``python research/rules_gap.py [DRAFT_DIR]`` (default: the shipped draft).
 """
 
 import argparse

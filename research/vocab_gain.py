@@ -4,7 +4,7 @@ so a trained draft can be evaluated with more rows without retraining.
 On the held-out distillation records (greedy, teacher-forced, the target's rules applied), prints the
 share of emitted tokens the draft's vocabulary holds, then τ and slot hit rates with the draft's own
 vocabulary and with it extended by the next most frequent training tokens (the whole target
-vocabulary last). Run: ``python scripts/vocab_gain.py [DRAFT_DIR] [--sizes 8192 49152]``.
+vocabulary last). Run: ``python research/vocab_gain.py [DRAFT_DIR] [--sizes 8192 49152]``.
 """
 
 import argparse

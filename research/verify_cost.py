@@ -1,6 +1,6 @@
 """How much a k-token target forward costs relative to a one-token step (the default model, CPU).
 
-Speculative decoding pays off only when τ exceeds this ratio. Run: ``python scripts/verify_cost.py``.
+Speculative decoding pays off only when τ exceeds this ratio. Run: ``python research/verify_cost.py``.
 For an image prompt (coffee.jpg) and a video prompt (coffee_rocket_cut.mp4, 8 frames), with the
 default lean forward (:mod:`flash.lean_llama`: fused projections, in-place KV cache, FLASH's C++
 norms, rotary embedding and decoding attention) on FLASH's fp16 GEMM kernel (:mod:`flash.cpu_kernels`),

@@ -1,4 +1,4 @@
-"""Command line: ``python -m flash {fetch,caption,train,bench} ...``.
+"""Command line: ``python -m flash {fetch,caption,race,train,bench} ...``.
 
 Bad input ends with one line ``error: ...`` on stderr and exit status 2.
 """
@@ -107,6 +107,45 @@ def cmd_caption(args) -> int:
     return 0
 
 
+def cmd_race(args) -> int:
+    from flash.media import load_media
+    from flash.models import load_draft, load_target
+    from flash.race import RaceRecorder, race
+    from flash.replay import RaceReplay, machine_line, write_card, write_gif, write_video
+
+    for path, suffix in ((args.video, ".mp4"), (args.gif, ".gif"), (args.card, ".png")):
+        if path and Path(path).suffix.lower() != suffix:
+            raise UsageError(f"cannot write {path}: give a {suffix} file name")
+        _check_output_paths(path)
+    media = load_media(args.media)
+    quiet = args.json or not sys.stderr.isatty()
+    target = load_target(args.model, quiet=quiet)
+    draft = load_draft(target, args.draft, quiet=quiet)
+    recorder = RaceRecorder()
+    for _ in recorder.watch(race(target, draft, media, args.prompt or "", _config(args, target))):
+        pass
+    summary = recorder.recording.summary
+    text = target.decode(list(recorder.recording.flash[-1].tokens)) if recorder.recording.flash else ""
+    if args.json:
+        print(json.dumps({**summary, "text": text, "media": media.source}))
+    else:
+        print(text)
+        for side, name in (("baseline", "autoregressive"), ("flash", summary["method"])):
+            s = summary[side]
+            print(f"[{name}: {s['new_tokens']} tokens in {s['seconds']:.2f} s, {s['tokens_per_s']:.1f} tokens/s]",
+                  file=sys.stderr)
+        verdict = {True: "identical output", False: f"outputs differ at token {summary['first_difference']}"}
+        speedup = "no speed-up measured" if summary["speedup"] is None else f"speed-up {summary['speedup']:.2f}x"
+        tau = "" if summary["tau"] is None else f", tau {summary['tau']:.2f}"
+        print(f"[{speedup}{tau}, {verdict.get(summary['identical'], 'sampled')}]", file=sys.stderr)
+    replay = RaceReplay.of(recorder.recording, media, args.prompt or "", machine_line(target))
+    for path, write in ((args.video, write_video), (args.gif, write_gif), (args.card, write_card)):
+        if path:
+            write(replay, path)
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def _check_output_paths(json_path: str | None, plot_path: str | None = None) -> None:
     """Refuse unwritable report paths before a run of minutes (bench, caption-eval), not after it."""
     for path in (json_path, plot_path):
@@ -191,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a chart (.html, or .png with kaleido)")
     _add_generation_args(p, several_prompts=True)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("race", help="race autoregressive decoding against FLASH; replay it as MP4 / GIF / PNG")
+    p.add_argument("media", help="image or video file")
+    p.add_argument("--video", default=None, help="write an MP4 (H.264) replay of the race in real time")
+    p.add_argument("--gif", default=None, help="write a looping GIF replay")
+    p.add_argument("--card", default=None, help="write a PNG result card")
+    p.add_argument("--json", action="store_true", help="print the race's summary as one JSON object")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_race, max_new_tokens=96)
 
     p = sub.add_parser("caption-eval", help="how often captions of unseen labelled photos name the subject")
     p.add_argument("--max-new-tokens", type=int, default=64)

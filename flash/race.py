@@ -20,6 +20,7 @@ to both.
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from flash.decoding import GenerationConfig, StepEvent, collect, flash_method, g
 from flash.draft import FlashDraft
 from flash.target import TargetModel
 
-__all__ = ["BASELINE", "FLASH", "RaceFrame", "RaceUpdate", "SideView", "compare_outputs", "on_one_clock", "race"]
+__all__ = ["BASELINE", "FLASH", "RaceFrame", "RaceRecorder", "RaceRecording", "RaceUpdate", "SideView",
+           "compare_outputs", "on_one_clock", "race"]
 
 BASELINE = "ar"
 FLASH = "flash"
@@ -309,6 +311,59 @@ def compare_outputs(baseline: list[int], flash: list[int], *, greedy: bool,
     if not complete:
         return None, None
     return (True, None) if len(baseline) == len(flash) else (False, overlap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording (for a replay after the race)
+
+
+@dataclass(frozen=True)
+class RaceRecording:
+    """A race as it unfolded: each side's view after each of its steps, and the race's summary.
+
+    Each side's views are in step order and carry that side's own clock (``SideView.seconds``), so
+    the race can be replayed as :func:`on_one_clock` showed it: at own-clock time ``t`` each side
+    shows its last view reached by ``t``.
+    """
+
+    baseline: tuple[SideView, ...]
+    flash: tuple[SideView, ...]
+    summary: dict[str, Any]
+
+    @property
+    def duration_s(self) -> float:
+        """Own-clock seconds until the slower side ended (or the race was stopped)."""
+        return max((views[-1].seconds for views in (self.baseline, self.flash) if views), default=0.0)
+
+    def at(self, seconds: float) -> tuple[SideView, SideView]:
+        """(baseline, FLASH) as shown at own-clock time ``seconds`` (empty views before a side's prefill)."""
+        return (_view_at(self.baseline, seconds, BASELINE), _view_at(self.flash, seconds, FLASH))
+
+
+def _view_at(views: tuple[SideView, ...], seconds: float, method: str) -> SideView:
+    times = [view.seconds for view in views]
+    index = bisect_right(times, seconds + 1e-9)  # a nanosecond of slack for float round-off
+    return views[index - 1] if index else SideView(method)
+
+
+class RaceRecorder:
+    """Passes a race's updates through unchanged and keeps them as a :class:`RaceRecording`.
+
+    ``recording`` is ``None`` until the race's last update (the one with the summary) has passed.
+    """
+
+    def __init__(self) -> None:
+        self._views: dict[str, list[SideView]] = {BASELINE: [], FLASH: []}
+        self.recording: RaceRecording | None = None
+
+    def watch(self, updates: Iterable[RaceUpdate]) -> Iterator[RaceUpdate]:
+        for update in updates:
+            if update.side is not None:
+                self._views[update.side].append(update.baseline if update.side == BASELINE else update.flash)
+            if update.summary is not None:
+                self.recording = RaceRecording(tuple(self._views[BASELINE]), tuple(self._views[FLASH]),
+                                               update.summary)
+            yield update
 
 
 # ---------------------------------------------------------------------------------------------

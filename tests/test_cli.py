@@ -168,3 +168,26 @@ def test_load_draft_binds_each_target_object(default_target):
     mine, theirs = load_draft(default_target, quiet=True), load_draft(other, quiet=True)
     assert mine is load_draft(default_target, quiet=True)  # cached
     assert theirs is not mine and theirs._embed == other.embed and mine._embed == default_target.embed
+
+
+def test_race_writes_a_replay_for_slides(tmp_path):
+    import av
+    from PIL import Image
+
+    video, gif, card = tmp_path / "race.mp4", tmp_path / "race.gif", tmp_path / "card.png"
+    proc = flash_cli("race", "assets/examples/cat.jpg", "--max-new-tokens", "8", "--json", "--video", str(video),
+                     "--gif", str(gif), "--card", str(card))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["identical"] is True and summary["text"] and summary["flash"]["new_tokens"] <= 8
+    with av.open(str(video)) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+    for path, kind in ((gif, "GIF"), (card, "PNG")):
+        with Image.open(path) as image:
+            assert image.format == kind and image.size == (1280, 720)
+
+
+def test_race_refuses_a_wrong_file_name_before_racing(tmp_path):
+    path = tmp_path / "race.avi"
+    proc = flash_cli("race", "assets/examples/cat.jpg", "--video", str(path))
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: cannot write {path}: give a .mp4 file name"

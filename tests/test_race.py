@@ -11,7 +11,7 @@ import pytest
 
 from flash import race as race_module
 from flash.decoding import GenerationConfig, StepEvent
-from flash.race import BASELINE, FLASH, compare_outputs, on_one_clock, race
+from flash.race import BASELINE, FLASH, RaceRecorder, SideView, compare_outputs, on_one_clock, race
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 SUMMARY_KEYS = {"speedup", "tau", "acceptance_rate", "identical", "first_difference", "baseline", "flash", "k",
@@ -207,3 +207,26 @@ def test_on_one_clock_shows_both_sides_at_the_same_own_time(scripted_race):
     assert [f.clock for f in frames] == sorted(f.clock for f in frames)
     assert frames[-1].summary is updates[-1].summary
     assert frames[-1].baseline == updates[-1].baseline and frames[-1].flash == updates[-1].flash
+
+
+def test_recording_replays_what_the_one_clock_display_showed(scripted_race):
+    updates = scripted_race([((65,), 0)] * 6, [((66,), 0), ((66, 66), 1), ((66, 66, 66), 2)])
+    recorder = RaceRecorder()
+    assert list(recorder.watch(updates)) == updates  # passed through unchanged
+    recording = recorder.recording
+    assert recording.summary is updates[-1].summary and recording.duration_s == 7.5
+    assert [len(v.tokens) for v in recording.baseline] == [1, 2, 3, 4, 5, 6]
+    assert [len(v.tokens) for v in recording.flash] == [1, 3, 6]
+    for frame in on_one_clock(updates):
+        assert recording.at(frame.clock) == (frame.baseline, frame.flash)
+    assert recording.at(0.5) == (SideView(BASELINE), SideView(FLASH))  # before the first step
+
+
+def test_recorder_has_no_recording_before_the_summary(scripted_race):
+    updates = scripted_race([((65,), 0)] * 3, [((66,), 0)])
+    recorder = RaceRecorder()
+    watched = recorder.watch(updates)
+    next(watched)
+    assert recorder.recording is None
+    list(watched)
+    assert recorder.recording is not None

@@ -1,4 +1,4 @@
-"""Figures the README derives from a benchmark's per-sample records: ``python research/bench_ratios.py [JSON ...]``.
+"""Figures docs/results.md takes from a benchmark's records: ``python research/bench_ratios.py [JSON ...]``.
 
 For each ``python -m flash bench --json`` file (default: ``docs/bench.json``): per method, the median
 over runs of the decoding-only speed-up (``ar``'s ms per token after its prefill / the method's, each

@@ -1,4 +1,4 @@
-"""Equal-budget probes of draft ideas for the default model (README "Training a draft").
+"""Equal-budget probes of draft ideas for the default model (docs/training.md).
 
 Each probe trains a draft the way ``python -m flash train --rules-ce`` does (CLI defaults) on the
 same budget -- 400 training records of the distillation cache, 2 epochs, one process -- changing one

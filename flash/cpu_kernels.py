@@ -5,8 +5,8 @@ Why not only fbgemm: its fp16 GEMM pays ~20-30 us of fixed cost per call (121 ca
 step) and at 4-6 rows it runs far from the FMA units' peak, which is what a verification pass needs.
 This kernel streams each packed 16-column weight block once (prefetched 8 KB ahead), converts it in
 registers and applies it to up to six rows: a decoding step's 121 GEMMs, weights streamed from memory
-as in decoding, take 20.5 vs 25.5 ms at 1 row and 21.8 vs 31.7 ms at 5 (``python scripts/gemm_cost.py``,
-which also times each shape with its weights in cache; ``scripts/verify_cost.py`` has the whole
+as in decoding, take 20.5 vs 25.5 ms at 1 row and 21.8 vs 31.7 ms at 5 (``python research/gemm_cost.py``,
+which also times each shape with its weights in cache; ``research/verify_cost.py`` has the whole
 forward). It also makes each output row independent of the other rows in the call, bit for bit.
 Where the CPU has AVX-512 the same GEMM runs on 512-bit registers (one conversion and M FMAs per
 weight step instead of two and 2M; up to 12 rows in one chunk; a prefill converts blocks in pairs):

@@ -30,7 +30,7 @@ from flash.verification import (
 
 METHODS = ("ar", "eagle", "flash", "flash-tree", "pld")
 #: The confidence cut the CLI and the app use by default (see GenerationConfig.min_draft_prob;
-#: tuned on the shipped examples, README "Results").
+#: tuned on the shipped examples, docs/results.md).
 DEFAULT_MIN_DRAFT_PROB = 0.1
 #: Entries beyond the branching factor that a draft tree reads from each slot's row: enough for the
 #: few scores a branch's path lowers (its new tokens' penalty, its bans) to leave the top decided.
@@ -212,8 +212,8 @@ def _choose(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gen
 
 def flash_method(target: TargetModel) -> str:
     """The FLASH variant the app's race and ``caption --method auto`` run: the draft tree on targets
-    that verify trees, greedy or sampling (ahead of the chain in every paired measurement here, README
-    "Results"), the chain on flash-attention targets, which cannot verify trees."""
+    that verify trees, greedy or sampling (ahead of the chain in every paired measurement here,
+    docs/results.md), the chain on flash-attention targets, which cannot verify trees."""
     return "flash-tree" if target.supports_tree else "flash"
 
 

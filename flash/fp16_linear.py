@@ -2,7 +2,7 @@
 
 Why: a CPU decoding step of the default model is memory-bound. Halving the bytes per weight nearly
 halves a one-token step, and a packed fp16 kernel keeps a 3-5 token verification close to a one-token
-step, where fp32 MKL pays 1.7-2x (``python scripts/verify_cost.py``) — the price a speculative step
+step, where fp32 MKL pays 1.7-2x (``python research/verify_cost.py``) — the price a speculative step
 has to beat. The kernel is FLASH's own (:mod:`flash.cpu_kernels`) where it can be built, else
 fbgemm's, the one behind ``quantize_dynamic(..., dtype=torch.float16)`` (used directly because
 ``torch.ao.quantization`` is deprecated).

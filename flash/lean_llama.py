@@ -8,7 +8,7 @@ so the numbers do not change), one plain loop over the layers, torch's one-call 
 call for the q and k heads together, the in-place KV cache (:mod:`flash.kv_cache`) and grouped-KV
 SDPA (:func:`flash.gqa_attention.gqa_sdpa_attention`). The model's own embedding, norm weights and
 rotary embedding module are reused. Tested bit-identical to transformers' modules
-(``tests/test_lean_attention.py``); README "Lean forward" has the timings.
+(``tests/test_lean_attention.py``); docs/cpu_engineering.md has the timings.
 
 With ``fused_ops`` (the default model, where FLASH's CPU kernels build) the norms and the rotary
 embedding run as one C++ call each (:func:`flash.cpu_kernels.rms_norm`, :func:`flash.cpu_kernels.rope_qk`),

@@ -42,7 +42,7 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0
         return probs
     # The nucleus is usually a few dozen tokens: look for it among each row's top NUCLEUS_GUESS
     # (a partial sort; top-p over a 49k row then costs 0.7 ms here instead of 5.7,
-    # scripts/sampler_cost.py) and sort only the rows whose nucleus is wider. Same result either
+    # research/sampler_cost.py) and sort only the rows whose nucleus is wider. Same result either
     # way: the top entries and their running sums are the sorted row's first ones (exactly tied
     # values aside, whose order neither call defines).
     flat = probs.reshape(-1, probs.shape[-1])
@@ -73,7 +73,7 @@ def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
     Inverse CDF: one uniform per row, placed in the row's running sum (float64). Same law as
     ``torch.multinomial``, which draws one random number per vocabulary entry (a 49k row: 1.9 ms
-    here, this 0.3 ms; ``scripts/sampler_cost.py``). A token with zero probability is never drawn. The draw happens on
+    here, this 0.3 ms; ``research/sampler_cost.py``). A token with zero probability is never drawn. The draw happens on
     the generator's device (a model split over GPUs may emit logits elsewhere).
     """
     flat = probs.reshape(-1, probs.shape[-1]).to(generator.device)

@@ -31,7 +31,7 @@ from av.container import InputContainer
 from av.video.stream import VideoStream
 from PIL import Image, ImageOps
 
-__all__ = ["Media", "MediaError", "MediaLimits", "is_video_path", "load_media"]
+__all__ = ["Media", "MediaError", "MediaLimits", "browser_playable", "browser_preview", "is_video_path", "load_media"]
 
 _log = logging.getLogger(__name__)
 
@@ -172,6 +172,79 @@ def is_video_path(path: str | os.PathLike[str]) -> bool:
     if kind == "audio":
         return False
     return path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+# Container families and the video codecs every major browser plays in them (a <video> element).
+# FFmpeg names one demuxer for MP4 and QuickTime, and one for Matroska and WebM.
+BROWSER_CODECS = {"mp4": frozenset({"h264", "av1"}), "webm": frozenset({"vp8", "vp9", "av1"})}
+PREVIEW_MAX_SECONDS = 60.0
+PREVIEW_MAX_SIDE = 640
+
+
+def browser_playable(path: str | os.PathLike[str]) -> bool:
+    """Whether browsers play the video at ``path`` as it is: H.264 or AV1 in MP4, VP8/VP9/AV1 in WebM.
+
+    Anything else (MPEG-4 Part 2 from older cameras, HEVC, AVI, ...) needs :func:`browser_preview`.
+    A file PyAV cannot open counts as not playable.
+    """
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            names = set(container.format.name.split(","))
+            if not container.streams.video:
+                return False
+            codec = container.streams.video[0].codec_context.name
+    except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError):
+        return False
+    family = "mp4" if "mp4" in names else "webm" if "webm" in names else None
+    return family is not None and codec in BROWSER_CODECS[family]
+
+
+def browser_preview(path: str | os.PathLike[str], folder: str | os.PathLike[str], *,
+                    max_seconds: float = PREVIEW_MAX_SECONDS, max_side: int = PREVIEW_MAX_SIDE) -> Path:
+    """A file of the video at ``path`` that browsers play: ``path`` itself where it already is
+    (:func:`browser_playable`), else an H.264 MP4 made in ``folder`` from its first ``max_seconds``,
+    scaled to at most ``max_side`` pixels a side, upright, without sound. Only for showing the clip:
+    the race reads the original.
+
+    Raises:
+        MediaError: when the video cannot be decoded.
+    """
+    path = Path(path)
+    if browser_playable(path):
+        return path
+    name = _display_name(path)
+    out = Path(folder) / f"{path.stem}.preview.mp4"
+    try:
+        with _open_video(path, name) as source, av.open(str(out), "w", format="mp4",
+                                                           options={"movflags": "+faststart"}) as sink:
+            stream = source.streams.video[0]
+            stream.thread_type = "AUTO"
+            rate = _frame_rate(stream)
+            encoder = None
+            for time_s, frame in _timed(_decode(source, stream), stream):
+                if time_s > max_seconds:
+                    break
+                image = _frame_to_rgb(frame)
+                image.thumbnail((max_side, max_side))
+                # yuv420p needs even sides
+                image = image.crop((0, 0, max(image.width // 2 * 2, 2), max(image.height // 2 * 2, 2)))
+                if encoder is None:
+                    encoder = sink.add_stream("libx264", rate=round(rate))
+                    encoder.width, encoder.height, encoder.pix_fmt = image.width, image.height, "yuv420p"
+                    encoder.options = {"crf": "26", "preset": "veryfast"}
+                for packet in encoder.encode(av.VideoFrame.from_image(image)):
+                    sink.mux(packet)
+            if encoder is None:
+                raise _undecodable_error(name)
+            for packet in encoder.encode():
+                sink.mux(packet)
+    except MediaError:
+        out.unlink(missing_ok=True)
+        raise
+    except (av.error.FFmpegError, OSError, ValueError, MemoryError) as exc:
+        out.unlink(missing_ok=True)
+        raise _undecodable_error(name) from exc
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -778,3 +778,56 @@ def test_garbage_gives_media_error_or_media(tmp_path: Path, prefix: bytes, body:
         assert "\n" not in str(exc)
     else:  # garbage that happens to decode must still be a well-formed Media
         assert result.frames and all(frame.mode == "RGB" for frame in result.frames)
+
+
+# ---------------------------------------------------------------------------------------------
+# Previews a browser can play
+
+
+def _decoded(path: Path) -> tuple[str, list[np.ndarray]]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return stream.codec_context.name, [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+
+
+def test_mpeg4_part2_clip_gets_an_h264_preview(tmp_path: Path) -> None:
+    # MPEG-4 Part 2 in MP4: what many cameras and phones export; browsers cannot play it.
+    source = write_video(tmp_path / "camera.mp4", "mpeg4", frames=30, fps=10, size=(96, 64), bit_rate=2_000_000)
+    assert not media.browser_playable(source)
+    preview = media.browser_preview(source, tmp_path)
+    assert preview != source and preview.parent == tmp_path and media.browser_playable(preview)
+    codec, frames = _decoded(preview)
+    assert codec == "h264" and len(frames) == 30 and frames[0].shape == (64, 96, 3)
+    # The picture survives: frame i is flat grey at level 6 i.
+    assert close_to(tuple(int(f.mean()) for f in frames[::10]), (0, 60, 120), 6)
+
+
+def test_playable_videos_are_their_own_preview(tmp_path: Path) -> None:
+    clips = [write_video(tmp_path / "clip.mp4")]
+    if encoder_available("libvpx-vp9"):
+        clips.append(write_video(tmp_path / "clip.webm", "libvpx-vp9", options=FAST_VPX, bit_rate=1_000_000))
+    for clip in clips:
+        assert media.browser_playable(clip) and media.browser_preview(clip, tmp_path) == clip
+    assert not media.browser_playable(write_video(tmp_path / "clip.avi", "mpeg4", bit_rate=2_000_000))
+    assert not media.browser_playable(EXAMPLES / "cat.jpg")
+
+
+def test_preview_is_short_small_and_upright(tmp_path: Path) -> None:
+    source = write_video(tmp_path / "long.avi", "mpeg4", frames=50, fps=10, size=(1280, 720), bit_rate=2_000_000,
+                         gray=lambda i: i * 5)
+    preview = media.browser_preview(source, tmp_path, max_seconds=2.0, max_side=320)
+    codec, frames = _decoded(preview)
+    assert codec == "h264" and 20 <= len(frames) <= 21 and frames[0].shape == (180, 320, 3)
+    rotated = write_video(tmp_path / "turned.mp4", "mpeg4", size=(64, 48), rotation=90, bit_rate=2_000_000)
+    assert _decoded(media.browser_preview(rotated, tmp_path))[1][0].shape == (64, 48, 3)  # shown upright
+
+
+def test_preview_of_an_undecodable_video_is_a_media_error(tmp_path: Path) -> None:
+    data = bytearray(write_video(tmp_path / "good.avi", "mpeg4", bit_rate=2_000_000).read_bytes())
+    at = data.index(b"movi")
+    data[at + 4 :] = bytes(len(data) - at - 4)  # container header intact, every frame zeroed
+    path = tmp_path / "zeroed.avi"
+    path.write_bytes(bytes(data))
+    with pytest.raises(MediaError, match="zeroed.avi"):
+        media.browser_preview(path, tmp_path)
+    assert not (tmp_path / "zeroed.preview.mp4").exists()

@@ -285,9 +285,12 @@ class _DraftProposer:
 
     def __init__(self, draft: FlashDraft, eagle: bool, k: int) -> None:
         self.draft, self.eagle, self.k = draft, eagle, k
+        self.device = draft.slot_embed.device  # the target's input device (models.load_draft puts it there)
 
     def start(self, target: TargetModel, prompt: Prompt, hidden: torch.Tensor, first_token: int) -> None:
-        self.state = self.draft.new_state(device=target.device)
+        # h comes back on the target's output device: its last one when it is split over several.
+        hidden = hidden.to(self.device)
+        self.state = self.draft.new_state(device=self.device)
         self.stream, self.last_feature = self.draft.prompt_stream(
             prompt.input_ids[0].to(target.device), prompt.media_spans, hidden, first_token, compress=not self.eagle)
         self.last_hidden = hidden[-1]
@@ -398,6 +401,7 @@ class _DraftProposer:
 
     def update(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> None:
         """Feed h of the verified tokens; ``next_ids`` are the tokens after each ([a+1])."""
+        hidden = hidden.to(self.device)  # from the target's output device: [a+1, D], a few KB
         fused = self.draft.fuse_features(hidden, self.draft.embed(next_ids))
         self.stream, self.last_feature, self.last_hidden = fused[:-1], fused[-1], hidden[-1]
 
@@ -462,8 +466,8 @@ def _speculative(target: TargetModel, prompt: Prompt, proposer, method: str,
                 cursor.finish_after_(logits[j], drafted[:j])
 
         # 3. Accept.
-        if config.greedy:
-            accepted, next_token = greedy_verify(draft_ids, logits)
+        if config.greedy:  # on the logits' device (a split target's last one): the drafts are a few ids
+            accepted, next_token = greedy_verify(draft_ids.to(logits.device), logits)
         else:
             target_probs = logits_to_probs(logits, config.temperature, config.top_p)
             accepted, next_token = sampling_verify(draft_ids, draft_probs, target_probs, generator)

@@ -169,12 +169,15 @@ class FlashDraft(nn.Module):
         if target.hidden_size != self.cfg.hidden_size:
             raise DraftError(f"draft hidden size {self.cfg.hidden_size} != target's {target.hidden_size}")
         self._embed = target.embed
-        head = target.lm_head_weight()
-        self._head_weight = head[self.draft_to_target.to(head.device)].to(self.slot_embed.dtype)
+        head = target.lm_head_weight()  # [V, D]: the target's own storage, on the head's device
+        if self.cfg.draft_vocab_size:  # a reduced vocabulary: a copy of its rows only, on the draft's device
+            rows = head[self.draft_to_target.to(head.device)]
+            self._head_weight = rows.to(self.slot_embed.device, self.slot_embed.dtype)
+        else:  # the full vocabulary: the target's head itself, where it lives (a copy only for another dtype)
+            self._head_weight = head.to(self.slot_embed.dtype)
+        self._head_fp16 = None
         if self._fp16:
-            from flash.fp16_linear import Fp16Linear
-
-            self._head_fp16 = Fp16Linear.from_weight(self._head_weight)
+            self._pack_head()
         return self
 
     def pack_fp16(self) -> FlashDraft:
@@ -185,7 +188,7 @@ class FlashDraft(nn.Module):
         The saved weights are fp16 already, so only the head (rows of the target's) is rounded. A
         draft step's small matmuls cost ~2x less (see :mod:`flash.fp16_linear`). No training after this.
         """
-        from flash.fp16_linear import Fp16Linear, convert_linears
+        from flash.fp16_linear import convert_linears
 
         convert_linears(self)
         if cpu_kernels.kernel_available():
@@ -194,8 +197,15 @@ class FlashDraft(nn.Module):
                     module.fused_op = True
         self._fp16 = True
         if self._head_weight is not None:
-            self._head_fp16 = Fp16Linear.from_weight(self._head_weight)
+            self._pack_head()
         return self.eval()
+
+    def _pack_head(self) -> None:
+        """The head as fp16 packed weights; the fp32 rows are dropped (only the packed copy is read)."""
+        from flash.fp16_linear import Fp16Linear
+
+        self._head_fp16 = Fp16Linear.from_weight(self._head_weight)
+        self._head_weight = None
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():  # the target's table is frozen: never build a graph through it
@@ -207,7 +217,10 @@ class FlashDraft(nn.Module):
         """Predicted features [..., D] -> logits over the draft vocabulary [..., Vd]."""
         if self._head_fp16 is not None:
             return self._head_fp16(features)
-        return features @ self._head_weight.T
+        head = self._head_weight
+        if head.device != features.device:  # a split target's shared head sits on its last device
+            return (features.to(head.device) @ head.T).to(features.device)
+        return features @ head.T
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return self.draft_to_target[draft_ids]
@@ -241,12 +254,12 @@ class FlashDraft(nn.Module):
     # --- features --------------------------------------------------------------------------------
     def fuse_features(self, hidden: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:
         """f_t = fuse([e_{t+1}; h_t]): hidden, next_embeds [..., D] -> [..., D]."""
-        hidden = self.hidden_norm(hidden.to(next_embeds.dtype))
+        hidden = self.hidden_norm(hidden.to(next_embeds.device, next_embeds.dtype))  # h: the target's output device
         return self.fuse(torch.cat([self.embed_norm(next_embeds), hidden], dim=-1))
 
     def compress(self, span_hidden: torch.Tensor) -> torch.Tensor:
         """Latent-aware compression of one media span: H [N, D] -> C latents [C, D]."""
-        h = self.hidden_norm(span_hidden.to(self.latent_queries.dtype))
+        h = self.hidden_norm(span_hidden.to(self.latent_queries.device, self.latent_queries.dtype))
         scores = self.latent_queries @ h.T / math.sqrt(h.shape[-1])  # [C, N]
         return self.latent_proj(scores.softmax(dim=-1) @ h)
 
@@ -309,7 +322,7 @@ class FlashDraft(nn.Module):
             x = block.finish(x, q, cache_k[:, :, :end], cache_v[:, :, :end], mask)
         out = x[0, m:]  # [num_slots, D]
         state.length = past + exact
-        return self.out_norm(out + self.slot_gate[:num_slots, None] * last_hidden.to(out.dtype))
+        return self.out_norm(out + self.slot_gate[:num_slots, None] * last_hidden.to(out.device, out.dtype))
 
     def _rope(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for every position the draft can hold, computed once per device (an explicit cache)."""

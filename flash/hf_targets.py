@@ -42,6 +42,7 @@ from flash.kv_cache import in_place_cache
 from flash.target import PrefillOutput, Prompt, TargetModel, TargetState
 
 __all__ = [
+    "TREE_ATTENTION",
     "LlavaTarget",
     "Qwen25VLTarget",
     "TargetLoadError",
@@ -146,6 +147,11 @@ def _config_name(prefix: str, config: Any, seed: int) -> str:
     return f"{prefix}-{digest[:12]}"
 
 
+#: Attention implementations that add a 4D mask to their scores, so a draft tree verifies exactly.
+#: flash-attention takes no mask (only causal or padding), so flash-attention targets verify chains.
+TREE_ATTENTION = ("sdpa", "eager")
+
+
 class _HFTarget(TargetModel):
     """What the LLaVA and Qwen2.5-VL adapters share: cache handling, heads, decoding."""
 
@@ -169,6 +175,17 @@ class _HFTarget(TargetModel):
     def dtype(self) -> torch.dtype:
         """Weight dtype (bf16 on CUDA, float32 on CPU by default)."""
         return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def output_device(self) -> torch.device:
+        """Where logits and ``h`` come back: the LM head's device (the last one when the model is split
+        over devices by ``device_map="auto"``; the decoding loops move what the draft needs from here)."""
+        return _execution_device(self.model.lm_head)
+
+    @property
+    def attn_implementation(self) -> str:
+        """The language model's attention implementation (``sdpa``, ``eager``, ``flash_attention_2``...)."""
+        return str(self.model.config.get_text_config()._attn_implementation)
 
     # -- hooks the subclasses fill in ---------------------------------------------------------
 
@@ -197,9 +214,10 @@ class _HFTarget(TargetModel):
         positions, rope_offset = self._prefill_positions(prompt)
         cache = in_place_cache(self.model.config)  # appends and crops without copying the cache
         out = self.model.model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True)
-        hidden = out.last_hidden_state[0]
+        last_logits = self.lm_head(out.last_hidden_state[0, -1]).float()
+        hidden = out.last_hidden_state[0].to(last_logits.device)  # both on the output device
         state = TargetState(cache=out.past_key_values, length=prompt.length, rope_offset=rope_offset)
-        return PrefillOutput(state=state, last_logits=self.lm_head(hidden[-1]).float(), hidden=hidden)
+        return PrefillOutput(state=state, last_logits=last_logits, hidden=hidden)
 
     @torch.inference_mode()
     def forward(self, state: TargetState, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,15 +226,28 @@ class _HFTarget(TargetModel):
 
     @property
     def supports_tree(self) -> bool:
-        # A tree pass needs an explicit mask: SDPA and eager attention take one, flash-attention does not.
-        return self.model.config.get_text_config()._attn_implementation in ("sdpa", "eager")
+        """Whether a tree pass is exact here: only attention that adds a 4D mask to its scores takes one."""
+        return self.attn_implementation in TREE_ATTENTION
 
     @torch.inference_mode()
     def forward_tree(self, state: TargetState, token_ids: torch.Tensor, mask: torch.Tensor,
                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # A 4D mask is passed through to the attention function as is.
+        """One pass over a draft tree laid out by :func:`flash.tree.tree_attention` (see TargetModel)."""
+        if not self.supports_tree:
+            raise ValueError(f"{self.name} runs {self.attn_implementation} attention, which takes no tree mask: "
+                             "verify chains (method 'flash') or load it with attn_implementation='sdpa'")
         return self._append(state, token_ids, self._positions(state, int(token_ids.shape[1]), positions),
-                            mask.to(self.device)[None, None])
+                            self._tree_mask(mask))
+
+    def _tree_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """Boolean tree mask [n, L] (True = may attend) -> additive [1, 1, n, L]: 0 / -inf in the model dtype.
+
+        transformers hands a 4D mask to the attention function unchanged, and eager attention *adds*
+        it to the scores: a boolean one would add 1 / 0 and mask nothing. SDPA adds a float mask the
+        same way, so one additive mask serves both.
+        """
+        additive = torch.zeros(mask.shape, dtype=self.dtype, device=self.device)
+        return additive.masked_fill_(~mask.to(self.device), float("-inf"))[None, None]
 
     def _append(self, state: TargetState, token_ids: torch.Tensor, position_ids: torch.Tensor,
                 mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,10 +258,10 @@ class _HFTarget(TargetModel):
             past_key_values=state.cache,
             use_cache=True,
         )
-        hidden = out.last_hidden_state[0]
         state.cache = out.past_key_values
         state.length += int(token_ids.shape[1])
-        return self.lm_head(hidden).float(), hidden
+        logits = self.lm_head(out.last_hidden_state[0]).float()
+        return logits, out.last_hidden_state[0].to(logits.device)  # both on the output device
 
     @torch.inference_mode()
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -526,12 +557,15 @@ def _fetch(load: Any, model_id: str, **kwargs: Any) -> Any:
 
 
 def load_hf_target(
-    model_id: str, *, device_map: Any = "auto", dtype: torch.dtype | None = None
+    model_id: str, *, device_map: Any = "auto", dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
 ) -> TargetModel:
     """Load a LLaVA or Qwen2.5-VL checkpoint (hub id or local dir) as a :class:`TargetModel`.
 
     ``dtype`` defaults to bf16 on CUDA and float32 on CPU. ``device_map`` is passed to accelerate
     on CUDA (one or several GPUs); on a CPU-only machine the model loads plainly on the CPU.
+    ``attn_implementation`` (``sdpa``, ``eager``, ``flash_attention_2``...) defaults to transformers'
+    choice; draft trees verify on ``sdpa`` and ``eager`` (:data:`TREE_ATTENTION`), chains on all.
     Raises :class:`TargetLoadError` when the weights are missing or the architecture unsupported.
     """
     from transformers import AutoConfig, LlavaConfig, Qwen2_5_VLConfig
@@ -543,6 +577,8 @@ def load_hf_target(
     cuda = torch.cuda.is_available()
     dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device_map if cuda else None}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     name = model_id.rstrip("/")
     try:
         if isinstance(config, LlavaConfig):
@@ -551,6 +587,8 @@ def load_hf_target(
             return _load_qwen(model_id, name, kwargs)
     except OSError as err:
         raise _not_available(model_id, err) from err
+    except (ImportError, ValueError) as err:  # e.g. flash_attention_2 asked for without flash-attn installed
+        raise TargetLoadError(f"cannot load {model_id!r}: {' '.join(str(err).split())}") from err
     kind = type(config).__name__
     raise TargetLoadError(f"model {model_id!r} is a {kind}: only LLaVA and Qwen2.5-VL are supported")
 
@@ -652,8 +690,10 @@ def _seeded(seed: int, build: Any) -> Any:
         return build()
 
 
-def tiny_llava(seed: int = 0) -> LlavaTarget:
-    """A tiny random LLaVA (CLIP 56 px / 14 px patches -> 16 tokens per image, Llama 64-d x 2)."""
+def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa") -> LlavaTarget:
+    """A tiny random LLaVA (CLIP 56 px / 14 px patches -> 16 tokens per image, Llama 64-d x 2).
+
+    ``attn_implementation`` does not change the weights (nor the name, which names the weights)."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -682,6 +722,7 @@ def tiny_llava(seed: int = 0) -> LlavaTarget:
         vision_feature_select_strategy="default", projector_hidden_act="gelu",
     )  # fmt: skip
     model = _seeded(seed, lambda: LlavaForConditionalGeneration(config))
+    model.set_attn_implementation(attn_implementation)
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
@@ -693,8 +734,10 @@ def tiny_llava(seed: int = 0) -> LlavaTarget:
     return LlavaTarget(model, processor, _config_name("llava-tiny", config, seed))
 
 
-def tiny_qwen2_5_vl(seed: int = 0) -> Qwen25VLTarget:
-    """A tiny random Qwen2.5-VL (2-layer 32-d vision tower, 64-d x 2 text model, small pixel budgets)."""
+def tiny_qwen2_5_vl(seed: int = 0, attn_implementation: str = "sdpa") -> Qwen25VLTarget:
+    """A tiny random Qwen2.5-VL (2-layer 32-d vision tower, 64-d x 2 text model, small pixel budgets).
+
+    ``attn_implementation`` does not change the weights (nor the name, which names the weights)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
@@ -723,6 +766,7 @@ def tiny_qwen2_5_vl(seed: int = 0) -> Qwen25VLTarget:
         vision_end_token_id=ids["<|vision_end|>"],
     )  # fmt: skip
     model = _seeded(seed, lambda: Qwen2_5_VLForConditionalGeneration(config))
+    model.set_attn_implementation(attn_implementation)
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)

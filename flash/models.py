@@ -1,12 +1,26 @@
 """Model presets and loading: which target and which draft a request uses.
 
 The app, the CLI and the benchmark call :func:`load_target` / :func:`load_draft`; loaded models
-are kept in one explicit cache so a server loads each model once.
+are kept in this module's one explicit cache (callers keep none of their own), so a server loads
+each model once and switching models frees the previous one:
+
+* at most one hub target at a time: loading another one first drops the previous one and the drafts
+  bound to it and frees their memory (the presets' 7-8B parameters are 14-17 GB of weights in bf16:
+  switching presets must not keep every one loaded);
+* the embedded default target stays once loaded: it lives on the CPU, so it takes no GPU memory, only
+  ~1 GB of RAM (process RSS went from 0.23 to 1.30 GB loading it and its draft), and it is the model
+  the app opens on, so switching back to it is instant;
+* drafts are cached per target object and path; those of a target that is no longer cached (nor the
+  one asked for now) are dropped, since a draft holds its target (it borrows its embeddings).
+
+A caller that still holds an evicted model (a race in progress) keeps it alive until it lets go.
 """
 
 from __future__ import annotations
 
+import gc
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +32,12 @@ from flash.target import TargetModel
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = "default"
 DEFAULT_DRAFT = ASSETS / "drafts" / "default"
+#: The embedded CPU models (flash.default_target.EMBEDDED_LMS keys); "default" names one of them.
+EMBEDDED_MODELS = {DEFAULT_MODEL: "smollm2", "qwen2.5": "qwen2.5"}
+#: Other names accepted for them (the cache keys stay the ones above).
+EMBEDDED_ALIASES = {"smollm2": DEFAULT_MODEL}
+#: The draft shipped for each embedded LM, trained with ``python -m flash train``.
+SHIPPED_DRAFTS = {"smollm2": DEFAULT_DRAFT, "qwen2.5": ASSETS / "drafts" / "qwen2.5"}
 
 
 @dataclass(frozen=True)
@@ -28,44 +48,91 @@ class Preset:
     target: str
     draft: str | None
 
+    @property
+    def needs_gpu(self) -> bool:
+        """Hub models are offered for GPUs; the embedded ones run on any CPU."""
+        return self.target not in EMBEDDED_MODELS
+
 
 PRESETS = (
     Preset("Default (CPU, embedded SmolLM2-135M + MobileNetV2)", DEFAULT_MODEL, str(DEFAULT_DRAFT)),
+    # No path: its shipped draft where one exists, else an untrained one (exact output, with a warning).
+    Preset("Qwen2.5-0.5B (CPU, embedded Qwen2.5-Coder-0.5B + MobileNetV2)", "qwen2.5", None),
     Preset("LLaVA-1.5-7B (GPU)", "llava-hf/llava-1.5-7b-hf", "drafts/llava-1.5-7b"),
     Preset("Qwen2.5-VL-7B (GPU)", "Qwen/Qwen2.5-VL-7B-Instruct", "drafts/qwen2.5-vl-7b"),
 )
 
-_TARGETS: dict[str, TargetModel] = {}  # explicit caches: one load per process
-_DRAFTS: dict[tuple[str, str | None, int], tuple[TargetModel, FlashDraft]] = {}
+_TARGETS: dict[str, TargetModel] = {}  # the default target and at most one hub target (module docstring)
+_DRAFTS: dict[tuple[int, str | None], tuple[TargetModel, FlashDraft]] = {}  # (id(target), path) -> bound draft
+_LOCK = threading.RLock()  # the app loads from several request threads
 
 
 def load_target(model: str = DEFAULT_MODEL, *, quiet: bool = False) -> TargetModel:
-    """The target named ``model`` ("default" or a HuggingFace hub id), loaded once per process."""
-    if model not in _TARGETS:
-        if model == DEFAULT_MODEL:
-            from flash.default_target import load_default_target
+    """The target named ``model`` ("default", a HuggingFace hub id or a local checkpoint directory),
+    loaded once per process; loading a hub target evicts the previous one (module docstring)."""
+    model = EMBEDDED_ALIASES.get(model, model)
+    with _LOCK:
+        if model not in _TARGETS:
+            if model in EMBEDDED_MODELS:
+                from flash.default_target import load_default_target
 
-            _TARGETS[model] = load_default_target(quiet=quiet)
-        else:
-            from flash.hf_targets import load_hf_target
+                _TARGETS[model] = load_default_target(quiet=quiet, lm=EMBEDDED_MODELS[model])
+            else:
+                from flash.hf_targets import load_hf_target
 
-            _TARGETS[model] = load_hf_target(model)
-    return _TARGETS[model]
+                _evict(keep=tuple(EMBEDDED_MODELS))  # before loading: the two must not be in memory at once
+                _TARGETS[model] = load_hf_target(model)
+        return _TARGETS[model]
+
+
+def loaded_targets() -> tuple[str, ...]:
+    """The ``model`` names whose targets the cache holds now (oldest first)."""
+    with _LOCK:
+        return tuple(_TARGETS)
+
+
+def evict(keep: tuple[str, ...] = ()) -> None:
+    """Drop every cached target not named in ``keep``, with the drafts bound to it, and free their memory."""
+    with _LOCK:
+        _evict(keep)
+
+
+def _evict(keep: tuple[str, ...]) -> None:
+    gone = [model for model in _TARGETS if model not in keep]
+    for model in gone:
+        del _TARGETS[model]
+    _drop_stale_drafts(current=None)
+    if gone:
+        gc.collect()  # model graphs hold reference cycles: free them now, not at some later collection
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the freed blocks back, so the next model (or process) can use them
+
+
+def _drop_stale_drafts(current: TargetModel | None) -> None:
+    """Forget drafts whose target is neither cached nor ``current``: each one keeps its target alive."""
+    live = [*_TARGETS.values(), current]
+    for key, (target, _) in list(_DRAFTS.items()):
+        if not any(target is other for other in live):
+            del _DRAFTS[key]
 
 
 def load_draft(target: TargetModel, path: str | Path | None = None, *, quiet: bool = False) -> FlashDraft:
     """The draft at ``path`` (default: the shipped draft for the default target), bound to ``target``.
 
     With no path and no shipped draft, an untrained draft is used: output stays exact, only slower.
+    Cached per target object and path, for as long as the target is cached (or is the latest asked for).
     """
-    if path is None and target.name.startswith("flash-default") and (DEFAULT_DRAFT / "draft_config.json").exists():
-        path = DEFAULT_DRAFT
+    shipped = SHIPPED_DRAFTS.get(getattr(getattr(target, "spec", None), "key", None))
+    if path is None and shipped is not None and (shipped / "draft_config.json").exists():
+        path = shipped
     # A draft is bound to one target object: the same name loaded twice (another device map, say)
     # gets its own binding rather than a draft reading the other object's embeddings.
-    key = (target.name, None if path is None else str(Path(path).resolve()), id(target))
-    if key not in _DRAFTS or _DRAFTS[key][0] is not target:  # `is`: an id can be reused
-        _DRAFTS[key] = (target, _load_draft(target, path, quiet))
-    return _DRAFTS[key][1]
+    key = (id(target), None if path is None else str(Path(path).resolve()))
+    with _LOCK:
+        _drop_stale_drafts(current=target)
+        if key not in _DRAFTS or _DRAFTS[key][0] is not target:  # `is`: an id can be reused
+            _DRAFTS[key] = (target, _load_draft(target, path, quiet))
+        return _DRAFTS[key][1]
 
 
 def _load_draft(target: TargetModel, path: str | Path | None, quiet: bool) -> FlashDraft:

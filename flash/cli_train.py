@@ -15,7 +15,7 @@ from flash.training import MIXED_PRECISION
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a FLASH draft for a target by self-distillation",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="'default' or a HuggingFace hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="'default', 'qwen2.5' or a HuggingFace hub id")
     p.add_argument("--out", required=True, help="directory to write the draft into")
     p.add_argument("--data-dir", default=None, help="distillation cache (default: <cache>/distill/<model>)")
     p.add_argument("--media", nargs="*", default=[],

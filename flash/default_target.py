@@ -1,4 +1,5 @@
-"""The embedded default target: SmolLM2-135M-Instruct reading MobileNetV2's view of the picture.
+"""The embedded CPU targets: a small instruct LM (SmolLM2-135M or Qwen2.5-Coder-0.5B) reading
+MobileNetV2's view of the picture.
 
 No image-text training data exists here, so the connector is training-free grounding:
 - MobileNetV2's ImageNet classifier is applied at each of the 7x7 feature locations, and each of
@@ -8,6 +9,7 @@ No image-text training data exists here, so the connector is training-free groun
 - The confident *global* classes are also written into the prompt as text ("The picture shows:
   espresso."), because a 135M LM reads the class-name tokens poorly on their own.
 It is a small demonstration LMM, not a real captioner: it can only name what ImageNet knows.
+Each language model is described by an :class:`EmbeddedLM` (weights, name, prompt wording, rules).
 """
 
 from __future__ import annotations
@@ -23,20 +25,52 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from flash import cpu_kernels
 from flash.fp16_linear import Fp16Linear, convert_linears, fp16_gemm_available
+from flash.imagenet_groups import everyday_group
 from flash.kv_cache import in_place_cache
 from flash.lean_llama import LeanLlama, fp32_linear
 from flash.logits_rules import LogitsRules
 from flash.target import PrefillOutput, Prompt, TargetModel, TargetState
 from flash.verification import make_generator
 from flash.vision import FEATURE_GRID, load_mobilenet_v2, preprocess
-from flash.weights import MOBILENET_V2, SMOLLM2, cache_dir, fetch_weight
+from flash.weights import EMBEDDED_LM_WEIGHTS, MOBILENET_V2, cache_dir, fetch_any, fetch_weight
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 #: Bump when the connector or prompt format changes: drafts are tied to this name.
 DEFAULT_TARGET_NAME = "flash-default-v2:smollm2-135m-instruct+mobilenet_v2"
+QWEN_TARGET_NAME = "flash-default-qwen-v1:qwen2.5-coder-0.5b-instruct+mobilenet_v2"
 TOKENS_PER_FRAME = FEATURE_GRID * FEATURE_GRID
 _MEDIA_MARK = "<|media|>"
-_SYSTEM = "You are a helpful assistant who describes photos in vivid detail."
+
+
+@dataclass(frozen=True)
+class EmbeddedLM:
+    """One language model the embedded LMM runs on: its weights, the name drafts are tied to, its
+    chat wording and the generation rules it decodes with by default."""
+
+    key: str  # "smollm2" / "qwen2.5": a key of flash.weights.EMBEDDED_LM_WEIGHTS
+    target_name: str
+    converted_dir: str  # under cache_dir(): the GGUF converted once to safetensors
+    system: str
+    photo_request: str  # the default request when the user gives none
+    video_request: str
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    hedge: bool = False  # ground with the classifier's confidence ("perhaps a ... or a ...")
+
+
+SMOLLM2_LM = EmbeddedLM(
+    key="smollm2", target_name=DEFAULT_TARGET_NAME, converted_dir="smollm2-135m-instruct",
+    system="You are a helpful assistant who describes photos in vivid detail.",
+    photo_request="Describe this image in detail.", video_request="Describe what happens in this video.",
+    # Without these the 135M LM loops ("bubble bubble ..."), which would also flatter FLASH.
+    repetition_penalty=1.2, no_repeat_ngram_size=3)
+QWEN_LM = EmbeddedLM(
+    key="qwen2.5", target_name=QWEN_TARGET_NAME, converted_dir="qwen2.5-coder-0.5b-instruct",
+    system="You are a helpful assistant.",
+    photo_request="Describe this photo in three or four sentences.",
+    video_request="Describe this video in three or four sentences.",
+    hedge=True)
+EMBEDDED_LMS = {lm.key: lm for lm in (SMOLLM2_LM, QWEN_LM)}
 
 
 @dataclass(frozen=True)
@@ -48,13 +82,13 @@ class ConnectorConfig:
     global_max_classes: int = 3
 
 
-def _load_language_model(quiet: bool) -> tuple[torch.nn.Module, object]:
-    """Load SmolLM2 from its converted safetensors cache, converting from GGUF on first use."""
-    converted = cache_dir() / "smollm2-135m-instruct"
-    if not (converted / "model.safetensors").exists():
-        gguf = fetch_weight(SMOLLM2, quiet=quiet)
+def _load_language_model(spec: EmbeddedLM, quiet: bool) -> tuple[torch.nn.Module, object]:
+    """Load ``spec``'s LM from its converted safetensors cache, converting from GGUF on first use."""
+    converted = cache_dir() / spec.converted_dir
+    if not (converted / "config.json").exists():
+        gguf = fetch_any(EMBEDDED_LM_WEIGHTS[spec.key], quiet=quiet)
         if not quiet:
-            print("Converting SmolLM2 from GGUF to safetensors (once, ~15 s)...", file=sys.stderr)
+            print(f"Converting {spec.converted_dir} from GGUF to safetensors (once, 15-90 s)...", file=sys.stderr)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The loaded model still carries the GGUF quantizer; saving needs it gone (weights are dense).
@@ -74,7 +108,8 @@ def _load_language_model(quiet: bool) -> tuple[torch.nn.Module, object]:
 
 
 class DefaultTarget(TargetModel):
-    """SmolLM2-135M-Instruct + MobileNetV2 grounding connector, on CPU.
+    """An embedded LM (SmolLM2-135M-Instruct by default, see :class:`EmbeddedLM`) + MobileNetV2
+    grounding connector, on CPU.
 
     Activations are float32. With ``fp16_weights`` (the default where the kernel exists) the LM's
     linear layers and head hold their weights in fp16 (see :mod:`flash.fp16_linear`): the GGUF's
@@ -90,11 +125,11 @@ class DefaultTarget(TargetModel):
 
     def __init__(self, lm: torch.nn.Module, tokenizer, vision: torch.nn.Module, labels: list[str],
                  connector: ConnectorConfig = ConnectorConfig(), fp16_weights: bool = True,
-                 lean: bool = True, cpu_ops: bool = True) -> None:
+                 lean: bool = True, cpu_ops: bool = True, spec: EmbeddedLM = SMOLLM2_LM) -> None:
         self.lm, self.tokenizer, self.vision, self.labels = lm, tokenizer, vision, labels
-        self.connector = connector
+        self.connector, self.spec = connector, spec
         self.weight_format = "fp16" if fp16_weights and fp16_gemm_available() else "fp32"
-        self._head: torch.nn.Module = lm.lm_head  # tied to the embeddings, which stay fp32
+        self._head: torch.nn.Module = lm.lm_head  # SmolLM2's is tied to the embeddings, which stay fp32
         if self.weight_format == "fp16":
             self._head = Fp16Linear(lm.lm_head)
         self._lean: LeanLlama | None = None
@@ -110,7 +145,7 @@ class DefaultTarget(TargetModel):
             lm.model.forward = _runs_through_lean_llama
         elif self.weight_format == "fp16":
             convert_linears(lm.model.layers)
-        self.name = DEFAULT_TARGET_NAME
+        self.name = spec.target_name
         self.hidden_size = lm.config.hidden_size
         self.vocab_size = lm.config.vocab_size
         self.eos_token_ids = frozenset({tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id})
@@ -133,13 +168,19 @@ class DefaultTarget(TargetModel):
         return torch.stack(rows)
 
     def logits_rules(self) -> LogitsRules:
-        # Without these the 135M LM loops ("bubble bubble ..."), which would also flatter FLASH.
-        return LogitsRules(repetition_penalty=1.2, no_repeat_ngram_size=3)
+        return LogitsRules(repetition_penalty=self.spec.repetition_penalty,
+                           no_repeat_ngram_size=self.spec.no_repeat_ngram_size)
+
+    def default_prompt(self, media) -> str:
+        if media is not None and getattr(media, "kind", "image") == "video":
+            return self.spec.video_request
+        return self.spec.photo_request
 
     # --- prompt -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _see(self, frames) -> tuple[torch.Tensor, list[str], list[str]]:
-        """Visual tokens [F, 49, D], the confident global class names, and each frame's top class."""
+    def _see(self, frames) -> tuple[torch.Tensor, list[tuple[str, float]], list[str]]:
+        """Visual tokens [F, 49, D], the top global classes with their probabilities (averaged over a
+        video's frames; the confident ones, or the single best), and each frame's top class."""
         local, global_ = self.vision(preprocess(frames))
         probs = local.softmax(-1)  # [F, 49, 1000]
         top_p, top_i = probs.topk(self.connector.top_classes_per_token, dim=-1)
@@ -148,14 +189,27 @@ class DefaultTarget(TargetModel):
         frame_probs = global_.softmax(-1)  # [F, 1000]
         overall = frame_probs.mean(0)  # averaged over frames for a video
         p, idx = overall.topk(self.connector.global_max_classes)
-        confident = [i for pi, i in zip(p.tolist(), idx.tolist(), strict=True) if pi >= self.connector.global_min_prob]
-        names = [self.labels[i] for i in confident]
+        top = [(self._class_name(i), pi) for pi, i in zip(p.tolist(), idx.tolist(), strict=True)]
+        confident = [(name, pi) for name, pi in top if pi >= self.connector.global_min_prob]
         per_frame = [self.labels[i] for i in frame_probs.argmax(-1).tolist()]
-        return tokens, names or [self.labels[int(idx[0])]], per_frame
+        return tokens, confident or top[:1], per_frame
 
-    def _chat_text(self, media, names: list[str], frame_names: list[str], text: str) -> str:
+    def _class_name(self, index: int) -> str:
+        """ImageNet's name for class ``index``; with hedged grounding, followed by its everyday group
+        where it has one ("Egyptian Mau (a cat)"): Qwen does not know most breed names."""
+        name = self.labels[index]
+        group = everyday_group(index) if self.spec.hedge else None
+        return f"{name} ({_article(group)})" if group and group not in name.lower() else name
+
+    def _chat_text(self, media, top: list[tuple[str, float]], frame_names: list[str], text: str) -> str:
+        names = [name for name, _ in top]
         if media is None:
             user = text
+        elif self.spec.hedge:
+            # Qwen reads the grounding as a hint it may doubt: a confident class is stated, an unsure
+            # one offered as a guess, so a wrong class is not asserted as fact.
+            marks = "".join(f"{_MEDIA_MARK}\n" for _ in frame_names) if media.kind == "video" else f"{_MEDIA_MARK}\n"
+            user = f"{marks}{text} {hedged_grounding(top, media.kind)}"
         elif media.kind == "video":
             # Measured on the shipped and held-out clips: naming each frame's class next to its visual
             # tokens, and the scenes in order after the request ("espresso, then drilling rig"), keeps
@@ -167,13 +221,13 @@ class DefaultTarget(TargetModel):
             # Measured on held-out photos: the class names *after* the request keep the 135M LM on
             # subject more often than a "The picture shows: ..." preamble.
             user = f"{_MEDIA_MARK}\n{text} It is a photo of {', '.join(names)}."
-        messages = [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}]
+        messages = [{"role": "system", "content": self.spec.system}, {"role": "user", "content": user}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def build_prompt(self, media, text: str) -> Prompt:
         """Chat prompt with 49 placeholder positions per frame; visual tokens ride in the payload."""
-        visual, names, frame_names = (None, [], []) if media is None else self._see(media.frames)
-        chat = self._chat_text(media, names, frame_names, text)
+        visual, top, frame_names = (None, [], []) if media is None else self._see(media.frames)
+        chat = self._chat_text(media, top, frame_names, text)
         ids: list[int] = []
         spans = []
         pieces = chat.split(_MEDIA_MARK)
@@ -298,13 +352,40 @@ class DefaultTarget(TargetModel):
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
+#: A class at least this likely is stated as what the picture shows; below it, offered as a guess.
+CONFIDENT_CLASS_PROB = 0.5
+
+
+def hedged_grounding(top: list[tuple[str, float]], kind: str = "image") -> str:
+    """The classifier's view as one sentence that asserts only what it is sure of.
+
+    ``top``: (class name, probability) pairs, most likely first. A class with probability at least
+    :data:`CONFIDENT_CLASS_PROB` is stated; otherwise the best two are offered as possibilities.
+    """
+    what = "video" if kind == "video" else "photo"
+    if not top:
+        return ""
+    name, prob = top[0]
+    if prob >= CONFIDENT_CLASS_PROB:
+        return f"(An image classifier says the {what} shows {_article(name)}.)"
+    guesses = " or ".join(_article(n) for n, _ in top[:2])
+    return f"(An image classifier is unsure: the {what} may show {guesses}. Do not name it if it does not fit.)"
+
+
+def _article(name: str) -> str:
+    """``name`` with "a"/"an", except plurals ("sunglasses"; not "bus" or "glass")."""
+    if name.endswith("s") and not name.endswith(("us", "ss")):
+        return name
+    return ("an " if name[0].lower() in "aeiou" else "a ") + name
+
+
 def _runs_through_lean_llama(*args, **kwargs):
     raise RuntimeError("this model's layers run through LeanLlama (DefaultTarget._run_lm); "
                        "load_default_target(lean=False) keeps transformers' own modules")
 
 
 def load_default_target(*, quiet: bool = False, fp16_weights: bool = True, lean: bool = True,
-                        cpu_ops: bool = True) -> DefaultTarget:
+                        cpu_ops: bool = True, lm: str = "smollm2") -> DefaultTarget:
     """Assemble the default target, fetching and converting its weights on first use.
 
     ``fp16_weights=False`` keeps the LM in fp32, ``lean=False`` runs transformers' own modules, KV
@@ -312,10 +393,12 @@ def load_default_target(*, quiet: bool = False, fp16_weights: bool = True, lean:
     embedding and SDPA in the lean forward instead of FLASH's C++ ones (for comparisons).
     """
     start = time.perf_counter()
-    lm, tok = _load_language_model(quiet)
+    spec = EMBEDDED_LMS[lm]
+    language_model, tok = _load_language_model(spec, quiet)
     vision = load_mobilenet_v2(str(fetch_weight(MOBILENET_V2, quiet=quiet)))
     labels = json.loads((ASSETS / "imagenet_labels.json").read_text())
-    target = DefaultTarget(lm, tok, vision, labels, fp16_weights=fp16_weights, lean=lean, cpu_ops=cpu_ops)
+    target = DefaultTarget(language_model, tok, vision, labels, fp16_weights=fp16_weights, lean=lean,
+                           cpu_ops=cpu_ops, spec=spec)
     if not quiet:
-        print(f"Default model ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        print(f"Embedded model ({spec.key}) ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return target

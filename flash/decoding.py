@@ -50,10 +50,14 @@ class GenerationConfig:
     # Stop a step's draft where the draft's own confidence that *all* its tokens so far are right
     # (the product of its top-token probabilities, as EAGLE-2 ranks tree nodes) falls below this:
     # a weak draft then costs little instead of making every verification longer. Decided from
-    # the draft alone, so the output stays exact.
+    # the draft alone, so the output stays exact. Read by ``flash``, ``eagle`` and sampled
+    # ``flash-tree`` (its chain's depth); greedy ``flash-tree`` ranks every node by this same joint
+    # probability and cuts at ``tree_min_prob`` instead (tuned apart, 0.02 vs 0.1 on the shipped
+    # examples), so this does not change greedy ``flash-tree`` (tested, test_hf_targets.py).
     min_draft_prob: float = 0.0
     # ``flash-tree``: at most this many draft tokens per step, chosen best-first by joint draft
-    # probability among each slot's ``tree_branch`` best tokens, none below ``tree_min_prob``.
+    # probability among each slot's ``tree_branch`` best tokens, none below ``tree_min_prob``
+    # (greedy only: a drawn tree's shape is fixed before its draws, cut by ``min_draft_prob``).
     tree_nodes: int = 4
     tree_branch: int = 2
     tree_min_prob: float = 0.02

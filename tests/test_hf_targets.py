@@ -9,6 +9,7 @@ import gc
 import importlib.util
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -637,3 +638,31 @@ def test_drafts_of_a_target_that_is_not_cached_are_not_kept(fresh_cache, targets
     assert fresh_cache.load_draft(llava) is first
     fresh_cache.load_draft(qwen, quiet=True)
     assert [target for target, _ in fresh_cache._DRAFTS.values()] == [qwen]
+
+
+# --- which draft setting each method reads ----------------------------------------------------------
+
+
+def test_each_confidence_cut_acts_where_its_setting_says(targets) -> None:
+    """``min_draft_prob`` cuts chains (flash, eagle) and the drawn tree's depth; greedy flash-tree cuts its
+    nodes at ``tree_min_prob`` (the same joint probability, tuned apart) and does not read the former,
+    nor does the drawn tree read the latter (GenerationConfig's comments, the CLI's help)."""
+    target = targets["llava"]
+    prompt = _prompt(target, "image")
+    draft = echo_draft(target)
+    base = GenerationConfig(max_new_tokens=N_NEW, tree_min_prob=0.0)
+
+    def steps(method: str, **changes) -> list[tuple[tuple[int, ...], int]]:
+        config = replace(base, **changes)
+        return [(event.tokens, event.proposed) for event in generate(target, prompt, method, draft, config)]
+
+    def proposed(method: str, **changes) -> int:
+        return sum(n for _, n in steps(method, **changes))
+
+    assert steps("flash-tree", min_draft_prob=0.01) == steps("flash-tree")
+    assert proposed("flash-tree", tree_min_prob=0.01) < proposed("flash-tree")
+    assert proposed("flash", min_draft_prob=0.01) < proposed("flash")
+    assert steps("flash", tree_min_prob=0.01) == steps("flash")
+    sampled = {"temperature": 1.0, "seed": 0}
+    assert proposed("flash-tree", min_draft_prob=0.01, **sampled) != proposed("flash-tree", **sampled)
+    assert steps("flash-tree", tree_min_prob=0.01, **sampled) == steps("flash-tree", **sampled)

@@ -1,4 +1,5 @@
-"""The README's one-command recipe for the default model's draft, run for real at a tiny size."""
+"""The one-command recipe for the default model's draft (``scripts/train_default_draft.sh``, docs/training.md),
+run for real at a tiny size."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from flash.distill import load_records
 from flash.draft import FlashDraft
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_the_one_command_recipe_distils_with_two_processes_and_trains(tmp_path, default_target):
     out, data = tmp_path / "draft", tmp_path / "data"
     env = {**os.environ, "MINUTES": "0", "ITEMS": "2", "HELDOUT": "1", "EPOCHS": "1", "MAX_NEW_TOKENS": "8"}
@@ -30,6 +34,7 @@ def test_the_one_command_recipe_distils_with_two_processes_and_trains(tmp_path, 
     assert "recipe done" in run.stderr
 
 
+@pytest.mark.slow
 def test_the_recipe_sized_by_the_clock_stops_distilling_and_trains_for_what_is_left(tmp_path, default_target):
     """MINUTES: distillation stops making training records at DISTILL_SHARE of the time (held-out ones
     are always made), and training runs for what is left (here the 0.2-minute floor)."""

@@ -174,6 +174,7 @@ def test_batched_distillation_matches_plain_decoding(default_target, photos):
     assert rows[2][0] == rows[0][0][:3]  # the short row left the batch early, with the same start
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_one_draft(tiny_data, tmp_path):
     """`torchrun --nproc_per_node 2` (accelerate's multi-process CPU mode): the processes average their
     gradients, so both end with the same draft, and it differs from one process seeing all records."""

@@ -82,6 +82,7 @@ def _flash_text(page) -> str:
         .map(el => el.classList.contains('line-break') ? '\\n' : el.textContent).join('')""")
 
 
+@pytest.mark.slow
 def test_stop_then_race_an_example_to_the_end(page):
     page.get_by_text("cat.jpg", exact=True).first.click()
     page.wait_for_function("(document.querySelector('#media')?.textContent || '').includes('.jpg')")

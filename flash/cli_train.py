@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import time
+import zlib
 from pathlib import Path
 
 from flash.models import DEFAULT_MODEL
@@ -26,6 +28,9 @@ def add_parser(sub) -> None:
                         "those the draft you continue from was trained on, are skipped)")
     p.add_argument("--heldout-items", type=int, default=40, help="built-in corpus: held-out items")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--default-prompt-share", type=float, default=0.0,
+                   help="built-in corpus: this share of items (chosen by id) asks the target's own default "
+                        "request instead of the corpus's prompts, so the draft sees what the app asks")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs to train (None: 4, unless --train-minutes is given)")
     p.add_argument("--train-minutes", type=float, default=0.0,
@@ -88,6 +93,16 @@ def _user_corpus(folders: list[str], seed: int):
     return items
 
 
+def _chosen(item_id: str, share: float) -> bool:
+    """Whether ``item_id`` falls in ``share`` of all ids: a stable hash, the same in every process."""
+    return zlib.crc32(item_id.encode()) % 10_000 < share * 10_000
+
+
+def _with_default_prompt(item, target):
+    """``item`` asking ``target``'s default request for its kind of media (items have a ``kind`` as media do)."""
+    return dataclasses.replace(item, prompt=target.default_prompt(item))
+
+
 def cmd_train(args) -> int:
     from flash.cli import UsageError
     from flash.corpus import build_corpus
@@ -120,6 +135,11 @@ def cmd_train(args) -> int:
                              shard=shard)
     if not items and not args.train_only:
         raise UsageError("no usable media to train on; pass --media FOLDER with images or videos")
+    if not 0 <= args.default_prompt_share <= 1:
+        raise UsageError("--default-prompt-share must be between 0 and 1")
+    if args.default_prompt_share:
+        items = [_with_default_prompt(item, target) if _chosen(item.item_id, args.default_prompt_share) else item
+                 for item in items]
     if not args.train_only:
         print(f"distilling {len(items)} items into {data_dir} ...", file=sys.stderr)
         distill(target, items, data_dir, max_new_tokens=args.max_new_tokens, seed=args.seed,

@@ -17,6 +17,7 @@ otherwise. Either way the exit status is 1: a difference is never hidden.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import tempfile
@@ -246,6 +247,12 @@ def echo_draft(target: TargetModel) -> FlashDraft:
     return draft.to(device=target.device, dtype=target.dtype).bind(target).eval()
 
 
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory where it lies below it (the shipped example's)."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
 def main(args) -> int:
     """``python -m flash doctor`` (arguments from :mod:`flash.cli`): print the report; 1 if any method differs."""
     from flash.cli import UsageError
@@ -262,7 +269,7 @@ def main(args) -> int:
     with ExitStack() as stack:
         target, draft = load(args.model, args.tiny, args.attention, args.draft, stack)
         config = doctor_config(target, args.max_new_tokens, tiny=args.tiny is not None)
-        report = run_doctor(target, draft, media, config, args.prompt, example=str(args.media))
+        report = run_doctor(target, draft, media, config, args.prompt, example=_shown(args.media))
     for line in format_report(report):
         print(line)
     if not report.ok:

@@ -519,7 +519,7 @@ def test_every_method_runs_on_a_target_split_over_devices(targets, key, temperat
     each loop moves what it combines (h to the draft, the drafts to the logits), the draft computes its
     logits on the shared head's device, and every method gives the tokens it gives unsplit."""
     target = targets[key]
-    prompt = _prompt(target, "video")
+    prompt = _prompt(target, "image")
     split = split_outputs(target)
     config = GenerationConfig(max_new_tokens=N_NEW, temperature=temperature, seed=1, rules=target.logits_rules())
     for vocab in (None, torch.arange(0, target.vocab_size, 2)):

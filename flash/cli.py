@@ -201,7 +201,7 @@ def cmd_caption_eval(args) -> int:
     from flash.models import load_target
 
     _check_output_paths(args.json_path)
-    report = evaluate_captions(load_target(DEFAULT_MODEL), max_new_tokens=args.max_new_tokens)
+    report = evaluate_captions(load_target(args.model), max_new_tokens=args.max_new_tokens)
     print(f"captions naming the subject: {report['named']}/{report['total']} ({report['rate']:.0%})")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_race, max_new_tokens=96)
 
     p = sub.add_parser("caption-eval", help="how often captions of unseen labelled photos name the subject")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="'default' or 'qwen2.5' (the embedded CPU models)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", dest="json_path", default=None)
     p.set_defaults(func=cmd_caption_eval)

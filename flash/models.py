@@ -7,9 +7,9 @@ each model once and switching models frees the previous one:
 * at most one hub target at a time: loading another one first drops the previous one and the drafts
   bound to it and frees their memory (the presets' 7-8B parameters are 14-17 GB of weights in bf16:
   switching presets must not keep every one loaded);
-* the embedded default target stays once loaded: it lives on the CPU, so it takes no GPU memory, only
-  ~1 GB of RAM (process RSS went from 0.23 to 1.30 GB loading it and its draft), and it is the model
-  the app opens on, so switching back to it is instant;
+* the embedded CPU targets (``EMBEDDED_MODELS``) stay once loaded: they take no GPU memory, only CPU
+  RAM (process RSS went from 0.23 to 1.30 GB loading the default one and its draft), and the app
+  opens on one of them, so switching back to it is instant;
 * drafts are cached per target object and path; those of a target that is no longer cached (nor the
   one asked for now) are dropped, since a draft holds its target (it borrows its embeddings).
 
@@ -62,7 +62,7 @@ PRESETS = (
     Preset("Qwen2.5-VL-7B (GPU)", "Qwen/Qwen2.5-VL-7B-Instruct", "drafts/qwen2.5-vl-7b"),
 )
 
-_TARGETS: dict[str, TargetModel] = {}  # the default target and at most one hub target (module docstring)
+_TARGETS: dict[str, TargetModel] = {}  # the embedded targets and at most one hub target (module docstring)
 _DRAFTS: dict[tuple[int, str | None], tuple[TargetModel, FlashDraft]] = {}  # (id(target), path) -> bound draft
 _LOCK = threading.RLock()  # the app loads from several request threads
 

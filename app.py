@@ -78,9 +78,9 @@ CSS = """
 #summary th { white-space: nowrap; word-break: keep-all; overflow-wrap: normal; }
 /* The model's name stops before the dropdown's arrow instead of running under it. */
 #model input { padding-right: 2.2em !important; text-overflow: ellipsis; }
-/* Presentation mode: large type, the two captions and the headline only. */
-.flash-present-only { display: none !important; }
-body.flash-present .flash-present-only { display: flex !important; }
+/* Presentation mode: large type, the two captions and the headline only. (Gradio also adds a copy of
+   each rule scoped inside its container, where body never matches: the rules key on body's class.) */
+body:not(.flash-present) .flash-present-only { display: none !important; }
 body.flash-present .flash-full { display: none !important; }
 body.flash-present #ar-text textarea, body.flash-present #flash-text .textfield { font-size: 30px !important;
   line-height: 1.5 !important; }
@@ -338,35 +338,36 @@ def _image_preview(path: str, media: Media) -> str | None:
     return str(out)
 
 
-def check_upload(path: str | None) -> Iterator[tuple[Any, Any, Any, Any]]:
+def check_upload(path: str | None) -> Iterator[tuple[Any, Any, Any]]:
     """Check an uploaded (or example) file at once with the race's own loader and show it.
 
-    Outputs: status, image preview, video preview, the file input. A file the race would refuse is
-    refused now, with the same one-line message in the status, no preview and the input cleared; a
-    video the browser cannot play gets an H.264 preview copy.
+    Outputs: status, image preview, video preview. A file the race would refuse is refused now, with
+    the same one-line message in the status and no preview (the file stays listed, so the message's
+    subject is in view; racing it gives the same message); a video the browser cannot play gets an
+    H.264 preview copy.
     """
     hidden_image, hidden_video = gr.Image(value=None, visible=False), gr.Video(value=None, visible=False)
-    if not path:  # cleared (by the user, or below after an error): an error shown stays until the next file
-        yield gr.skip(), hidden_image, hidden_video, gr.skip()
+    if not path:  # cleared by the user: a message shown stays until the next file
+        yield gr.skip(), hidden_image, hidden_video
         return
     try:
         media = load_media(path)
     except MediaError as exc:
-        yield f"✗ {_refused(_one_line(exc))}", hidden_image, hidden_video, gr.File(value=None)
+        yield f"✗ {_refused(_one_line(exc))}", hidden_image, hidden_video
         return
     ok = f"✓ {media.source}: {_describe(media)}"
     image = _image_preview(path, media)
     if image is not None:
-        yield ok, gr.Image(value=image, visible=True), hidden_video, gr.skip()
+        yield ok, gr.Image(value=image, visible=True), hidden_video
         return
-    yield f"{ok} · making a preview the browser can play…", hidden_image, hidden_video, gr.skip()
+    yield f"{ok} · making a preview the browser can play…", hidden_image, hidden_video
     try:
         playable = browser_preview(path, _preview_dir())
     except MediaError as exc:
-        yield f"✗ {_refused(_one_line(exc))}", hidden_image, hidden_video, gr.File(value=None)
+        yield f"✗ {_refused(_one_line(exc))}", hidden_image, hidden_video
         return
     note = "" if str(playable) == str(path) else " · preview re-encoded as H.264 (the browser cannot play this codec)"
-    yield ok + note, hidden_image, gr.Video(value=str(playable), visible=True), gr.skip()
+    yield ok + note, hidden_image, gr.Video(value=str(playable), visible=True)
 
 
 def _preview_dir() -> Path:
@@ -669,10 +670,16 @@ def _race_end(recording: RaceRecording, media: Media, prompt: str, target, prese
 
 
 def stop(request: gr.Request = None) -> Any:
-    """Stop this session's race between two steps; with no race running, change nothing."""
+    """The API's Stop: stop this session's race between two steps; with no race running, change nothing."""
     if _CANCELS.cancel(_session(request)):
-        return "■ Stopped."  # the race's last update then says after how many tokens
+        return "■ Stopped."
     return gr.skip()
+
+
+def stop_from_page(request: gr.Request = None) -> None:
+    """The page's Stop: the race's last update then says after how many tokens it stopped. (It writes
+    nothing itself: its reply could reach the page after that update and hide it.)"""
+    _CANCELS.cancel(_session(request))
 
 
 def make_replay(replay: RaceReplay | None) -> Iterator[tuple[Any, Any]]:
@@ -753,12 +760,11 @@ def build_demo() -> gr.Blocks:
                     stop_button = gr.Button("■ Stop", variant="stop", elem_id="stop")
                 status = gr.Markdown("", elem_id="status")
                 with gr.Column(elem_classes=["flash-full"]):
-                    replay_button = gr.Button("🎬 Replay for slides (MP4, GIF, result card)", elem_id="replay",
+                    replay_button = gr.Button("Replay for slides: MP4, GIF, result card", elem_id="replay",
                                               interactive=False)
                     replay_files = gr.File(label="Replay", file_count="multiple", visible=False,
                                            interactive=False, elem_id="replay-files")
-                    present = gr.Checkbox(False, label="Presentation mode (also: ?present=1 in the URL)",
-                                          elem_id="present")
+                present = gr.Checkbox(False, label="Presentation mode (also: ?present=1 in the URL)", elem_id="present")
                 with gr.Accordion("Settings", open=False, elem_classes=["flash-full"]):
                     max_new_tokens = gr.Slider(1, 512, value=96, step=1, label="Max new tokens")
                     temperature = gr.Slider(0, 1.5, value=0, step=0.05, label="Temperature",
@@ -784,14 +790,15 @@ def build_demo() -> gr.Blocks:
                 with gr.Accordion("Summary (JSON)", open=False, elem_classes=["flash-full"]):
                     summary_json = gr.JSON(label="Summary", elem_id="summary-json")
         last_race = gr.State(None)
-        api_race = gr.Button(visible=False)  # the API's race endpoint (errors raised, not shown in the page)
+        # The API's race and Stop (errors raised, not shown in the page; Stop answers the caller).
+        api_race, api_stop = gr.Button(visible=False), gr.Button(visible=False)
 
         components = {"status": status, "ar_stats": ar_stats, "ar_text": ar_text, "flash_stats": flash_stats,
                       "flash_text": flash_text, "accept_plot": accept_plot, "speed_plot": speed_plot,
                       "summary_md": summary_md, "summary_json": summary_json, "headline": headline,
                       "last_race": last_race, "replay_button": replay_button, "replay_files": replay_files}
         race_inputs = [media, prompt, model, max_new_tokens, temperature, top_p, k, seed]
-        media.change(check_upload, inputs=media, outputs=[status, image_preview, video_preview, media],
+        media.change(check_upload, inputs=media, outputs=[status, image_preview, video_preview],
                      api_visibility="private", concurrency_limit=None, show_progress="hidden")
         demo.load(prepare, inputs=model, outputs=[status, k], api_visibility="private", show_progress="hidden",
                   concurrency_limit=None)
@@ -808,7 +815,8 @@ def build_demo() -> gr.Blocks:
                           show_progress="minimal", concurrency_id="race")
         api_race.click(_on_gpu(run_race), inputs=race_inputs, outputs=[components[name] for name in API_OUTPUTS],
                        api_name="race", concurrency_id="race")
-        stop_button.click(stop, outputs=status, api_name="stop", concurrency_limit=None, show_progress="hidden")
+        stop_button.click(stop_from_page, api_visibility="private", concurrency_limit=None, show_progress="hidden")
+        api_stop.click(stop, outputs=status, api_name="stop", concurrency_limit=None, show_progress="hidden")
         # Rendering shares the race's queue: a replay being drawn must not slow a race being timed.
         replay_button.click(make_replay, inputs=last_race, outputs=[status, replay_files], api_name="replay",
                             concurrency_id="race", show_progress="minimal")

@@ -232,19 +232,18 @@ def _last(outputs):
     return list(outputs)[-1]
 
 
-def test_upload_check_refuses_a_bad_file_at_once_and_clears_it(tmp_path):
+def test_upload_check_refuses_a_bad_file_at_once(tmp_path):
     import app
 
     fake = tmp_path / "notes.png"
     fake.write_text("this is a text file, not a picture\n")
-    status, image, video, media = _last(app.check_upload(str(fake)))
+    status, image, video = _last(app.check_upload(str(fake)))
     assert status.startswith("✗ 'notes.png' ") and "\n" not in status
-    assert not image.visible and not video.visible and image.value is None and video.value is None
-    assert media.value is None  # the file input is cleared: nothing broken to preview or race
-    status, image, video, media = _last(app.check_upload(None))  # that clearing: the error stays shown
-    assert _is_update(status) and not image.visible and _is_update(media)
+    assert not image.visible and not video.visible and image.value is None and video.value is None  # no preview
+    status, image, video = _last(app.check_upload(None))  # the file removed: the message stays shown
+    assert _is_update(status) and not image.visible
 
-    status, image, video, media = _last(app.check_upload(str(EXAMPLES / "cat.jpg")))  # a new file clears it
+    status, image, video = _last(app.check_upload(str(EXAMPLES / "cat.jpg")))  # a new file replaces it
     assert status.startswith("✓ cat.jpg: image, ") and image.visible and not video.visible
     assert image.value["orig_name"] == "cat.jpg"
 
@@ -265,13 +264,13 @@ def test_upload_check_makes_a_playable_preview_for_an_mpeg4_part2_clip(tmp_path)
         container.mux(stream.encode(None))
     updates = list(app.check_upload(str(clip)))
     assert "making a preview" in updates[0][0]
-    status, image, video, _ = updates[-1]
+    status, image, video = updates[-1]
     assert status.startswith("✓ camera.mp4: video, 2.0 s") and "re-encoded as H.264" in status
     assert video.visible and not image.visible
     with av.open(video.value["path"]) as preview:
         assert preview.streams.video[0].codec_context.name == "h264"
 
-    status, _, video, _ = _last(app.check_upload(str(EXAMPLES / "cat_pan.mp4")))  # H.264 already: shown as is
+    status, _, video = _last(app.check_upload(str(EXAMPLES / "cat_pan.mp4")))  # H.264 already: shown as is
     assert "re-encoded" not in status and video.value["orig_name"] == "cat_pan.mp4"
 
 
@@ -282,7 +281,7 @@ def test_upload_check_shows_a_tiff_as_png(tmp_path):
 
     tiff = tmp_path / "scan.tiff"
     Image.new("RGB", (40, 30), (200, 10, 10)).save(tiff)
-    status, image, _, _ = _last(app.check_upload(str(tiff)))
+    status, image, _ = _last(app.check_upload(str(tiff)))
     assert status == "✓ scan.tiff: image, 40×30" and image.value["path"].endswith(".png")
 
 
@@ -316,3 +315,19 @@ def test_disturbance_names_a_busy_machine(monkeypatch):
     monkeypatch.setattr(app.os, "getloadavg", lambda: (cores + 1.5, 0.0, 0.0))
     assert app.disturbance(recording(0.1), calibration) == f"load average {cores + 1.5:.1f} on {cores} cores"
     assert calibration.typical == 2.1 and calibration.line().startswith("typically 2.10× on this machine (3 warm")
+
+
+def test_the_page_s_race_reports_errors_in_the_status_and_presents_an_example(default_target, single_thread):
+    import app
+
+    def final(*args):
+        return dict(zip(app.UI_OUTPUTS, list(app.race_from_page(*args))[-1], strict=True))
+
+    refused = final(None, "", "default", 4, 0, 1, 4, 0, False)
+    assert refused["status"] == "✗ Upload an image or a video first (or click one of the examples)."
+    assert all(_is_update(value) for name, value in refused.items() if name != "status")  # nothing else touched
+
+    presented = final(None, "", "default", 4, 0, 1, 4, 0, True)  # presentation mode: the first example
+    assert presented["status"].startswith("Finished") and presented["summary_json"]["identical"] is True
+    assert presented["last_race"].media_name == "cat.jpg" and presented["replay_button"].interactive
+    assert presented["headline"].startswith("## ⚡ FLASH")

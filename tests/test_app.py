@@ -125,6 +125,13 @@ def test_bad_media_gives_a_clear_error_and_the_server_keeps_serving(client, tmp_
     with pytest.raises(AppError, match="Upload an image or a video"):
         client.predict(None, "", "default", 8, 0, 1, 4, 0, api_name="/race")
 
+    from PIL import Image
+
+    huge = tmp_path / "huge.png"  # 90 M pixels: over Pillow's warning size, a few KB as a 1-bit PNG
+    Image.new("1", (10_000, 9_000)).save(huge)
+    with pytest.raises(AppError, match=r"'huge\.png' is 10000x9000 pixels, over the limit"):
+        client.predict(*_race_args(huge), api_name="/race")
+
     final = client.predict(*_race_args(EXAMPLES / "coffee_pan.mp4", max_new_tokens=6), api_name="/race")
     assert final[SUMMARY_JSON]["identical"] is True and final[AR_TEXT]
 
@@ -132,7 +139,7 @@ def test_bad_media_gives_a_clear_error_and_the_server_keeps_serving(client, tmp_
     log = client.log_path.read_text()
     lines = [line for line in log.splitlines() if "notes.mp4" in line]
     assert len(lines) == 1 and "refused: 'notes.mp4' is not an image or video" in lines[0]
-    assert "Traceback" not in log
+    assert "Traceback" not in log and "DecompressionBombWarning" not in log
 
 
 def test_unavailable_model_gives_a_clear_error(client):

@@ -338,3 +338,21 @@ def test_the_page_s_race_reports_errors_in_the_status_and_presents_an_example(de
     assert presented["status"].startswith("Finished") and presented["summary_json"]["identical"] is True
     assert presented["last_race"].media_name == "cat.jpg" and presented["replay_button"].interactive
     assert presented["headline"].startswith("## ⚡ FLASH")
+
+
+def test_start_up_warm_up_calibrates_and_the_page_shows_its_progress(default_target, single_thread, monkeypatch):
+    import app
+
+    warmup = app.Warmup()
+    monkeypatch.setattr(app, "WARMUP", warmup)
+    page = app.prepare("default")
+    warmup.started, warmup.stage = True, "calibrating: warm race 1 of 1"  # as start() leaves it, not yet done
+    assert next(page)[0] == "… Preparing the models: calibrating: warm race 1 of 1"
+
+    warmup.started = False
+    warmup.start(races=1)  # the real thing: load, one short race, one warm race
+    assert warmup.wait(600) and warmup.error is None and warmup.stage == "ready"
+    calibration = warmup.calibration
+    assert len(calibration.speedups) == 1 and calibration.speedups[0] > 0 and calibration.ar_step_s > 0
+    status, k = list(page)[-1]
+    assert status.startswith("✓ Ready: Default") and f"FLASH {calibration.line()}" in status and k.maximum >= 1

@@ -29,6 +29,7 @@ from flash.hf_targets import (
     tiny_llava,
     tiny_qwen2_5_vl,
 )
+from flash.logits_rules import LogitsRules
 from flash.media import Media
 from flash.target import PrefillOutput, Prompt, TargetModel, TargetState
 from flash.tree import DraftTree, tree_attention
@@ -517,12 +518,14 @@ def test_two_devices_refuses_mixing_and_follows_moves() -> None:
 def test_every_method_runs_on_a_target_split_over_devices(targets, key, temperature) -> None:
     """Logits and h come back on the target's last device, the draft sits on its first (the embeddings'):
     each loop moves what it combines (h to the draft, the drafts to the logits), the draft computes its
-    logits on the shared head's device, and every method gives the tokens it gives unsplit."""
+    logits on the shared head's device, and every method gives the tokens it gives unsplit. The reduced
+    vocabulary runs with repetition rules, whose state follows the logits."""
     target = targets[key]
     prompt = _prompt(target, "image")
     split = split_outputs(target)
-    config = GenerationConfig(max_new_tokens=N_NEW, temperature=temperature, seed=1, rules=target.logits_rules())
-    for vocab in (None, torch.arange(0, target.vocab_size, 2)):
+    penalties = LogitsRules(repetition_penalty=1.5, no_repeat_ngram_size=2)
+    for vocab, rules in ((None, target.logits_rules()), (torch.arange(0, target.vocab_size, 2), penalties)):
+        config = GenerationConfig(max_new_tokens=N_NEW, temperature=temperature, seed=1, rules=rules)
         for method in METHODS:
             needs_draft = method not in ("ar", "pld")
             draft = random_draft(target, seed=3, draft_vocab=vocab) if needs_draft else None

@@ -73,8 +73,7 @@ CSS = """
    break words anywhere; pieces keep their own spaces. */
 #flash-text .textfield { line-height: 1.8; word-break: normal; overflow-wrap: break-word; padding: 4px 2px; }
 #flash-text .token-container, #flash-text .token { margin: 0; padding: 1px 0; border-radius: 0; }
-/* Phones: table headers whole ("FLASH", not "FLA/SH"); a narrow table scrolls instead. */
-#summary table { display: block; overflow-x: auto; }
+/* Phones: table headers whole ("FLASH", not "FLA/SH"); the first column's labels wrap instead. */
 #summary th { white-space: nowrap; word-break: keep-all; overflow-wrap: normal; }
 /* The model's name stops before the dropdown's arrow instead of running under it. */
 #model input { padding-right: 2.2em !important; text-overflow: ellipsis; }

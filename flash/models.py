@@ -10,8 +10,9 @@ each model once and switching models frees the previous one:
 * the embedded CPU targets (``EMBEDDED_MODELS``) stay once loaded: they take no GPU memory, only CPU
   RAM (process RSS went from 0.23 to 1.30 GB loading the default one and its draft), and the app
   opens on one of them, so switching back to it is instant;
-* drafts are cached per target object and path; those of a target that is no longer cached (nor the
-  one asked for now) are dropped, since a draft holds its target (it borrows its embeddings).
+* drafts are cached per target object and path; a model change drops those of every target the cache
+  no longer holds (a caller's own targets' too), since a draft holds its target (it borrows its
+  embeddings) and would keep it in memory.
 
 A caller that still holds an evicted model (a race in progress) keeps it alive until it lets go.
 """
@@ -101,16 +102,16 @@ def _evict(keep: tuple[str, ...]) -> None:
     gone = [model for model in _TARGETS if model not in keep]
     for model in gone:
         del _TARGETS[model]
-    _drop_stale_drafts(current=None)
+    _drop_stale_drafts()
     if gone:
         gc.collect()  # model graphs hold reference cycles: free them now, not at some later collection
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand the freed blocks back, so the next model (or process) can use them
 
 
-def _drop_stale_drafts(current: TargetModel | None) -> None:
-    """Forget drafts whose target is neither cached nor ``current``: each one keeps its target alive."""
-    live = [*_TARGETS.values(), current]
+def _drop_stale_drafts() -> None:
+    """Forget drafts whose target is not cached: each one keeps its target alive."""
+    live = list(_TARGETS.values())
     for key, (target, _) in list(_DRAFTS.items()):
         if not any(target is other for other in live):
             del _DRAFTS[key]
@@ -120,7 +121,7 @@ def load_draft(target: TargetModel, path: str | Path | None = None, *, quiet: bo
     """The draft at ``path`` (default: the shipped draft for the default target), bound to ``target``.
 
     With no path and no shipped draft, an untrained draft is used: output stays exact, only slower.
-    Cached per target object and path, for as long as the target is cached (or is the latest asked for).
+    Cached per target object and path until a model change drops the target (module docstring).
     """
     shipped = SHIPPED_DRAFTS.get(getattr(getattr(target, "spec", None), "key", None))
     if path is None and shipped is not None and (shipped / "draft_config.json").exists():
@@ -129,7 +130,6 @@ def load_draft(target: TargetModel, path: str | Path | None = None, *, quiet: bo
     # gets its own binding rather than a draft reading the other object's embeddings.
     key = (id(target), None if path is None else str(Path(path).resolve()))
     with _LOCK:
-        _drop_stale_drafts(current=target)
         if key not in _DRAFTS or _DRAFTS[key][0] is not target:  # `is`: an id can be reused
             _DRAFTS[key] = (target, _load_draft(target, path, quiet))
         return _DRAFTS[key][1]

@@ -634,13 +634,17 @@ def test_the_default_target_stays_across_hub_models(fresh_cache, default_target,
     assert fresh_cache.load_target(models.DEFAULT_MODEL) is default_target
 
 
-def test_drafts_of_a_target_that_is_not_cached_are_not_kept(fresh_cache, targets) -> None:
-    """A caller's own target (not from load_target) keeps its drafts only while it is the latest asked for."""
+def test_a_model_change_drops_the_drafts_of_targets_not_cached(fresh_cache, targets, tmp_path) -> None:
+    """A caller's own targets (not from load_target) keep their drafts cached until a model change, which
+    drops them with the evicted model's: a cached draft would keep its target in memory."""
     llava, qwen = targets["llava"], targets["qwen"]
     first = fresh_cache.load_draft(llava, quiet=True)
-    assert fresh_cache.load_draft(llava) is first
     fresh_cache.load_draft(qwen, quiet=True)
-    assert [target for target, _ in fresh_cache._DRAFTS.values()] == [qwen]
+    assert fresh_cache.load_draft(llava) is first
+    qwen.save_pretrained(tmp_path)
+    loaded = fresh_cache.load_target(str(tmp_path))
+    assert [target for target, _ in fresh_cache._DRAFTS.values()] == []
+    assert fresh_cache.load_draft(loaded, quiet=True) is fresh_cache.load_draft(loaded)
 
 
 # --- which draft setting each method reads ----------------------------------------------------------

@@ -112,6 +112,15 @@ def _load_language_model(spec: EmbeddedLM, quiet: bool) -> tuple[torch.nn.Module
     return lm, tok
 
 
+@dataclass(frozen=True)
+class _PromptHead:
+    """A prompt opening shared by every request, run through the LM once (see ``DefaultTarget.prefill``)."""
+
+    ids: list[int]
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [1, kv_heads, P, head_dim] each
+    hidden: torch.Tensor  # [P, D]
+
+
 class DefaultTarget(TargetModel):
     """An embedded LM (SmolLM2-135M-Instruct by default, see :class:`EmbeddedLM`) + MobileNetV2
     grounding connector, on CPU.
@@ -126,11 +135,14 @@ class DefaultTarget(TargetModel):
     otherwise through transformers' own modules, cache and ``sdpa`` (for comparisons). With
     ``cpu_ops`` (the default) and fp16 weights, the lean forward also runs FLASH's C++ norms, rotary
     embedding and decoding attention (:mod:`flash.lean_llama`; within float rounding of torch's).
+    With ``prefix_cache`` (the default) a prefill reuses the keys/values of the chat template's constant
+    opening (the system turn), computed once per target, and runs only the rest of the prompt.
     """
 
     def __init__(self, lm: torch.nn.Module, tokenizer, vision: torch.nn.Module, labels: list[str],
                  connector: ConnectorConfig = ConnectorConfig(), fp16_weights: bool = True,
-                 lean: bool = True, cpu_ops: bool = True, spec: EmbeddedLM = SMOLLM2_LM) -> None:
+                 lean: bool = True, cpu_ops: bool = True, spec: EmbeddedLM = SMOLLM2_LM,
+                 prefix_cache: bool = True) -> None:
         self.lm, self.tokenizer, self.vision, self.labels = lm, tokenizer, vision, labels
         self.connector, self.spec = connector, spec
         self.weight_format = "fp16" if fp16_weights and fp16_gemm_available() else "fp32"
@@ -157,6 +169,8 @@ class DefaultTarget(TargetModel):
         # Media positions hold <|endoftext|>'s id; their embeddings are replaced by visual tokens.
         self.placeholder_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         self._label_embeds = self._embed_labels(labels)  # [1000, D]
+        self.prefix_cache = prefix_cache
+        self._head_cache: _PromptHead | None = None  # see _prompt_head
 
     @property
     def device(self) -> torch.device:
@@ -259,9 +273,30 @@ class DefaultTarget(TargetModel):
     def prefill(self, prompt: Prompt) -> PrefillOutput:
         embeds = self._prompt_embeds(prompt)  # [1, L, D]
         cache = self._new_cache()
-        hidden = self._run_lm(cache, inputs_embeds=embeds)[0]  # [L, D]
+        head = self._prompt_head() if self.prefix_cache else None
+        if head is not None and prompt.input_ids[0, : len(head.ids)].tolist() == head.ids:
+            # Every chat prompt opens with the same system turn: its keys/values are copied, not recomputed.
+            for layer, (keys, values) in zip(cache.layers, head.keys_values, strict=True):
+                layer.update(keys, values)
+            rest = self._run_lm(cache, inputs_embeds=embeds[:, len(head.ids) :])[0]
+            hidden = torch.cat([head.hidden, rest])  # [L, D]
+        else:
+            hidden = self._run_lm(cache, inputs_embeds=embeds)[0]  # [L, D]
         state = TargetState(cache=cache, length=prompt.length)
         return PrefillOutput(state, self.lm_head(hidden[-1]).float(), hidden)
+
+    def _prompt_head(self) -> _PromptHead | None:
+        """The chat template's constant opening (system turn, then the user turn's header), run once."""
+        if self._head_cache is None:
+            chat = self.tokenizer.apply_chat_template(
+                [{"role": "system", "content": self.spec.system}, {"role": "user", "content": _MEDIA_MARK}],
+                tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(chat.split(_MEDIA_MARK)[0], add_special_tokens=False).input_ids
+            cache = self._new_cache()
+            hidden = self._run_lm(cache, input_ids=torch.tensor([ids]))[0]
+            self._head_cache = _PromptHead(ids, [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers],
+                                           hidden)
+        return self._head_cache
 
     @torch.inference_mode()
     def forward(self, state: TargetState, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -393,12 +428,14 @@ def _runs_through_lean_llama(*args, **kwargs):
 
 
 def load_default_target(*, quiet: bool = False, fp16_weights: bool = True, lean: bool = True,
-                        cpu_ops: bool = True, lm: str = "smollm2") -> DefaultTarget:
+                        cpu_ops: bool = True, lm: str = "smollm2", prefix_cache: bool = True) -> DefaultTarget:
     """Assemble the default target, fetching and converting its weights on first use.
 
     ``fp16_weights=False`` keeps the LM in fp32, ``lean=False`` runs transformers' own modules, KV
     cache and attention (slower; for comparisons), ``cpu_ops=False`` keeps torch's norms, rotary
-    embedding and SDPA in the lean forward instead of FLASH's C++ ones (for comparisons).
+    embedding and SDPA in the lean forward instead of FLASH's C++ ones (for comparisons),
+    ``prefix_cache=False`` prefills every prompt whole. ``lm`` names the language model
+    (:data:`EMBEDDED_LMS`: "smollm2" or "qwen2.5").
     """
     start = time.perf_counter()
     spec = EMBEDDED_LMS[lm]
@@ -406,7 +443,7 @@ def load_default_target(*, quiet: bool = False, fp16_weights: bool = True, lean:
     vision = load_mobilenet_v2(str(fetch_weight(MOBILENET_V2, quiet=quiet)))
     labels = json.loads((ASSETS / "imagenet_labels.json").read_text())
     target = DefaultTarget(language_model, tok, vision, labels, fp16_weights=fp16_weights, lean=lean,
-                           cpu_ops=cpu_ops, spec=spec)
+                           cpu_ops=cpu_ops, spec=spec, prefix_cache=prefix_cache)
     if not quiet:
         print(f"Embedded model ({spec.key}) ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return target

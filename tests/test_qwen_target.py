@@ -151,3 +151,25 @@ def test_qwen_captions_name_the_subject_without_self_talk(qwen_target, name, wor
     print(f"{name}: {len(tokens)} tokens: {text!r}")
     assert any(w in text for w in words), text
     assert not any(phrase in text for phrase in SELF_TALK), text
+
+
+@pytest.mark.parametrize("which", ["qwen_target", "default_target"])
+def test_prefix_cache_gives_the_whole_prefill_s_tokens(which, request):
+    """The system turn's keys/values are computed once and reused; the rest of the prefill attends to
+    them in a separate pass, so values agree to float rounding and greedy tokens exactly."""
+    import copy
+
+    target = request.getfixturevalue(which)
+    whole = copy.copy(target)
+    whole.prefix_cache = False
+    media = load_media(EXAMPLES / "cat.jpg")
+    prompt = target.build_prompt(media, target.default_prompt(media))
+    cached, plain = target.prefill(prompt), whole.prefill(prompt)
+    head = target._prompt_head()
+    assert 10 <= len(head.ids) < prompt.length and prompt.input_ids[0, : len(head.ids)].tolist() == head.ids
+    assert cached.state.cache.get_seq_length() == plain.state.cache.get_seq_length() == prompt.length
+    torch.testing.assert_close(cached.last_logits, plain.last_logits, rtol=0, atol=1e-3)
+    torch.testing.assert_close(cached.hidden, plain.hidden, rtol=0, atol=5e-3)
+    cfg = GenerationConfig(max_new_tokens=32, rules=target.logits_rules())
+    assert collect(generate(target, prompt, "ar", None, cfg)).tokens == \
+        collect(generate(whole, prompt, "ar", None, cfg)).tokens

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -56,6 +58,57 @@ def videos(photos) -> dict[str, Media]:
     """Multi-frame videos built from PIL frames (3 and 4 frames)."""
     return {"cat-pan-4": pan_video(photos["chelsea"], 4, "cat-pan-4"),
             "coffee-pan-3": pan_video(photos["coffee"], 3, "coffee-pan-3")}  # fmt: skip
+
+
+def write_video(
+    path: Path,
+    codec: str = "libx264",
+    *,
+    frames: int = 40,
+    fps: int = 10,
+    size: tuple[int, int] = (64, 48),
+    gray: Callable[[int], int] = lambda i: i * 6,
+    gop: int | None = None,
+    options: dict[str, str] | None = None,
+    bit_rate: int | None = None,
+    rotation: int | None = None,
+) -> Path:
+    """A video of flat grey frames whose level encodes the frame index."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        if gop is not None:
+            stream.codec_context.gop_size = gop
+        if bit_rate is not None:
+            stream.bit_rate = bit_rate
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        stream.options = options or {}
+        for index in range(frames):
+            array = np.full((size[1], size[0], 3), gray(index), np.uint8)
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def assert_tree_pass_equals_chains(target: TargetModel, prompt, atol: float = 1e-4) -> None:
+    """Every row of one tree pass sees exactly its own path: its logits and h equal its branch's, run as
+    a chain after a fresh prefill."""
+    from flash.tree import DraftTree, tree_attention
+
+    tree = DraftTree(tokens=(5, 9, 7, 3), parents=(-1, -1, 0, 2), depths=(1, 1, 2, 3))
+    pre = target.prefill(prompt)
+    mask, positions = tree_attention(tree, pre.state.length)
+    logits, hidden = target.forward_tree(pre.state, torch.tensor([[11, *tree.tokens]]), mask, positions)
+    for nodes in ([0, 2, 3], [1]):
+        chain = target.prefill(prompt)
+        chain_logits, chain_hidden = target.forward(chain.state, torch.tensor([[11, *(tree.tokens[i] for i in nodes)]]))
+        rows = [0, *(1 + i for i in nodes)]
+        torch.testing.assert_close(logits[rows], chain_logits, atol=atol, rtol=0)
+        torch.testing.assert_close(hidden[rows], chain_hidden, atol=atol, rtol=0)
 
 
 # --- targets --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import write_video
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "assets" / "examples"
@@ -257,18 +258,12 @@ def test_upload_check_refuses_a_bad_file_at_once(tmp_path):
 
 def test_upload_check_makes_a_playable_preview_for_an_mpeg4_part2_clip(tmp_path):
     import av
-    import numpy as np
 
     import app
 
-    clip = tmp_path / "camera.mp4"
-    with av.open(str(clip), "w") as container:  # MPEG-4 Part 2, as many cameras export: browsers cannot play it
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt, stream.bit_rate = 96, 64, "yuv420p", 2_000_000
-        for i in range(20):
-            frame = av.VideoFrame.from_ndarray(np.full((64, 96, 3), 10 * i, np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+    # MPEG-4 Part 2, as many cameras export: browsers cannot play it
+    clip = write_video(tmp_path / "camera.mp4", "mpeg4", frames=20, size=(96, 64), gray=lambda i: 10 * i,
+                       bit_rate=2_000_000)
     updates = list(app.check_upload(str(clip)))
     assert "making a preview" in updates[0][0]
     status, image, video = updates[-1]

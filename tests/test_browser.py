@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_video
 from test_app import running_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,9 +207,6 @@ def _upload(page, path: Path) -> None:
 
 
 def test_bad_files_are_refused_on_upload_and_the_error_clears(page, tmp_path):
-    import av
-    import numpy as np
-
     fake = tmp_path / "notes.png"
     fake.write_text("this is a text file, not a picture\n")
     _upload(page, fake)
@@ -221,14 +219,8 @@ def test_bad_files_are_refused_on_upload_and_the_error_clears(page, tmp_path):
     assert page.get_by_text("Error", exact=True).count() == 0
 
     # A new upload clears the error; an MPEG-4 Part 2 clip (browsers cannot play it) gets a preview that plays.
-    clip = tmp_path / "camera.mp4"
-    with av.open(str(clip), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt, stream.bit_rate = 160, 96, "yuv420p", 2_000_000
-        for i in range(20):
-            frame = av.VideoFrame.from_ndarray(np.full((96, 160, 3), 10 * i, np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+    clip = write_video(tmp_path / "camera.mp4", "mpeg4", frames=20, size=(160, 96), gray=lambda i: 10 * i,
+                       bit_rate=2_000_000)
     _upload(page, clip)
     _wait_for_status(page, "re-encoded as H.264", timeout_s=60)
     assert _status(page).startswith("✓ camera.mp4: video")

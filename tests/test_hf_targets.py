@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import echo_draft, random_draft
+from conftest import assert_tree_pass_equals_chains, echo_draft, random_draft
 from PIL import Image
 from torch.overrides import TorchFunctionMode
 
@@ -291,17 +291,7 @@ def test_a_tree_pass_equals_one_chain_per_branch(by_attention, key, attn) -> Non
     """Every row of a tree pass sees exactly its own path: its logits are its branch's as a chain."""
     target = by_attention[key, attn]
     assert target.attn_implementation == attn and target.supports_tree
-    prompt = _prompt(target, "image")
-    tree = DraftTree(tokens=(5, 9, 7, 3), parents=(-1, -1, 0, 2), depths=(1, 1, 2, 3))
-    pre = target.prefill(prompt)
-    mask, positions = tree_attention(tree, pre.state.length)
-    logits, hidden = target.forward_tree(pre.state, torch.tensor([[11, *tree.tokens]]), mask, positions)
-    for nodes in ([0, 2, 3], [1]):
-        chain = target.prefill(prompt)
-        chain_logits, chain_hidden = target.forward(chain.state, torch.tensor([[11, *(tree.tokens[i] for i in nodes)]]))
-        rows = [0, *(1 + i for i in nodes)]
-        torch.testing.assert_close(logits[rows], chain_logits, atol=1e-4, rtol=0)
-        torch.testing.assert_close(hidden[rows], chain_hidden, atol=1e-4, rtol=0)
+    assert_tree_pass_equals_chains(target, _prompt(target, "image"))
 
 
 def _tree_config(**kwargs) -> GenerationConfig:

@@ -6,12 +6,13 @@ import io
 import struct
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+from conftest import write_video
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, features
@@ -57,40 +58,6 @@ def expect_error(path: Path, limits: MediaLimits | None, *words: str) -> str:
     for word in words:
         assert word.lower() in message.lower(), message
     return message
-
-
-def write_video(
-    path: Path,
-    codec: str = "libx264",
-    *,
-    frames: int = 40,
-    fps: int = 10,
-    size: tuple[int, int] = (64, 48),
-    gray: Callable[[int], int] = lambda i: i * 6,
-    gop: int | None = None,
-    options: dict[str, str] | None = None,
-    bit_rate: int | None = None,
-    rotation: int | None = None,
-) -> Path:
-    """A video of flat grey frames whose level encodes the frame index."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = size
-        stream.pix_fmt = "yuv420p"
-        if gop is not None:
-            stream.codec_context.gop_size = gop
-        if bit_rate is not None:
-            stream.bit_rate = bit_rate
-        if rotation is not None:
-            stream.set_display_rotation(rotation)
-        stream.options = options or {}
-        for index in range(frames):
-            array = np.full((size[1], size[0], 3), gray(index), np.uint8)
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts = index
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return path
 
 
 def write_audio_only(path: Path, container_format: str | None = None, codec: str = "aac") -> Path:

@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from conftest import assert_tree_pass_equals_chains
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_decoding import ArReference, ScriptedDraft, assert_same_tokens, greedy, run_events
@@ -288,11 +289,4 @@ def test_hf_targets_verify_trees_exactly(request, photos, make_draft, target_fix
     result = collect(generate(target, prompt, "flash-tree", make_draft(target, seed=3), tree_config))
     assert_same_tokens(target, prompt, config.rules, expected, result.tokens, f"{target_fixture} flash-tree")
     # A random draft is rarely right; also check the tree pass itself against one chain per branch.
-    tree = DraftTree(tokens=(5, 9, 7, 3), parents=(-1, -1, 0, 2), depths=(1, 1, 2, 3))
-    pre = target.prefill(prompt)
-    mask, positions = tree_attention(tree, pre.state.length)
-    logits, _ = target.forward_tree(pre.state, torch.tensor([[11, *tree.tokens]]), mask, positions)
-    for nodes in ([0, 2, 3], [1]):
-        chain = target.prefill(prompt)
-        chain_logits, _ = target.forward(chain.state, torch.tensor([[11, *(tree.tokens[i] for i in nodes)]]))
-        torch.testing.assert_close(logits[[0, *(1 + i for i in nodes)]], chain_logits, atol=1e-4, rtol=0)
+    assert_tree_pass_equals_chains(target, prompt)

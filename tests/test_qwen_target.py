@@ -106,6 +106,7 @@ def test_qwen_photo_prompt_hedges_and_names_the_group(qwen_target):
     assert not torch.allclose(prompt.media_payload, other.media_payload)
 
 
+@pytest.mark.slow
 def test_qwen_ar_matches_transformers_generate(qwen_target):
     """Our prefill + cached decoding (LeanLlama with Qwen2's q/k/v biases, fp16 kernel, C++ ops)
     reproduces transformers' own generate() on its own modules with the same fp16 weights."""
@@ -122,6 +123,7 @@ def test_qwen_ar_matches_transformers_generate(qwen_target):
     assert list(ours.tokens) == out[0].tolist()[: len(ours.tokens)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cat.jpg", "coffee_pan.mp4"])
 def test_greedy_flash_equals_ar_on_qwen(qwen_target, name):
     """Lossless on the new target: every FLASH method's greedy tokens are ar's, token for token."""
@@ -153,6 +155,7 @@ def test_qwen_captions_name_the_subject_without_self_talk(qwen_target, name, wor
     assert not any(phrase in text for phrase in SELF_TALK), text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["qwen_target", "default_target"])
 def test_prefix_cache_gives_the_whole_prefill_s_tokens(which, request):
     """The system turn's keys/values are computed once and reused; the rest of the prefill attends to

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from flash.bench import first_difference
-from flash.decoding import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, collect, generate
 from flash.draft import DraftConfig, FlashDraft
-from flash.target import Prompt, TargetModel
+from flash.engine import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, collect, generate
+from flash.targets.base import Prompt, TargetModel
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "assets" / "examples" / "cat.jpg"
 TINY = ("llava", "qwen2.5-vl")
@@ -207,11 +207,11 @@ def format_report(report: DoctorReport) -> list[str]:
 def load(model: str, tiny: str | None, attention: str | None, draft_path: str | None,
          stack: ExitStack) -> tuple[TargetModel, FlashDraft]:
     """The target and draft the doctor checks. A tiny target is saved and loaded back through
-    :func:`flash.hf_targets.load_hf_target`, the path a hub id takes (bf16 and device_map on CUDA)."""
+    :func:`flash.targets.hf.load_hf_target`, the path a hub id takes (bf16 and device_map on CUDA)."""
     from flash.models import DEFAULT_MODEL, load_draft, load_target
 
     if tiny is not None or (attention and model != DEFAULT_MODEL):
-        from flash import hf_targets
+        from flash.targets import hf as hf_targets
 
         source, name = model, None
         if tiny is not None:

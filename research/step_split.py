@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from default_run import DEFAULT_MEDIA, default_run  # noqa: E402 (a sibling script)
 
-import flash.decoding as decoding  # noqa: E402
+import flash.engine.loops as decoding  # noqa: E402
 from flash.draft import FlashDraft  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)

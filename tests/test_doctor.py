@@ -8,7 +8,7 @@ import torch
 
 from flash import cli, models
 from flash.doctor import DoctorReport, MethodCheck, format_report, near_tie_tolerance
-from flash.hf_targets import _HFTarget
+from flash.targets.hf import _HFTarget
 
 METHOD_NAMES = ("ar", "eagle", "flash", "flash-tree", "pld")
 

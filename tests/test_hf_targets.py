@@ -19,8 +19,12 @@ from PIL import Image
 from torch.overrides import TorchFunctionMode
 
 from flash import models
-from flash.decoding import METHODS, GenerationConfig, collect, flash_method, generate
-from flash.hf_targets import (
+from flash.engine import METHODS, GenerationConfig, collect, flash_method, generate
+from flash.engine.logits_rules import LogitsRules
+from flash.engine.tree import DraftTree, tree_attention
+from flash.media import Media
+from flash.targets.base import PrefillOutput, Prompt, TargetModel, TargetState
+from flash.targets.hf import (
     LlavaTarget,
     Qwen25VLTarget,
     TargetLoadError,
@@ -29,10 +33,6 @@ from flash.hf_targets import (
     tiny_llava,
     tiny_qwen2_5_vl,
 )
-from flash.logits_rules import LogitsRules
-from flash.media import Media
-from flash.target import PrefillOutput, Prompt, TargetModel, TargetState
-from flash.tree import DraftTree, tree_attention
 
 N_NEW = 16
 FACTORIES: dict[str, Callable[[int], TargetModel]] = {"llava": tiny_llava, "qwen": tiny_qwen2_5_vl}
@@ -575,7 +575,7 @@ def test_a_reduced_vocabulary_draft_copies_only_its_rows(targets) -> None:
 
 def test_packing_the_draft_keeps_no_fp32_head(targets) -> None:
     """pack_fp16 (CPU inference) keeps only the fp16 packed head: the fp32 rows are freed."""
-    from flash.fp16_linear import fp16_gemm_available
+    from flash.cpu.fp16_linear import fp16_gemm_available
 
     if not fp16_gemm_available():
         pytest.skip("no fp16 GEMM in this torch build")

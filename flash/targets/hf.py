@@ -1,7 +1,7 @@
 """Hugging Face target adapters: LLaVA (1.5-style) and Qwen2.5-VL behind :class:`TargetModel`.
 
 Each adapter owns a ``*ForConditionalGeneration`` model plus what it needs to tokenize prompts, and
-exposes prefill / forward / crop against a KV cache (``flash.kv_cache``) held in the caller's
+exposes prefill / forward / crop against a KV cache (``flash.targets.kv_cache``) held in the caller's
 :class:`TargetState`. Hidden states come from ``model.model`` (the base model, whose
 ``last_hidden_state`` is already after the final norm), logits from ``model.lm_head``.
 
@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flash.kv_cache import in_place_cache
-from flash.target import PrefillOutput, Prompt, TargetModel, TargetState
+from flash.targets.base import PrefillOutput, Prompt, TargetModel, TargetState
+from flash.targets.kv_cache import in_place_cache
 
 __all__ = [
     "TREE_ATTENTION",
@@ -232,7 +232,7 @@ class _HFTarget(TargetModel):
     @torch.inference_mode()
     def forward_tree(self, state: TargetState, token_ids: torch.Tensor, mask: torch.Tensor,
                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass over a draft tree laid out by :func:`flash.tree.tree_attention` (see TargetModel)."""
+        """One pass over a draft tree laid out by :func:`flash.engine.tree.tree_attention` (see TargetModel)."""
         if not self.supports_tree:
             raise ValueError(f"{self.name} runs {self.attn_implementation} attention, which takes no tree mask: "
                              "verify chains (method 'flash') or load it with attn_implementation='sdpa'")

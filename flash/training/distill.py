@@ -16,10 +16,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from flash.corpus import CorpusItem, MediaFileItem
-from flash.decoding import GenerationConfig
-from flash.target import Prompt, TargetModel
-from flash.verification import make_generator
+from flash.engine import GenerationConfig
+from flash.engine.verification import make_generator
+from flash.targets.base import Prompt, TargetModel
+from flash.training.corpus import CorpusItem, MediaFileItem
 
 #: With a deadline, frame counts are batched together only within blocks of this many batches.
 _DEADLINE_BLOCK = 8
@@ -40,7 +40,7 @@ class Record:
 @torch.inference_mode()
 def _decode_with_hidden(target: TargetModel, prompt: Prompt, config: GenerationConfig):
     """Plain decoding that keeps h: (response ids, h over prompt + response [L+R, D])."""
-    from flash.decoding import _choose
+    from flash.engine.loops import _choose
 
     generator = make_generator(config.seed, target.device)
     pre = target.prefill(prompt)

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from flash.draft import DraftState, FlashDraft
-from flash.logits_rules import LogitsRules, RulesCursor
-from flash.target import Prompt, TargetModel
-from flash.tree import DraftTree, best_after_changes, build_tree, tree_attention, walk_sampled_tree, walk_tree
-from flash.verification import (
+from flash.engine.logits_rules import LogitsRules, RulesCursor
+from flash.engine.tree import DraftTree, best_after_changes, build_tree, tree_attention, walk_sampled_tree, walk_tree
+from flash.engine.verification import (
     draw_siblings,
     greedy_verify,
     logits_to_probs,
@@ -27,6 +26,7 @@ from flash.verification import (
     sampling_verify,
     sibling_verify,
 )
+from flash.targets.base import Prompt, TargetModel
 
 METHODS = ("ar", "eagle", "flash", "flash-tree", "pld")
 #: The confidence cut the CLI and the app use by default (see GenerationConfig.min_draft_prob;
@@ -322,11 +322,11 @@ class _DraftProposer:
     def propose_tree(self, depth: int, base: RulesCursor | None, config: GenerationConfig) -> DraftTree:
         """Greedy: one semi-autoregressive pass, read as a tree: each slot's best tokens, the target's rules
         (``base``: their state after the generated tokens, None without rules) applied along each
-        branch's own path (see :func:`flash.tree.build_tree`).
+        branch's own path (see :func:`flash.engine.tree.build_tree`).
 
         Each slot's row is processed once (the prefix's penalty, its logsumexp, its top entries);
         a branch's own path changes a few scores (the penalty for its new tokens, its n-gram bans),
-        which :func:`flash.tree.best_after_changes` applies to the top entries in Python. Only where
+        which :func:`flash.engine.tree.best_after_changes` applies to the top entries in Python. Only where
         those cannot decide is the row processed for that branch (the same ranking either way).
         """
         draft = self.draft
@@ -371,7 +371,7 @@ class _DraftProposer:
         q holds fewer tokens); under the first of them a chain (one draw per slot) fills the rest of
         ``tree_nodes``. The shape is fixed before any draw: whether a node is proposed must not depend
         on its own token (a best-first pick by its probability would), or
-        :func:`flash.verification.sibling_verify` would not be exact. Returns the tree and, per parent
+        :func:`flash.engine.verification.sibling_verify` would not be exact. Returns the tree and, per parent
         (-1 = the root), the q (target vocabulary) its children were drawn from.
         """
         draft = self.draft
@@ -491,7 +491,7 @@ def _speculative(target: TargetModel, prompt: Prompt, proposer, method: str,
 
 
 def _target_choice(logits: torch.Tensor, cursor, config: GenerationConfig, generator: torch.Generator):
-    """``choose(row, path)`` for :func:`flash.tree.walk_tree`: the target's own token from its logits row
+    """``choose(row, path)`` for :func:`flash.engine.tree.walk_tree`: the target's own token from its logits row
     after the rules (``cursor``: a :class:`RulesCursor` at the generated prefix, or None), chosen by
     :func:`_choose` exactly as the ``ar`` loop chooses it. ``logits`` is processed in place (the walk
     asks for each row at most once): the prefix's penalty for all rows in one go, then each asked
@@ -510,7 +510,7 @@ def _target_choice(logits: torch.Tensor, cursor, config: GenerationConfig, gener
 
 def _sibling_check(logits: torch.Tensor, cursor, config: GenerationConfig, q_of: dict[int, torch.Tensor],
                    generator: torch.Generator):
-    """``verify(row, parent, path, candidates)`` for :func:`flash.tree.walk_sampled_tree`: the target's
+    """``verify(row, parent, path, candidates)`` for :func:`flash.engine.tree.walk_sampled_tree`: the target's
     distribution at the row (rules with the row's own path, then temperature and top-p, as ``ar``
     samples from it) checked against the drawn siblings by :func:`sibling_verify`."""
     if cursor is not None:
@@ -536,7 +536,7 @@ def _speculative_tree(target: TargetModel, prompt: Prompt, proposer: _DraftPropo
     Greedy: every emitted token is the target's own argmax at its exact prefix; a draft node only
     saves the pass that would compute the next row (the tree is best-first, EAGLE-2's). Sampling:
     siblings are drawn from the draft without replacement and checked by recursive rejection
-    sampling (:func:`flash.verification.sibling_verify`), so each emitted token has the target's law
+    sampling (:func:`flash.engine.verification.sibling_verify`), so each emitted token has the target's law
     at its exact prefix, and a wrong first sibling still leaves the others a chance.
     """
     device, rules = target.device, config.rules

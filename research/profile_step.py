@@ -23,10 +23,10 @@ PARTS = {  # (file suffix, function name) -> label; cumulative times
     ("targets/embedded.py", "forward"): "target forward",
     ("targets/embedded.py", "forward_tree"): "target forward (tree pass)",
     ("cpu/fp16_linear.py", "forward"): "  of which fp16 GEMMs (target + draft)",
-    ("engine/loops.py", "propose"): "draft: propose",
-    ("engine/loops.py", "propose_tree"): "draft: propose a tree",
+    ("engine/proposers.py", "propose"): "draft: propose",
+    ("engine/proposers.py", "propose_tree"): "draft: propose a tree",
     ("targets/base.py", "keep"): "target cache: keep the accepted path",
-    ("engine/loops.py", "update"): "draft: fold in accepted tokens",
+    ("engine/proposers.py", "update"): "draft: fold in accepted tokens",
     ("engine/logits_rules.py", "apply"): "logits rules (target and draft)",
 }
 

@@ -51,7 +51,7 @@ def test_sampling_with_cut_runs_and_validates(tiny_llava, photos, make_echo_draf
 def test_the_cut_is_on_the_joint_confidence(tiny_llava, make_draft, rules_active, threshold):
     """Drafts are kept while the product of the draft's top-token probabilities stays >= the cut."""
     from flash.engine.logits_rules import LogitsRules
-    from flash.engine.loops import _draft_tokens
+    from flash.engine.proposers import _draft_tokens
 
     draft = make_draft(tiny_llava, k=4)
     rules = LogitsRules(repetition_penalty=1.3, no_repeat_ngram_size=2) if rules_active else LogitsRules()

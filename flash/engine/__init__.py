@@ -5,16 +5,9 @@ The names below are the engine's public face: the app, the CLI, the race and the
 them from here and nothing deeper.
 """
 
-from flash.engine.loops import (
-    DEFAULT_MIN_DRAFT_PROB,
-    METHODS,
-    GenerationConfig,
-    GenerationResult,
-    StepEvent,
-    collect,
-    flash_method,
-    generate,
-)
+from flash.engine.config import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig
+from flash.engine.events import GenerationResult, StepEvent, collect
+from flash.engine.loops import flash_method, generate
 
 __all__ = [
     "DEFAULT_MIN_DRAFT_PROB",

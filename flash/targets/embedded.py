@@ -27,6 +27,7 @@ from flash.cpu import cpu_kernels
 from flash.cpu.fp16_linear import Fp16Linear, convert_linears, fp16_gemm_available
 from flash.cpu.lean_llama import LeanLlama, fp32_linear
 from flash.engine.logits_rules import LogitsRules
+from flash.engine.sampling import choose_token  # the same token choice as the decoding loops
 from flash.engine.verification import make_generator
 from flash.targets.base import PrefillOutput, Prompt, TargetModel, TargetState
 from flash.targets.imagenet_groups import everyday_group
@@ -285,13 +286,11 @@ class DefaultTarget(TargetModel):
         """Responses and hidden states for several (prompt, config) rows at once (left-padded batch).
 
         Used to build training data fast (a CPU decode step costs about the same for 1 row as for
-        8); decoding loops never use it. ``configs[i]`` (a :class:`flash.engine.loops.GenerationConfig`)
+        8); decoding loops never use it. ``configs[i]`` (a :class:`flash.engine.config.GenerationConfig`)
         decodes ``prompts[i]``; rows holding the *same* Prompt object share one prefill (a greedy
         and a sampled answer to one prompt cost one prefill), and finished rows leave the batch.
         Returns, per row, (response ids, h over prompt + response [L+R, D]).
         """
-        from flash.engine.loops import _choose  # the same token choice as the decoding loops
-
         unique = list({id(p): p for p in prompts}.values())
         slot = {id(p): i for i, p in enumerate(unique)}
         width = max(p.length for p in unique)
@@ -321,7 +320,7 @@ class DefaultTarget(TargetModel):
             for i, row in enumerate(rows):
                 if not finished(row):
                     row_logits = configs[row].rules.apply(logits[i : i + 1], responses[row], len(responses[row]))[0]
-                    responses[row].append(_choose(row_logits, configs[row], generators[row]))
+                    responses[row].append(choose_token(row_logits, configs[row], generators[row]))
             # Every row feeds its last token once more, even a finished one: training needs h there.
             ids = torch.tensor([[responses[row][-1]] for row in rows])
             mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from flash.engine import GenerationConfig
+from flash.engine.sampling import choose_token
 from flash.engine.verification import make_generator
 from flash.targets.base import Prompt, TargetModel
 from flash.training.corpus import CorpusItem, MediaFileItem
@@ -40,13 +41,11 @@ class Record:
 @torch.inference_mode()
 def _decode_with_hidden(target: TargetModel, prompt: Prompt, config: GenerationConfig):
     """Plain decoding that keeps h: (response ids, h over prompt + response [L+R, D])."""
-    from flash.engine.loops import _choose
-
     generator = make_generator(config.seed, target.device)
     pre = target.prefill(prompt)
     hidden, logits, response = [pre.hidden], pre.last_logits[None], []
     while True:
-        response.append(_choose(config.rules.apply(logits, response, len(response))[0], config, generator))
+        response.append(choose_token(config.rules.apply(logits, response, len(response))[0], config, generator))
         # Feed every token, the last one too: training needs h at the final position.
         logits, h = target.forward(pre.state, torch.tensor([[response[-1]]], device=target.device))
         hidden.append(h)

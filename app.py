@@ -116,7 +116,7 @@ PRESENT_TOGGLE_JS = "(on) => { document.body.classList.toggle('flash-present', o
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is meant for the user, shown as is."""
     from flash.draft import DraftError
-    from flash.targets.hf import TargetLoadError
+    from flash.targets.hub import TargetLoadError
     from flash.weights import WeightsError
 
     return (MediaError, DraftError, WeightsError, TargetLoadError, ValueError)

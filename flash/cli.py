@@ -22,7 +22,7 @@ class UsageError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from flash.draft import DraftError
     from flash.media import MediaError
-    from flash.targets.hf import TargetLoadError
+    from flash.targets.hub import TargetLoadError
     from flash.weights import WeightsError
 
     return (UsageError, MediaError, DraftError, WeightsError, TargetLoadError)

@@ -207,18 +207,19 @@ def format_report(report: DoctorReport) -> list[str]:
 def load(model: str, tiny: str | None, attention: str | None, draft_path: str | None,
          stack: ExitStack) -> tuple[TargetModel, FlashDraft]:
     """The target and draft the doctor checks. A tiny target is saved and loaded back through
-    :func:`flash.targets.hf.load_hf_target`, the path a hub id takes (bf16 and device_map on CUDA)."""
+    :func:`flash.targets.hub.load_hf_target`, the path a hub id takes (bf16 and device_map on CUDA)."""
     from flash.models import DEFAULT_MODEL, load_draft, load_target
 
     if tiny is not None or (attention and model != DEFAULT_MODEL):
-        from flash.targets import hf as hf_targets
+        from flash.targets.hub import load_hf_target
+        from flash.targets.tiny import tiny_llava, tiny_qwen2_5_vl
 
         source, name = model, None
         if tiny is not None:
-            made = (hf_targets.tiny_llava if tiny == "llava" else hf_targets.tiny_qwen2_5_vl)(0)
+            made = (tiny_llava if tiny == "llava" else tiny_qwen2_5_vl)(0)
             source, name = stack.enter_context(tempfile.TemporaryDirectory(prefix="flash-doctor-")), made.name
             made.save_pretrained(source)
-        target = hf_targets.load_hf_target(source, attn_implementation=attention)
+        target = load_hf_target(source, attn_implementation=attention)
         target.name = name or target.name  # the tiny model's own name, not its temporary folder's
     else:
         target = load_target(model, quiet=True)

@@ -79,7 +79,7 @@ def load_target(model: str = DEFAULT_MODEL, *, quiet: bool = False) -> TargetMod
 
                 _TARGETS[model] = load_default_target(quiet=quiet, lm=EMBEDDED_MODELS[model])
             else:
-                from flash.targets.hf import load_hf_target
+                from flash.targets.hub import load_hf_target
 
                 _evict(keep=tuple(EMBEDDED_MODELS))  # before loading: the two must not be in memory at once
                 _TARGETS[model] = load_hf_target(model)

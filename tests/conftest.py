@@ -108,12 +108,12 @@ def default_target() -> TargetModel:
 
 @pytest.fixture(scope="session")
 def tiny_llava() -> TargetModel:
-    return pytest.importorskip("flash.targets.hf").tiny_llava(0)
+    return pytest.importorskip("flash.targets.tiny").tiny_llava(0)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen() -> TargetModel:
-    return pytest.importorskip("flash.targets.hf").tiny_qwen2_5_vl(0)
+    return pytest.importorskip("flash.targets.tiny").tiny_qwen2_5_vl(0)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flash.targets.hf import tiny_llava  # noqa: E402
+from flash.targets.tiny import tiny_llava  # noqa: E402
 from flash.training.distill import load_records  # noqa: E402
 from flash.training.trainer import TrainConfig, train  # noqa: E402
 

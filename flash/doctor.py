@@ -232,10 +232,10 @@ def echo_draft(target: TargetModel) -> FlashDraft:
     """A draft for a random target, which no trained draft fits: every slot predicts ``h_t`` itself (the
     block's output and the stream zeroed, gate 1), so it proposes what the target liked one position
     earlier, often enough right that accepting, rejecting and rolling back all run."""
-    from flash.models import _heads_for
+    from flash.models import draft_heads_for
 
     cfg = DraftConfig(target_name=target.name, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
-                      num_heads=_heads_for(target.hidden_size), intermediate_size=2 * target.hidden_size, k=3,
+                      num_heads=draft_heads_for(target.hidden_size), intermediate_size=2 * target.hidden_size, k=3,
                       num_latents=4)
     with torch.random.fork_rng(devices=[]):  # reproducible weights without touching the caller's RNG
         torch.manual_seed(0)

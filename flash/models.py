@@ -141,7 +141,7 @@ def _load_draft(target: TargetModel, path: str | Path | None, quiet: bool) -> Fl
             print("warning: no trained draft for this target; using an untrained one (exact output, "
                   "low acceptance). Train one with `python -m flash train`.", file=sys.stderr)
         cfg = DraftConfig(target_name=target.name, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
-                          num_heads=_heads_for(target.hidden_size))
+                          num_heads=draft_heads_for(target.hidden_size))
         with torch.random.fork_rng(devices=[]):  # reproducible weights without touching the caller's RNG
             torch.manual_seed(0)
             draft = FlashDraft(cfg)
@@ -156,8 +156,8 @@ def _load_draft(target: TargetModel, path: str | Path | None, quiet: bool) -> Fl
     return draft
 
 
-def _heads_for(hidden: int) -> int:
-    """A head count that divides ``hidden`` into heads of size 64 when possible."""
+def draft_heads_for(hidden: int) -> int:
+    """The draft's attention head count for a target of width ``hidden``: heads of size 64 when possible."""
     for head_dim in (64, 32, 16, 8):
         if hidden % head_dim == 0:
             return hidden // head_dim

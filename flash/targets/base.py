@@ -12,7 +12,7 @@ Vocabulary (FLASH.md): ``h_t`` is the last-layer hidden state *after* the final 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -51,7 +51,6 @@ class TargetState:
     cache: Any
     length: int
     rope_offset: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import plotly.graph_objects as go
 import torch
 from PIL import Image
 
-from flash.decoding import DEFAULT_MIN_DRAFT_PROB, GenerationConfig
+from flash.engine import DEFAULT_MIN_DRAFT_PROB, GenerationConfig
 from flash.media import Media, MediaError, browser_preview, load_media
 from flash.models import DEFAULT_MODEL, PRESETS, Preset, load_draft, load_target
 from flash.race import RaceFrame, RaceRecorder, RaceRecording, SideView, on_one_clock, race
@@ -116,7 +116,7 @@ PRESENT_TOGGLE_JS = "(on) => { document.body.classList.toggle('flash-present', o
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is meant for the user, shown as is."""
     from flash.draft import DraftError
-    from flash.hf_targets import TargetLoadError
+    from flash.targets.hub import TargetLoadError
     from flash.weights import WeightsError
 
     return (MediaError, DraftError, WeightsError, TargetLoadError, ValueError)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from flash.decoding import GenerationConfig, GenerationResult, collect, generate
+from flash.engine import GenerationConfig, GenerationResult, collect, generate
 from flash.media import Media, load_media
-from flash.target import Prompt, TargetModel
+from flash.targets.base import Prompt, TargetModel
 
 MEDIA_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mp4", ".webm", ".mov",
                   ".mkv", ".avi"}

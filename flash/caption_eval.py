@@ -23,14 +23,14 @@ import sys
 import zipfile
 from pathlib import Path
 
-from flash.decoding import GenerationConfig, collect, generate
+from flash.engine import GenerationConfig, collect, generate
 from flash.media import load_media
 from flash.weights import WeightsError, cache_dir
 
 LABELS = Path(__file__).resolve().parent.parent / "assets" / "caption_eval.json"
 
 #: How the embedded Qwen target's grounding starts when the classifier is unsure
-#: (flash.default_target.hedged_grounding); SmolLM2's grounding never hedges.
+#: (flash.targets.embedded.hedged_grounding); SmolLM2's grounding never hedges.
 HEDGE_MARK = "(It may show"
 
 

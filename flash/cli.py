@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from flash.decoding import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, collect, flash_method, generate
+from flash.engine import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, collect, flash_method, generate
 from flash.models import DEFAULT_MODEL
 
 
@@ -21,8 +21,8 @@ class UsageError(Exception):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from flash.draft import DraftError
-    from flash.hf_targets import TargetLoadError
     from flash.media import MediaError
+    from flash.targets.hub import TargetLoadError
     from flash.weights import WeightsError
 
     return (UsageError, MediaError, DraftError, WeightsError, TargetLoadError)

@@ -11,7 +11,7 @@ import zlib
 from pathlib import Path
 
 from flash.models import DEFAULT_MODEL
-from flash.training import MIXED_PRECISION
+from flash.training.trainer import MIXED_PRECISION
 
 
 def add_parser(sub) -> None:
@@ -75,8 +75,8 @@ def _user_corpus(folders: list[str], seed: int):
     Each file is decoded once here (unreadable ones are skipped with a message) and again when it
     is distilled: its frames are not kept, so any number of files fits in memory.
     """
-    from flash.corpus import IMAGE_PROMPTS, VIDEO_PROMPTS, MediaFileItem
     from flash.media import MediaError, load_media
+    from flash.training.corpus import IMAGE_PROMPTS, VIDEO_PROMPTS, MediaFileItem
 
     rng = random.Random(seed)
     items = []
@@ -105,10 +105,10 @@ def _with_default_prompt(item, target):
 
 def cmd_train(args) -> int:
     from flash.cli import UsageError
-    from flash.corpus import build_corpus
-    from flash.distill import distill, load_records
     from flash.models import load_target
-    from flash.training import TrainConfig, train
+    from flash.training.corpus import build_corpus
+    from flash.training.distill import distill, load_records
+    from flash.training.trainer import TrainConfig, train
     from flash.weights import cache_dir
 
     started = time.time()  # --distill-minutes counts from here: building the corpus takes part of it

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from flash.bench import first_difference
-from flash.decoding import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, collect, generate
 from flash.draft import DraftConfig, FlashDraft
-from flash.target import Prompt, TargetModel
+from flash.engine import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, collect, generate
+from flash.targets.base import Prompt, TargetModel
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "assets" / "examples" / "cat.jpg"
 TINY = ("llava", "qwen2.5-vl")
@@ -207,18 +207,19 @@ def format_report(report: DoctorReport) -> list[str]:
 def load(model: str, tiny: str | None, attention: str | None, draft_path: str | None,
          stack: ExitStack) -> tuple[TargetModel, FlashDraft]:
     """The target and draft the doctor checks. A tiny target is saved and loaded back through
-    :func:`flash.hf_targets.load_hf_target`, the path a hub id takes (bf16 and device_map on CUDA)."""
+    :func:`flash.targets.hub.load_hf_target`, the path a hub id takes (bf16 and device_map on CUDA)."""
     from flash.models import DEFAULT_MODEL, load_draft, load_target
 
     if tiny is not None or (attention and model != DEFAULT_MODEL):
-        from flash import hf_targets
+        from flash.targets.hub import load_hf_target
+        from flash.targets.tiny import tiny_llava, tiny_qwen2_5_vl
 
         source, name = model, None
         if tiny is not None:
-            made = (hf_targets.tiny_llava if tiny == "llava" else hf_targets.tiny_qwen2_5_vl)(0)
+            made = (tiny_llava if tiny == "llava" else tiny_qwen2_5_vl)(0)
             source, name = stack.enter_context(tempfile.TemporaryDirectory(prefix="flash-doctor-")), made.name
             made.save_pretrained(source)
-        target = hf_targets.load_hf_target(source, attn_implementation=attention)
+        target = load_hf_target(source, attn_implementation=attention)
         target.name = name or target.name  # the tiny model's own name, not its temporary folder's
     else:
         target = load_target(model, quiet=True)
@@ -231,10 +232,10 @@ def echo_draft(target: TargetModel) -> FlashDraft:
     """A draft for a random target, which no trained draft fits: every slot predicts ``h_t`` itself (the
     block's output and the stream zeroed, gate 1), so it proposes what the target liked one position
     earlier, often enough right that accepting, rejecting and rolling back all run."""
-    from flash.models import _heads_for
+    from flash.models import draft_heads_for
 
     cfg = DraftConfig(target_name=target.name, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
-                      num_heads=_heads_for(target.hidden_size), intermediate_size=2 * target.hidden_size, k=3,
+                      num_heads=draft_heads_for(target.hidden_size), intermediate_size=2 * target.hidden_size, k=3,
                       num_latents=4)
     with torch.random.fork_rng(devices=[]):  # reproducible weights without touching the caller's RNG
         torch.manual_seed(0)

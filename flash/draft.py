@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flash import cpu_kernels
-from flash.rope import apply_rope, rope_tables
+from flash.cpu import cpu_kernels
+from flash.cpu.rope import apply_rope, rope_tables
 
 CONFIG_FILE = "draft_config.json"
 WEIGHTS_FILE = "draft.safetensors"
@@ -181,14 +181,14 @@ class FlashDraft(nn.Module):
         return self
 
     def pack_fp16(self) -> FlashDraft:
-        """CPU inference only: run the linear layers and the head with fp16 weights (:mod:`flash.fp16_linear`),
+        """CPU inference only: run the linear layers and the head with fp16 weights (:mod:`flash.cpu.fp16_linear`),
         and the norms and rotary embedding as FLASH's C++ ops where they build (one call each; the norms
         equal the module's up to float rounding).
 
         The saved weights are fp16 already, so only the head (rows of the target's) is rounded. A
-        draft step's small matmuls cost ~2x less (see :mod:`flash.fp16_linear`). No training after this.
+        draft step's small matmuls cost ~2x less (see :mod:`flash.cpu.fp16_linear`). No training after this.
         """
-        from flash.fp16_linear import convert_linears
+        from flash.cpu.fp16_linear import convert_linears
 
         convert_linears(self)
         if cpu_kernels.kernel_available():
@@ -202,7 +202,7 @@ class FlashDraft(nn.Module):
 
     def _pack_head(self) -> None:
         """The head as fp16 packed weights; the fp32 rows are dropped (only the packed copy is read)."""
-        from flash.fp16_linear import Fp16Linear
+        from flash.cpu.fp16_linear import Fp16Linear
 
         self._head_fp16 = Fp16Linear.from_weight(self._head_weight)
         self._head_weight = None

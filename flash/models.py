@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 from flash.draft import DraftConfig, DraftError, FlashDraft
-from flash.target import TargetModel
+from flash.targets.base import TargetModel
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = "default"
 DEFAULT_DRAFT = ASSETS / "drafts" / "default"
-#: The embedded CPU models (flash.default_target.EMBEDDED_LMS keys); "default" names one of them.
+#: The embedded CPU models (flash.targets.embedded.EMBEDDED_LMS keys); "default" names one of them.
 EMBEDDED_MODELS = {DEFAULT_MODEL: "smollm2", "qwen2.5": "qwen2.5"}
 #: Other names accepted for them (the cache keys stay the ones above).
 EMBEDDED_ALIASES = {"smollm2": DEFAULT_MODEL}
@@ -75,11 +75,11 @@ def load_target(model: str = DEFAULT_MODEL, *, quiet: bool = False) -> TargetMod
     with _LOCK:
         if model not in _TARGETS:
             if model in EMBEDDED_MODELS:
-                from flash.default_target import load_default_target
+                from flash.targets.embedded import load_default_target
 
                 _TARGETS[model] = load_default_target(quiet=quiet, lm=EMBEDDED_MODELS[model])
             else:
-                from flash.hf_targets import load_hf_target
+                from flash.targets.hub import load_hf_target
 
                 _evict(keep=tuple(EMBEDDED_MODELS))  # before loading: the two must not be in memory at once
                 _TARGETS[model] = load_hf_target(model)
@@ -141,7 +141,7 @@ def _load_draft(target: TargetModel, path: str | Path | None, quiet: bool) -> Fl
             print("warning: no trained draft for this target; using an untrained one (exact output, "
                   "low acceptance). Train one with `python -m flash train`.", file=sys.stderr)
         cfg = DraftConfig(target_name=target.name, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
-                          num_heads=_heads_for(target.hidden_size))
+                          num_heads=draft_heads_for(target.hidden_size))
         with torch.random.fork_rng(devices=[]):  # reproducible weights without touching the caller's RNG
             torch.manual_seed(0)
             draft = FlashDraft(cfg)
@@ -156,8 +156,8 @@ def _load_draft(target: TargetModel, path: str | Path | None, quiet: bool) -> Fl
     return draft
 
 
-def _heads_for(hidden: int) -> int:
-    """A head count that divides ``hidden`` into heads of size 64 when possible."""
+def draft_heads_for(hidden: int) -> int:
+    """The draft's attention head count for a target of width ``hidden``: heads of size 64 when possible."""
     for head_dim in (64, 32, 16, 8):
         if hidden % head_dim == 0:
             return hidden // head_dim

@@ -28,9 +28,9 @@ from itertools import pairwise
 from threading import Event
 from typing import Any, Literal
 
-from flash.decoding import GenerationConfig, StepEvent, collect, flash_method, generate
 from flash.draft import FlashDraft
-from flash.target import TargetModel
+from flash.engine import GenerationConfig, StepEvent, collect, flash_method, generate
+from flash.targets.base import TargetModel
 
 __all__ = ["BASELINE", "FLASH", "RaceFrame", "RaceRecorder", "RaceRecording", "RaceUpdate", "SideView",
            "compare_outputs", "on_one_clock", "race"]

@@ -176,7 +176,7 @@ def fetch_split_weight(weight: SplitWeight, *, quiet: bool = False) -> Path:
     return out
 
 
-#: What each embedded language model needs besides MobileNetV2 (see :mod:`flash.default_target`).
+#: What each embedded language model needs besides MobileNetV2 (see :mod:`flash.targets.embedded`).
 EMBEDDED_LM_WEIGHTS: dict[str, WeightWheel | SplitWeight] = {"smollm2": SMOLLM2, "qwen2.5": QWEN2_5_CODER_0_5B}
 
 

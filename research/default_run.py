@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flash.decoding import GenerationConfig  # noqa: E402
+from flash.engine import GenerationConfig  # noqa: E402
 from flash.media import MediaError, load_media  # noqa: E402
 from flash.models import load_draft, load_target  # noqa: E402
 

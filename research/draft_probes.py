@@ -31,10 +31,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import flash.training as training  # noqa: E402
-from flash.distill import load_record  # noqa: E402
+import flash.training.trainer as training  # noqa: E402
 from flash.draft import FlashDraft, RMSNorm  # noqa: E402
 from flash.models import load_target  # noqa: E402
+from flash.training.distill import load_record  # noqa: E402
 from flash.weights import cache_dir  # noqa: E402
 
 RECORDS, EPOCHS = 400, 2
@@ -49,7 +49,7 @@ def _save_output(into: dict, name: str, module, inputs, output) -> None:
 
 def extract(target, out: Path) -> None:
     """Save FEATURE_LAYERS' outputs (fp16) along the probes' records into ``out``."""
-    from flash.corpus import build_corpus
+    from flash.training.corpus import build_corpus
 
     out.mkdir(parents=True, exist_ok=True)
     lean, worst, start = target._lean, 0.0, time.perf_counter()  # the default model's own pieces

@@ -1,6 +1,6 @@
 """FLASH's CPU kernels at another git revision vs the working tree's: ``python research/kernel_ab.py REV``.
 
-Builds ``flash/csrc/*.cpp`` as of REV (e.g. ``HEAD~1``) and as in the working tree into two libraries
+Builds ``flash/cpu/csrc/*.cpp`` as of REV (e.g. ``HEAD~1``) and as in the working tree into two libraries
 whose ops live under other names (so both load into one process), checks that their outputs are the
 same floats, and times them interleaved (median of ``--repeats`` rounds): the fp16 GEMM over a decoder
 layer's four weight shapes at decoding and prefill row counts (weights warm in cache), and the
@@ -58,15 +58,23 @@ def timed(calls: dict, repeats: int) -> dict[str, float]:
     return {name: sorted(t)[repeats // 2] for name, t in times.items()}
 
 
+def _source_at(rev: str, name: str) -> str:
+    """A kernel source as of ``rev``: under flash/cpu/csrc, or flash/csrc before the package was split."""
+    for folder in ("flash/cpu/csrc", "flash/csrc"):
+        done = subprocess.run(["git", "show", f"{rev}:{folder}/{name}"], cwd=ROOT, capture_output=True, text=True)
+        if done.returncode == 0:
+            return done.stdout
+    raise SystemExit(f"{name} is in neither flash/cpu/csrc nor flash/csrc at {rev}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rev", help="the git revision to compare the working tree's kernels with")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     names = [source.name for source in cpu_kernels.SOURCES]
-    old = {n: subprocess.run(["git", "show", f"{args.rev}:flash/csrc/{n}"], cwd=ROOT, check=True,
-                             capture_output=True, text=True).stdout for n in names}
-    new = {n: (ROOT / "flash" / "csrc" / n).read_text() for n in names}
+    old = {n: _source_at(args.rev, n) for n in names}
+    new = {n: (ROOT / "flash" / "cpu" / "csrc" / n).read_text() for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         ops = {"rev": build(old, "rev", Path(tmp)), "tree": build(new, "tree", Path(tmp))}
     print(f"{args.rev} ('rev') vs the working tree ('tree'), {torch.get_num_threads()} threads, median of "
@@ -102,8 +110,8 @@ def model_lines(ops: dict, repeats: int) -> None:
     """The default model's prefill, and its decoding passes of 1 and 5 tokens after that prompt, with
     each library's GEMM and attention (``cpu_kernels.linear`` / ``decode_attention`` swapped per call;
     the norms and rotary embedding are the working tree's)."""
-    from flash.default_target import load_default_target
     from flash.media import load_media
+    from flash.targets.embedded import load_default_target
 
     target, own = load_default_target(quiet=True), (cpu_kernels.linear, cpu_kernels.decode_attention)
 

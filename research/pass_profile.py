@@ -19,8 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flash.default_target import load_default_target  # noqa: E402
 from flash.media import MediaError, load_media  # noqa: E402
+from flash.targets.embedded import load_default_target  # noqa: E402
 
 
 def top_ops(run, repeats: int, rows: int = 8) -> list[tuple[str, float, int]]:

@@ -17,17 +17,17 @@ sys.path.insert(0, str(ROOT))
 
 from default_run import DEFAULT_MEDIA, default_run  # noqa: E402 (a sibling script)
 
-from flash.decoding import collect, generate  # noqa: E402
+from flash.engine import collect, generate  # noqa: E402
 
 PARTS = {  # (file suffix, function name) -> label; cumulative times
-    ("default_target.py", "forward"): "target forward",
-    ("default_target.py", "forward_tree"): "target forward (tree pass)",
-    ("fp16_linear.py", "forward"): "  of which fp16 GEMMs (target + draft)",
-    ("decoding.py", "propose"): "draft: propose",
-    ("decoding.py", "propose_tree"): "draft: propose a tree",
-    ("target.py", "keep"): "target cache: keep the accepted path",
-    ("decoding.py", "update"): "draft: fold in accepted tokens",
-    ("logits_rules.py", "apply"): "logits rules (target and draft)",
+    ("targets/embedded.py", "forward"): "target forward",
+    ("targets/embedded.py", "forward_tree"): "target forward (tree pass)",
+    ("cpu/fp16_linear.py", "forward"): "  of which fp16 GEMMs (target + draft)",
+    ("engine/proposers.py", "propose"): "draft: propose",
+    ("engine/proposers.py", "propose_tree"): "draft: propose a tree",
+    ("targets/base.py", "keep"): "target cache: keep the accepted path",
+    ("engine/proposers.py", "update"): "draft: fold in accepted tokens",
+    ("engine/logits_rules.py", "apply"): "logits rules (target and draft)",
 }
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)

@@ -1,8 +1,8 @@
 """What a sampled token's filtering and draw cost on this CPU: ``python research/sampler_cost.py``.
 
 On real logits rows of the default model (its greedy continuation of cat.jpg's caption, fed in one
-pass), times :func:`flash.verification.logits_to_probs` (temperature + top-p) and
-:func:`flash.verification.sample` against the direct way (sort each whole row; ``torch.multinomial``)
+pass), times :func:`flash.engine.verification.logits_to_probs` (temperature + top-p) and
+:func:`flash.engine.verification.sample` against the direct way (sort each whole row; ``torch.multinomial``)
 for one row (a plain decoding step) and five (a verification of four draft tokens): median of 100
 calls each, after checking both filters agree. Also prints how often a row's nucleus is wider than
 the partial sort's guess (those rows are sorted whole).
@@ -18,10 +18,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flash.decoding import GenerationConfig, collect, generate  # noqa: E402
+from flash.engine import GenerationConfig, collect, generate  # noqa: E402
+from flash.engine.verification import NUCLEUS_GUESS, _nucleus, logits_to_probs, sample  # noqa: E402
 from flash.media import load_media  # noqa: E402
 from flash.models import load_target  # noqa: E402
-from flash.verification import NUCLEUS_GUESS, _nucleus, logits_to_probs, sample  # noqa: E402
 
 TEMPERATURE, TOP_P, TOKENS = 0.7, 0.9, 64
 

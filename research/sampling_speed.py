@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flash.bench import load_samples  # noqa: E402
-from flash.decoding import DEFAULT_MIN_DRAFT_PROB, GenerationConfig, collect, generate  # noqa: E402
+from flash.engine import DEFAULT_MIN_DRAFT_PROB, GenerationConfig, collect, generate  # noqa: E402
 from flash.models import DEFAULT_MODEL, load_draft, load_target  # noqa: E402
 
 METHODS = ("ar", "flash", "flash-tree")

@@ -20,8 +20,10 @@ sys.path.insert(0, str(ROOT))
 
 from default_run import DEFAULT_MEDIA, default_run  # noqa: E402 (a sibling script)
 
-import flash.decoding as decoding  # noqa: E402
+import flash.engine.loops as loops  # noqa: E402
+import flash.engine.proposers as proposers  # noqa: E402
 from flash.draft import FlashDraft  # noqa: E402
+from flash.engine import collect, generate  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
 parser.add_argument("media", nargs="?", default=DEFAULT_MEDIA,
@@ -52,24 +54,24 @@ def timed(owner, name: str, label: str) -> None:
 PARTS = [  # (owner, attribute, label); nested parts are indented
     (type(target), "forward", "target: one-token pass"),
     (type(target), "forward_tree", "target: tree pass"),
-    (decoding._DraftProposer, "propose_tree", "drafting the tree"),
+    (proposers.DraftProposer, "propose_tree", "drafting the tree"),
     (FlashDraft, "propose", "  the draft's pass"),
     (FlashDraft, "draft_logits", "  its logits"),
-    (decoding, "build_tree", "  building the tree"),
-    (decoding, "tree_attention", "tree mask and positions"),
-    (decoding, "walk_tree", "walking the tree (target's rules, choice)"),
+    (proposers, "build_tree", "  building the tree"),
+    (loops, "tree_attention", "tree mask and positions"),
+    (loops, "walk_tree", "walking the tree (target's rules, choice)"),
     (type(target), "keep", "KV cache: keep the accepted path"),
-    (decoding._DraftProposer, "update", "draft: fold in accepted tokens"),
+    (proposers.DraftProposer, "update", "draft: fold in accepted tokens"),
 ]
 for owner, name, label in PARTS:
     timed(owner, name, label)
 
-decoding.collect(decoding.generate(target, prompt, "flash-tree", draft, config))  # warm-up
+collect(generate(target, prompt, "flash-tree", draft, config))  # warm-up
 ms_per_step = {}
 for round_ in range(args.rounds):
     for method in ("ar", "flash-tree"):
         spent.clear()
-        result = decoding.collect(decoding.generate(target, prompt, method, draft, config))
+        result = collect(generate(target, prompt, method, draft, config))
         step_ms = (result.seconds - result.prefill_seconds) * 1000 / result.steps
         ms_per_step[method] = step_ms
         print(f"round {round_ + 1}, {method}: {result.steps} steps, tau {result.tau:.2f}, {step_ms:.1f} ms per step")

@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from verify_cost import forward_medians  # noqa: E402 (a sibling script)
 
-from flash.distill import load_records  # noqa: E402
+from flash.engine.tree import build_tree  # noqa: E402
 from flash.models import load_draft, load_target  # noqa: E402
-from flash.training import _sample_tensors  # noqa: E402
-from flash.tree import build_tree  # noqa: E402
+from flash.training.distill import load_records  # noqa: E402
+from flash.training.trainer import _sample_tensors  # noqa: E402
 from flash.weights import cache_dir  # noqa: E402
 
 TOP, OUTSIDE = 6, 99  # candidates per slot; rank of a token the draft cannot propose
@@ -88,7 +88,7 @@ def chain(cut: float):
 
 
 def tree(cut: float, size: int, branch: int = TOP):
-    """The engine's own tree building (flash.tree.build_tree) over ranks: node = tuple of slot ranks."""
+    """The engine's own tree building (flash.engine.tree.build_tree) over ranks: node = tuple of slot ranks."""
     def select(probs):
         built = build_tree(lambda depth, path: (list(range(TOP)), probs[depth - 1].tolist()), K, size, cut, branch)
         return {tuple(built.path(i)) for i in range(len(built))}

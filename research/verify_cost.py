@@ -2,8 +2,8 @@
 
 Speculative decoding pays off only when τ exceeds this ratio. Run: ``python research/verify_cost.py``.
 For an image prompt (coffee.jpg) and a video prompt (coffee_rocket_cut.mp4, 8 frames), with the
-default lean forward (:mod:`flash.lean_llama`: fused projections, in-place KV cache, FLASH's C++
-norms, rotary embedding and decoding attention) on FLASH's fp16 GEMM kernel (:mod:`flash.cpu_kernels`),
+default lean forward (:mod:`flash.cpu.lean_llama`: fused projections, in-place KV cache, FLASH's C++
+norms, rotary embedding and decoding attention) on FLASH's fp16 GEMM kernel (:mod:`flash.cpu.cpu_kernels`),
 the same with torch's norms, rotary embedding and grouped-KV SDPA instead ("torch ops"), the default
 on fbgemm's fp16 GEMM, and transformers' own modules, cache and sdpa (on FLASH's kernel), interleaved
 in one process: the median of 15 forwards per size, each cropped back.
@@ -19,8 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flash.default_target import load_default_target  # noqa: E402
 from flash.media import load_media  # noqa: E402
+from flash.targets.embedded import load_default_target  # noqa: E402
 
 SIZES = (1, 2, 3, 5, 8)
 

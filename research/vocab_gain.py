@@ -17,10 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flash.distill import load_records  # noqa: E402
 from flash.draft import DraftError, FlashDraft  # noqa: E402
 from flash.models import DEFAULT_DRAFT, load_target  # noqa: E402
-from flash.training import TrainConfig, evaluate  # noqa: E402
+from flash.training.distill import load_records  # noqa: E402
+from flash.training.trainer import TrainConfig, evaluate  # noqa: E402
 from flash.weights import cache_dir  # noqa: E402
 
 

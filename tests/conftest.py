@@ -24,7 +24,7 @@ if ROOT not in sys.path:  # run as `pytest tests/` from anywhere, without instal
 
 from flash.draft import DraftConfig, FlashDraft  # noqa: E402
 from flash.media import Media  # noqa: E402
-from flash.target import TargetModel  # noqa: E402
+from flash.targets.base import TargetModel  # noqa: E402
 
 # --- media ----------------------------------------------------------------------------------------
 
@@ -97,7 +97,7 @@ def write_video(
 def assert_tree_pass_equals_chains(target: TargetModel, prompt, atol: float = 1e-4) -> None:
     """Every row of one tree pass sees exactly its own path: its logits and h equal its branch's, run as
     a chain after a fresh prefill."""
-    from flash.tree import DraftTree, tree_attention
+    from flash.engine.tree import DraftTree, tree_attention
 
     tree = DraftTree(tokens=(5, 9, 7, 3), parents=(-1, -1, 0, 2), depths=(1, 1, 2, 3))
     pre = target.prefill(prompt)
@@ -137,7 +137,7 @@ def default_model_ready(request) -> None:
         try:
             fetch_all(quiet=False)  # prints only what it downloads
             if set(weights.iterdir()) != before:  # a first fetch: finish what `python -m flash fetch` does
-                from flash.default_target import EMBEDDED_LMS, load_default_target
+                from flash.targets.embedded import EMBEDDED_LMS, load_default_target
 
                 for lm in EMBEDDED_LMS:  # converts each LM to safetensors once; the first builds the CPU kernels
                     load_default_target(quiet=False, lm=lm)
@@ -148,7 +148,7 @@ def default_model_ready(request) -> None:
 
 @pytest.fixture(scope="session")
 def default_target() -> TargetModel:
-    from flash.default_target import load_default_target
+    from flash.targets.embedded import load_default_target
     from flash.weights import WeightsError
 
     if _FETCH_ERRORS:  # failing, not skipping: a run that cannot reach the model must not look green
@@ -161,12 +161,12 @@ def default_target() -> TargetModel:
 
 @pytest.fixture(scope="session")
 def tiny_llava() -> TargetModel:
-    return pytest.importorskip("flash.hf_targets").tiny_llava(0)
+    return pytest.importorskip("flash.targets.tiny").tiny_llava(0)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen() -> TargetModel:
-    return pytest.importorskip("flash.hf_targets").tiny_qwen2_5_vl(0)
+    return pytest.importorskip("flash.targets.tiny").tiny_qwen2_5_vl(0)
 
 
 @pytest.fixture(scope="module")

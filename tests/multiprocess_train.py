@@ -12,9 +12,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flash.distill import load_records  # noqa: E402
-from flash.hf_targets import tiny_llava  # noqa: E402
-from flash.training import TrainConfig, train  # noqa: E402
+from flash.targets.tiny import tiny_llava  # noqa: E402
+from flash.training.distill import load_records  # noqa: E402
+from flash.training.trainer import TrainConfig, train  # noqa: E402
 
 target = tiny_llava(0)
 records = load_records(Path(sys.argv[1]), target.name)

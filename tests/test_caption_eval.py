@@ -26,9 +26,9 @@ from flash.caption_eval import (
     load_labels,
     summarize,
 )
-from flash.corpus import HELDOUT_PHOTOS, TRAIN_PHOTOS, _skimage_photo
-from flash.default_target import hedged_grounding
 from flash.media import load_media
+from flash.targets.embedded import hedged_grounding
+from flash.training.corpus import HELDOUT_PHOTOS, TRAIN_PHOTOS, _skimage_photo
 from flash.weights import WeightsError
 
 ROOT = Path(__file__).resolve().parent.parent

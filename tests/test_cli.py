@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flash.decoding import GenerationConfig, collect, generate
+from flash.engine import GenerationConfig, collect, generate
 from flash.media import load_media
 from flash.models import load_draft
 
@@ -122,9 +122,9 @@ def test_train_distils_the_user_s_media_folder(tmp_path):
     """``--media``: every readable file is a corpus item (a bad one is skipped with a message), items
     keep only their path (frames are decoded again when distilled), and records keep each kind."""
     from flash.cli_train import _user_corpus
-    from flash.corpus import MediaFileItem
-    from flash.default_target import DEFAULT_TARGET_NAME
-    from flash.distill import load_records
+    from flash.targets.embedded import DEFAULT_TARGET_NAME
+    from flash.training.corpus import MediaFileItem
+    from flash.training.distill import load_records
 
     media = tmp_path / "media" / "nested"
     media.mkdir(parents=True)

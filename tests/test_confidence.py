@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from flash.decoding import GenerationConfig, collect, generate
+from flash.engine import GenerationConfig, collect, generate
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.05, 0.5, 0.99])
@@ -50,8 +50,8 @@ def test_sampling_with_cut_runs_and_validates(tiny_llava, photos, make_echo_draf
 @pytest.mark.parametrize("threshold", [0.0, 1e-6, 1e-3, 0.3])
 def test_the_cut_is_on_the_joint_confidence(tiny_llava, make_draft, rules_active, threshold):
     """Drafts are kept while the product of the draft's top-token probabilities stays >= the cut."""
-    from flash.decoding import _draft_tokens
-    from flash.logits_rules import LogitsRules
+    from flash.engine.logits_rules import LogitsRules
+    from flash.engine.proposers import _draft_tokens
 
     draft = make_draft(tiny_llava, k=4)
     rules = LogitsRules(repetition_penalty=1.3, no_repeat_ngram_size=2) if rules_active else LogitsRules()

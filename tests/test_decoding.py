@@ -17,11 +17,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from flash.decoding import GenerationConfig, GenerationResult, StepEvent, collect, generate
 from flash.draft import DraftConfig, DraftError, FlashDraft
-from flash.logits_rules import LogitsRules
-from flash.target import Prompt, TargetModel
-from flash.verification import logits_to_probs
+from flash.engine import GenerationConfig, GenerationResult, StepEvent, collect, generate
+from flash.engine.logits_rules import LogitsRules
+from flash.engine.verification import logits_to_probs
+from flash.targets.base import Prompt, TargetModel
 
 MAX_NEW = 24
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -494,8 +494,8 @@ COMPARED = ((0,), (1,), (2,), (0, 1), (1, 2))  # per-position marginals and adja
 def peaked_llava():
     """A private tiny LLaVA with its LM head scaled x6: at temperature 1 its next-token entropy is
     ~2 nats (the random init is near-uniform over 384 tokens, where histograms say nothing)."""
-    hf_targets = pytest.importorskip("flash.hf_targets")
-    target = hf_targets.tiny_llava(0)
+    tiny = pytest.importorskip("flash.targets.tiny")
+    target = tiny.tiny_llava(0)
     with torch.no_grad():
         target.model.lm_head.weight.mul_(6.0)
     return target

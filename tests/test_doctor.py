@@ -8,7 +8,7 @@ import torch
 
 from flash import cli, models
 from flash.doctor import DoctorReport, MethodCheck, format_report, near_tie_tolerance
-from flash.hf_targets import _HFTarget
+from flash.targets.hf import HFTarget
 
 METHOD_NAMES = ("ar", "eagle", "flash", "flash-tree", "pld")
 
@@ -45,7 +45,7 @@ def test_doctor_on_a_tiny_target_checks_every_method(capsys, tiny, attention) ->
 def test_doctor_reports_a_broken_tree_pass_and_fails(capsys, monkeypatch) -> None:
     """The bug the doctor is there for: a boolean tree mask on eager attention (added to the scores, it
     masks nothing). flash-tree's difference is named with its position and top-2 gap; exit status 1."""
-    monkeypatch.setattr(_HFTarget, "_tree_mask", lambda self, mask: mask.to(self.device)[None, None])
+    monkeypatch.setattr(HFTarget, "_tree_mask", lambda self, mask: mask.to(self.device)[None, None])
     code, lines, err = doctor(capsys, "--tiny", "llava", "--attention", "eager")
     assert code == 1 and "error: greedy output differs from ar" in err
     tree = method_line(lines, "flash-tree")

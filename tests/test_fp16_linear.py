@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flash import cpu_kernels
-from flash.decoding import GenerationConfig, collect, generate
-from flash.fp16_linear import Fp16Linear, convert_linears, fbgemm_fp16_available, fp16_gemm_available
-from flash.rope import apply_rope, rope_tables
+from flash.cpu import cpu_kernels
+from flash.cpu.fp16_linear import Fp16Linear, convert_linears, fbgemm_fp16_available, fp16_gemm_available
+from flash.cpu.rope import apply_rope, rope_tables
+from flash.engine import GenerationConfig, collect, generate
 
 pytestmark = pytest.mark.skipif(not fp16_gemm_available(), reason="this torch build has no fp16 GEMM")
 
@@ -226,7 +226,7 @@ def test_convert_linears_replaces_every_linear():
 
 @pytest.fixture(scope="module")
 def fp32_target():
-    from flash.default_target import load_default_target
+    from flash.targets.embedded import load_default_target
     from flash.weights import WeightsError
 
     try:

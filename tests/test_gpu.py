@@ -41,10 +41,10 @@ def _media(kind: str):
 
 
 def _saved(key: str, tmp_path_factory) -> Path:
-    from flash import hf_targets
+    from flash.targets.tiny import tiny_llava, tiny_qwen2_5_vl
 
     path = tmp_path_factory.mktemp(key)
-    (hf_targets.tiny_llava if key == "llava" else hf_targets.tiny_qwen2_5_vl)(0).save_pretrained(path)
+    (tiny_llava if key == "llava" else tiny_qwen2_5_vl)(0).save_pretrained(path)
     return path
 
 
@@ -93,7 +93,7 @@ def _near_tie_or_fail(target, prompt, config, expected, actual, label: str) -> N
 
 
 def _check_lossless(target, draft, label: str) -> dict[str, float]:
-    from flash.decoding import GenerationConfig, collect, generate
+    from flash.engine import GenerationConfig, collect, generate
 
     # No tree cut: a random model's draft is never confident, and a cut would leave the trees empty.
     config = GenerationConfig(max_new_tokens=N_NEW, rules=target.logits_rules(), tree_min_prob=0.0)
@@ -111,8 +111,8 @@ def _check_lossless(target, draft, label: str) -> dict[str, float]:
 
 
 def test_hub_style_load_is_bf16_on_the_gpu_and_lossless(saved_model):
-    from flash.hf_targets import load_hf_target
     from flash.models import _load_draft
+    from flash.targets.hub import load_hf_target
 
     target = load_hf_target(str(saved_model))  # the same call as a hub id: device_map="auto", bf16
     assert target.device.type == "cuda" and target.dtype == torch.bfloat16
@@ -122,7 +122,7 @@ def test_hub_style_load_is_bf16_on_the_gpu_and_lossless(saved_model):
     _check_lossless(target, draft, saved_model.name)
     _check_lossless(target, _echo_draft(target), f"{saved_model.name} echo")
     # Sampling draws on the GPU (seeded generator there); its law is tested on the CPU.
-    from flash.decoding import GenerationConfig, collect, generate
+    from flash.engine import GenerationConfig, collect, generate
 
     media = _media("image")
     prompt = target.build_prompt(media, target.default_prompt(media))
@@ -138,7 +138,7 @@ def test_model_split_over_gpu_and_cpu_is_lossless(saved_model):
     from accelerate import infer_auto_device_map, init_empty_weights
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from flash.hf_targets import load_hf_target
+    from flash.targets.hub import load_hf_target
 
     config = AutoConfig.from_pretrained(saved_model)
     with init_empty_weights():
@@ -155,8 +155,8 @@ def test_model_split_over_gpu_and_cpu_is_lossless(saved_model):
 def test_trees_verify_exactly_in_bf16_on_every_attention(saved_model, attention):
     """eager attention adds the tree mask to its scores: it must be 0 / -inf in bf16 (a boolean one masks
     nothing). Greedy: every method = ar; sampling: seeded draws repeat on the GPU."""
-    from flash.decoding import GenerationConfig, collect, generate
-    from flash.hf_targets import load_hf_target
+    from flash.engine import GenerationConfig, collect, generate
+    from flash.targets.hub import load_hf_target
 
     target = load_hf_target(str(saved_model), attn_implementation=attention)
     assert target.attn_implementation == attention and target.supports_tree and target.dtype == torch.bfloat16
@@ -179,8 +179,8 @@ def _tensor_bytes(module: torch.nn.Module) -> int:
 
 def test_the_draft_shares_the_targets_head_in_gpu_memory(saved_model):
     """A full-vocabulary draft adds only its own weights to GPU memory: the LM head is the target's."""
-    from flash.hf_targets import load_hf_target
     from flash.models import _load_draft
+    from flash.targets.hub import load_hf_target
 
     target = load_hf_target(str(saved_model))
     head = target.model.lm_head.weight
@@ -225,9 +225,9 @@ def test_model_split_over_two_gpus_is_lossless(saved_model):
     from accelerate import infer_auto_device_map, init_empty_weights
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from flash.decoding import GenerationConfig, collect, generate
-    from flash.hf_targets import load_hf_target
+    from flash.engine import GenerationConfig, collect, generate
     from flash.models import _load_draft
+    from flash.targets.hub import load_hf_target
 
     config = AutoConfig.from_pretrained(saved_model)
     with init_empty_weights():
@@ -270,11 +270,11 @@ def test_doctor_on_the_gpu(capsys, tiny, attention):
 
 
 def test_distill_and_train_on_the_gpu(saved_model, tmp_path):
-    from flash.corpus import CorpusItem
-    from flash.distill import distill, load_records
     from flash.draft import FlashDraft
-    from flash.hf_targets import load_hf_target
-    from flash.training import TrainConfig, train
+    from flash.targets.hub import load_hf_target
+    from flash.training.corpus import CorpusItem
+    from flash.training.distill import distill, load_records
+    from flash.training.trainer import TrainConfig, train
 
     target = load_hf_target(str(saved_model))
     items = [CorpusItem(f"item-{i}", _media("image" if i < 3 else "video"), "Describe this.",
@@ -291,8 +291,8 @@ def test_distill_and_train_on_the_gpu(saved_model, tmp_path):
 
 def test_benchmark_records_the_gpu(saved_model):
     from flash.bench import Sample, run_benchmark
-    from flash.decoding import GenerationConfig
-    from flash.hf_targets import load_hf_target
+    from flash.engine import GenerationConfig
+    from flash.targets.hub import load_hf_target
 
     target = load_hf_target(str(saved_model))
     samples = [Sample(kind, _media(kind), target.default_prompt(_media(kind))) for kind in ("image", "video")]

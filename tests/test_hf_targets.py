@@ -19,20 +19,16 @@ from PIL import Image
 from torch.overrides import TorchFunctionMode
 
 from flash import models
-from flash.decoding import METHODS, GenerationConfig, collect, flash_method, generate
-from flash.hf_targets import (
-    LlavaTarget,
-    Qwen25VLTarget,
-    TargetLoadError,
-    _HFTarget,
-    load_hf_target,
-    tiny_llava,
-    tiny_qwen2_5_vl,
-)
-from flash.logits_rules import LogitsRules
+from flash.engine import METHODS, GenerationConfig, collect, flash_method, generate
+from flash.engine.logits_rules import LogitsRules
+from flash.engine.tree import DraftTree, tree_attention
 from flash.media import Media
-from flash.target import PrefillOutput, Prompt, TargetModel, TargetState
-from flash.tree import DraftTree, tree_attention
+from flash.targets.base import PrefillOutput, Prompt, TargetModel, TargetState
+from flash.targets.hf import HFTarget
+from flash.targets.hub import TargetLoadError, load_hf_target
+from flash.targets.llava import LlavaTarget
+from flash.targets.qwen2_5_vl import Qwen25VLTarget
+from flash.targets.tiny import tiny_llava, tiny_qwen2_5_vl
 
 N_NEW = 16
 FACTORIES: dict[str, Callable[[int], TargetModel]] = {"llava": tiny_llava, "qwen": tiny_qwen2_5_vl}
@@ -333,7 +329,7 @@ def test_sampling_draws_the_same_tokens_on_eager_as_on_sdpa(by_attention, key) -
 def test_a_boolean_tree_mask_on_eager_attention_would_be_caught(by_attention, monkeypatch) -> None:
     """The bug the additive mask fixes: eager attention adds a 4D mask to its scores, so a boolean one
     adds 1 / 0 and masks nothing. The greedy check above catches it (so it can fail)."""
-    monkeypatch.setattr(_HFTarget, "_tree_mask", lambda self, mask: mask.to(self.device)[None, None])
+    monkeypatch.setattr(HFTarget, "_tree_mask", lambda self, mask: mask.to(self.device)[None, None])
     target = by_attention["llava", "eager"]
     prompt = _prompt(target, "image")
     config = _tree_config()
@@ -565,7 +561,7 @@ def test_a_reduced_vocabulary_draft_copies_only_its_rows(targets) -> None:
 
 def test_packing_the_draft_keeps_no_fp32_head(targets) -> None:
     """pack_fp16 (CPU inference) keeps only the fp16 packed head: the fp32 rows are freed."""
-    from flash.fp16_linear import fp16_gemm_available
+    from flash.cpu.fp16_linear import fp16_gemm_available
 
     if not fp16_gemm_available():
         pytest.skip("no fp16 GEMM in this torch build")

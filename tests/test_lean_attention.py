@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from flash import cpu_kernels
-from flash.fp16_linear import Fp16Linear, convert_linears
-from flash.gqa_attention import gqa_sdpa_attention
-from flash.kv_cache import InPlaceLayer, in_place_cache
-from flash.lean_llama import LeanLlama, fp32_linear
-from flash.tree import DraftTree, tree_attention
+from flash.cpu import cpu_kernels
+from flash.cpu.fp16_linear import Fp16Linear, convert_linears
+from flash.cpu.gqa_attention import gqa_sdpa_attention
+from flash.cpu.lean_llama import LeanLlama, fp32_linear
+from flash.engine.tree import DraftTree, tree_attention
+from flash.targets.kv_cache import InPlaceLayer, in_place_cache
 
 
 def tiny_llama(seed: int = 0, head_dim: int = 8, arch: str = "llama") -> LlamaForCausalLM | Qwen2ForCausalLM:

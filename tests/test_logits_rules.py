@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flash.logits_rules import LogitsRules
+from flash.engine.logits_rules import LogitsRules
 
 
 def reference(rules: LogitsRules, logits: torch.Tensor, generated: list[int], start: int) -> torch.Tensor:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flash.decoding import GenerationConfig, collect, generate
-from flash.default_target import QWEN_TARGET_NAME, hedged_grounding, load_default_target
-from flash.imagenet_groups import GROUPS, everyday_group
+from flash.engine import GenerationConfig, collect, generate
 from flash.media import load_media
 from flash.models import load_draft
+from flash.targets.embedded import QWEN_TARGET_NAME, hedged_grounding, load_default_target
+from flash.targets.imagenet_groups import GROUPS, everyday_group
 from flash.weights import QWEN2_5_CODER_0_5B, SplitWeight, WeightsError, WeightWheel, cache_dir, fetch_split_weight
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"

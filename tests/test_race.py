@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from flash import race as race_module
-from flash.decoding import GenerationConfig, StepEvent
+from flash.engine import GenerationConfig, StepEvent
 from flash.race import BASELINE, FLASH, RaceRecorder, SideView, compare_outputs, on_one_clock, race
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flash.distill import load_records
 from flash.draft import FlashDraft
+from flash.training.distill import load_records
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -168,7 +168,7 @@ def test_a_stopped_race_renders_too(scripted):
 
 
 def test_replay_of_a_real_race(default_target, tmp_path, single_thread):
-    from flash.decoding import GenerationConfig
+    from flash.engine import GenerationConfig
     from flash.media import load_media
     from flash.models import load_draft
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from flash.corpus import CorpusItem
-from flash.decoding import GenerationConfig, collect, generate
-from flash.distill import Record, distill, load_records
 from flash.draft import DraftConfig, FlashDraft
+from flash.engine import GenerationConfig, collect, generate
 from flash.media import Media
-from flash.training import TrainConfig, chain_tau, draft_vocabulary, get_lr, train
+from flash.training.corpus import CorpusItem
+from flash.training.distill import Record, distill, load_records
+from flash.training.trainer import TrainConfig, chain_tau, draft_vocabulary, get_lr, train
 
 
 def items() -> list[CorpusItem]:
@@ -60,10 +60,10 @@ def test_distill_with_a_deadline_keeps_the_corpus_order_and_the_held_out_split(t
     even when the time is already up."""
     import time
 
-    import flash.distill
+    import flash.training.distill
 
     seen = prompts_built(tiny_llava, monkeypatch)
-    monkeypatch.setattr(flash.distill, "_DEADLINE_BLOCK", 1)  # blocks of one batch (two rows)
+    monkeypatch.setattr(flash.training.distill, "_DEADLINE_BLOCK", 1)  # blocks of one batch (two rows)
     video_first = [items()[-1], *items()[:-1]]
     made = distill(tiny_llava, video_first, tmp_path / "late", max_new_tokens=4, batch_size=2, deadline=time.time())
     assert made == 1 and seen == ["c3"]
@@ -158,7 +158,7 @@ def test_chain_tau_counts_consecutive_hits():
 
 def test_batched_distillation_matches_plain_decoding(default_target, photos):
     """generate_batch (shared prefill, finished rows leaving the batch) = the ar loop, token for token."""
-    from flash.distill import _decode_with_hidden
+    from flash.training.distill import _decode_with_hidden
 
     rules = default_target.logits_rules()
     greedy = GenerationConfig(max_new_tokens=10, rules=rules)
@@ -233,7 +233,7 @@ def test_training_can_continue_from_a_saved_draft(tiny_llava, tiny_data, tmp_pat
 
 def test_a_deeper_draft_grows_from_a_saved_one(tiny_llava, tiny_data, tmp_path):
     """--init-from a 1-block draft with --num-layers 2: the new block starts as the identity."""
-    from flash.training import _continue_from
+    from flash.training.trainer import _continue_from
 
     records = load_records(tiny_data, tiny_llava.name)
     cfg = SMALL
@@ -256,8 +256,8 @@ def test_a_deeper_draft_grows_from_a_saved_one(tiny_llava, tiny_data, tmp_path):
 @pytest.mark.parametrize(("penalty", "ngram"), [(1.2, 3), (1.0, 2), (1.5, 0)])
 def test_rule_masks_in_the_draft_vocabulary_equal_the_target_rules(penalty, ngram):
     """rules_in_draft_vocab + apply_rule_masks == LogitsRules.apply, restricted to the draft's tokens."""
-    from flash.logits_rules import LogitsRules
-    from flash.training import apply_rule_masks, rules_in_draft_vocab
+    from flash.engine.logits_rules import LogitsRules
+    from flash.training.trainer import apply_rule_masks, rules_in_draft_vocab
 
     rules = LogitsRules(repetition_penalty=penalty, no_repeat_ngram_size=ngram)
     gen = torch.Generator().manual_seed(0)
@@ -278,8 +278,8 @@ def test_rule_masks_in_the_draft_vocabulary_equal_the_target_rules(penalty, ngra
 
 def test_rules_ce_trains(tiny_llava, tiny_data, tmp_path):
     """--rules-ce: a finite loss with repetition penalty and n-gram ban active, and a draft that learns."""
-    from flash.logits_rules import LogitsRules
-    from flash.training import record_loss
+    from flash.engine.logits_rules import LogitsRules
+    from flash.training.trainer import record_loss
 
     records = load_records(tiny_data, tiny_llava.name)
     cfg = TrainConfig(**{**SMALL.__dict__, "epochs": 2, "rules_ce": True})
@@ -296,8 +296,8 @@ def test_rules_ce_trains(tiny_llava, tiny_data, tmp_path):
 def test_teacher_temperature_sharpens_the_cross_entropy_target(tiny_llava, tiny_data):
     """Below 1 the cross-entropy's target sharpens towards the target's top token: the loss changes,
     stays finite with the rules' masks, and converges as the temperature goes to 0 (hard labels)."""
-    from flash.logits_rules import LogitsRules
-    from flash.training import record_loss
+    from flash.engine.logits_rules import LogitsRules
+    from flash.training.trainer import record_loss
 
     torch.manual_seed(0)
     rec = load_records(tiny_data, tiny_llava.name)[0]
@@ -320,7 +320,7 @@ def test_teacher_temperature_sharpens_the_cross_entropy_target(tiny_llava, tiny_
 
 def test_auto_mixed_precision_follows_the_hardware(monkeypatch):
     """"auto" is bf16 only where bfloat16 matmuls are native (emulated bf16 is slower than fp32)."""
-    from flash.training import resolve_mixed_precision
+    from flash.training.trainer import resolve_mixed_precision
 
     cpu = torch.device("cpu")
     for avx512_bf16, amx, expected in [(False, False, "no"), (True, False, "bf16"), (False, True, "bf16")]:
@@ -336,8 +336,8 @@ def test_auto_mixed_precision_follows_the_hardware(monkeypatch):
 def test_bf16_autocast_keeps_the_target_side_in_fp32(tiny_llava, tiny_data, monkeypatch):
     """Under bf16 autocast the loss moves by bf16 rounding only, and the target's side (the
     cross-entropy's teacher logits, from the frozen head) is still computed in fp32."""
-    from flash.logits_rules import LogitsRules
-    from flash.training import record_loss
+    from flash.engine.logits_rules import LogitsRules
+    from flash.training.trainer import record_loss
 
     torch.manual_seed(0)
     rec = load_records(tiny_data, tiny_llava.name)[0]
@@ -400,7 +400,7 @@ def test_training_for_a_time_stops_when_it_is_up_with_the_rate_decayed(tiny_llav
 def test_a_sharded_corpus_is_the_whole_one_split_between_processes():
     """``build_corpus(shard=(i, n))`` keeps what ``items[i::n]`` of the whole corpus would be (held-out
     items first, ``first_item`` applied), with the same media, so n processes still fill one cache."""
-    from flash.corpus import build_corpus
+    from flash.training.corpus import build_corpus
 
     whole = build_corpus(7, 3, seed=0, first_item=2)
     assert [i.item_id for i in whole] == ["heldout-00000", "heldout-00001", "heldout-00002",

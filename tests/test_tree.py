@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_decoding import ArReference, ScriptedDraft, assert_same_tokens, greedy, run_events
 
-from flash.decoding import GenerationConfig, collect, generate
-from flash.kv_cache import in_place_cache, keep_positions
-from flash.tree import DraftTree, best_after_changes, build_tree, tree_attention, walk_tree
+from flash.engine import GenerationConfig, collect, generate
+from flash.engine.tree import DraftTree, best_after_changes, build_tree, tree_attention, walk_tree
+from flash.targets.kv_cache import in_place_cache, keep_positions
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

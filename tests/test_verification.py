@@ -1,4 +1,4 @@
-"""The pure acceptance math of flash/verification.py: hand-built logits, properties, statistics.
+"""The pure acceptance math of flash/engine/verification.py: hand-built logits, properties, statistics.
 
 Names follow verification.py: ``target_*`` is the paper's p, ``draft_*`` its q (Leviathan et al.
 2023, Algorithm 1). The statistical tests are seeded, so they are deterministic; their bounds are
@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flash.verification import (
+from flash.engine.verification import (
     draw_siblings,
     greedy_verify,
     logits_to_probs,
@@ -153,7 +153,7 @@ def nucleus_by_full_sort(logits: torch.Tensor, temperature: float, top_p: float)
 def test_top_p_equals_sorting_whole_rows(scale, nucleus_within_guess, top_p):
     """Sharp rows take the partial-sort path, flat rows (nucleus wider than NUCLEUS_GUESS) the full
     sort; both must give exactly what sorting whole rows gives."""
-    from flash.verification import NUCLEUS_GUESS
+    from flash.engine.verification import NUCLEUS_GUESS
 
     generator = torch.Generator().manual_seed(int(scale * 100 + top_p * 10))
     logits = torch.randn(3, 5000, generator=generator) * scale

@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flash.corpus import CorpusItem, build_corpus
-from flash.distill import distill, load_record, load_records
+from flash.training.corpus import CorpusItem, build_corpus
+from flash.training.distill import distill, load_record, load_records
 from flash.weights import cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -186,7 +186,7 @@ def test_kernel_ab_compares_a_revision_with_the_working_tree(script_cache):
     # In a clean checkout the two builds are of the same sources; anywhere, a kernel change that moves
     # a float is reported here (the C++ kernels promise fixed summation orders).
     assert all(same == "True" for *_, same in lines) or subprocess.run(
-        ["git", "diff", "--quiet", "HEAD", "--", "flash/csrc"], cwd=ROOT).returncode != 0
+        ["git", "diff", "--quiet", "HEAD", "--", "flash/cpu/csrc"], cwd=ROOT).returncode != 0
 
 
 def test_step_split_accounts_for_a_tree_step(script_cache):

@@ -1,5 +1,5 @@
 // Fused elementwise parts of a decoder layer for CPU decoding, built with fp16_gemm.cpp into one
-// library by flash/cpu_kernels.py.
+// library by flash/cpu/cpu_kernels.py.
 //
 // Why: in a one-token step of the default model each of these is a handful of tiny ATen ops
 // (torch's CPU rms_norm alone is six), and on a 2-core VM every op costs ~5-15 us of dispatch, not
@@ -53,7 +53,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 // Rotary embedding (rotate-half) of the q and k heads of a fused qkv projection, in one pass:
 // qkv [B, n, (H + 2 Hkv) d] (the GEMM's output), cos/sin [B, n, d] -> q [B, H, n, d], k [B, Hkv, n, d].
 // Each element is x * cos + rotate_half(x) * sin, two products and a sum each rounded to fp32 (the
-// file is compiled without FMA contraction), exactly what flash.rope.apply_rope computes.
+// file is compiled without FMA contraction), exactly what flash.cpu.rope.apply_rope computes.
 std::tuple<at::Tensor, at::Tensor> rope_qk(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                                            int64_t heads, int64_t kv_heads) {
   TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.dim() == 3 && qkv.device().is_cpu(),

@@ -1,5 +1,5 @@
 """FLASH's CPU kernels, built on first use: an fp16-weight GEMM for decoding
-(``flash/csrc/fp16_gemm.cpp``) and the default model's layer ops (``flash/csrc/layer_ops.cpp``).
+(``flash/cpu/csrc/fp16_gemm.cpp``) and the default model's layer ops (``flash/cpu/csrc/layer_ops.cpp``).
 
 Why not only fbgemm: its fp16 GEMM pays ~20-30 us of fixed cost per call (121 calls per decoding
 step) and at 4-6 rows it runs far from the FMA units' peak, which is what a verification pass needs.
@@ -13,13 +13,13 @@ weight step instead of two and 2M; up to 12 rows in one chunk; a prefill convert
 each output is still one fp32 FMA chain over K from zero, so both paths give the same floats (tested);
 ``FLASH_NO_AVX512=1`` keeps the AVX2 path (comparisons).
 
-The same library holds FLASH's C++ layer ops (``flash/csrc/layer_ops.cpp``: RMSNorm, rotary
+The same library holds FLASH's C++ layer ops (``flash/cpu/csrc/layer_ops.cpp``: RMSNorm, rotary
 embedding, decoding attention; :func:`rms_norm`, :func:`rope_qk`, :func:`decode_attention`), which
 the default model's lean forward uses where the library loads.
 
 It is compiled with the system C++ compiler against the installed torch (~40 s, once per source and
 torch version; cached under ``$FLASH_CACHE/kernels``). Where that cannot happen (no compiler, a CPU
-without AVX2/FMA/F16C, another OS), :class:`flash.fp16_linear.Fp16Linear` runs fbgemm's kernel and the
+without AVX2/FMA/F16C, another OS), :class:`flash.cpu.fp16_linear.Fp16Linear` runs fbgemm's kernel and the
 lean forward torch's ops, after a one-line notice; ``FLASH_FP16_KERNEL=fbgemm`` switches the GEMM only.
 """
 
@@ -47,7 +47,7 @@ NO_AVX512_ENV = "FLASH_NO_AVX512"
 #: Set to ``fbgemm`` to skip this kernel (comparisons, or a machine where it misbehaves).
 BACKEND_ENV = "FLASH_FP16_KERNEL"
 # No FMA contraction outside the explicit intrinsics: layer_ops.cpp's rotary embedding rounds each
-# product as torch does, so it computes flash.rope.apply_rope's numbers exactly.
+# product as torch does, so it computes flash.cpu.rope.apply_rope's numbers exactly.
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 
@@ -56,7 +56,7 @@ class KernelBuildError(RuntimeError):
 
 
 def enabled() -> bool:
-    """Whether new :class:`flash.fp16_linear.Fp16Linear` layers use this kernel: it runs here and
+    """Whether new :class:`flash.cpu.fp16_linear.Fp16Linear` layers use this kernel: it runs here and
     ``FLASH_FP16_KERNEL`` is not ``fbgemm`` (read at each layer's creation, so one process can
     compare both)."""
     return os.environ.get(BACKEND_ENV, "").lower() != "fbgemm" and kernel_available()
@@ -162,7 +162,7 @@ def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
             kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The q and k heads of a fused projection ``qkv`` [B, n, (heads + 2 kv_heads) d], rotated:
     (q [B, heads, n, d], k [B, kv_heads, n, d]); ``cos``/``sin`` [B, n, d]. Bit for bit
-    :func:`flash.rope.apply_rope`, in one call instead of seven."""
+    :func:`flash.cpu.rope.apply_rope`, in one call instead of seven."""
     return torch.ops.flash_ops.rope_qk(qkv, cos, sin, heads, kv_heads)
 
 

@@ -23,18 +23,19 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from flash import cpu_kernels
-from flash.fp16_linear import Fp16Linear, convert_linears, fp16_gemm_available
-from flash.imagenet_groups import everyday_group
-from flash.kv_cache import in_place_cache
-from flash.lean_llama import LeanLlama, fp32_linear
-from flash.logits_rules import LogitsRules
-from flash.target import PrefillOutput, Prompt, TargetModel, TargetState
-from flash.verification import make_generator
-from flash.vision import FEATURE_GRID, load_mobilenet_v2, preprocess
+from flash.cpu import cpu_kernels
+from flash.cpu.fp16_linear import Fp16Linear, convert_linears, fp16_gemm_available
+from flash.cpu.lean_llama import LeanLlama, fp32_linear
+from flash.engine.logits_rules import LogitsRules
+from flash.engine.sampling import choose_token  # the same token choice as the decoding loops
+from flash.engine.verification import make_generator
+from flash.targets.base import PrefillOutput, Prompt, TargetModel, TargetState
+from flash.targets.imagenet_groups import everyday_group
+from flash.targets.kv_cache import in_place_cache
+from flash.targets.vision import FEATURE_GRID, load_mobilenet_v2, preprocess
 from flash.weights import EMBEDDED_LM_WEIGHTS, MOBILENET_V2, cache_dir, fetch_any, fetch_weight
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 #: Bump when the connector or prompt format changes: drafts are tied to this name.
 DEFAULT_TARGET_NAME = "flash-default-v2:smollm2-135m-instruct+mobilenet_v2"
 QWEN_TARGET_NAME = "flash-default-qwen-v1:qwen2.5-coder-0.5b-instruct+mobilenet_v2"
@@ -126,15 +127,15 @@ class DefaultTarget(TargetModel):
     grounding connector, on CPU.
 
     Activations are float32. With ``fp16_weights`` (the default where the kernel exists) the LM's
-    linear layers and head hold their weights in fp16 (see :mod:`flash.fp16_linear`): the GGUF's
+    linear layers and head hold their weights in fp16 (see :mod:`flash.cpu.fp16_linear`): the GGUF's
     Q4_1 values rounded to fp16, logits within ~0.05 of the fp32 model's. Every decoding method
     runs the same weights, so this is the model; ``weight_format`` says which one is in use.
 
-    With ``lean`` (the default) the LM runs through :class:`flash.lean_llama.LeanLlama` (fused
+    With ``lean`` (the default) the LM runs through :class:`flash.cpu.lean_llama.LeanLlama` (fused
     projections, one loop, in-place KV cache, grouped-KV SDPA: the same numbers, less overhead);
     otherwise through transformers' own modules, cache and ``sdpa`` (for comparisons). With
     ``cpu_ops`` (the default) and fp16 weights, the lean forward also runs FLASH's C++ norms, rotary
-    embedding and decoding attention (:mod:`flash.lean_llama`; within float rounding of torch's).
+    embedding and decoding attention (:mod:`flash.cpu.lean_llama`; within float rounding of torch's).
     With ``prefix_cache`` (the default) a prefill reuses the keys/values of the chat template's constant
     opening (the system turn), computed once per target, and runs only the rest of the prompt.
     """
@@ -320,13 +321,11 @@ class DefaultTarget(TargetModel):
         """Responses and hidden states for several (prompt, config) rows at once (left-padded batch).
 
         Used to build training data fast (a CPU decode step costs about the same for 1 row as for
-        8); decoding loops never use it. ``configs[i]`` (a :class:`flash.decoding.GenerationConfig`)
+        8); decoding loops never use it. ``configs[i]`` (a :class:`flash.engine.config.GenerationConfig`)
         decodes ``prompts[i]``; rows holding the *same* Prompt object share one prefill (a greedy
         and a sampled answer to one prompt cost one prefill), and finished rows leave the batch.
         Returns, per row, (response ids, h over prompt + response [L+R, D]).
         """
-        from flash.decoding import _choose  # the same token choice as the decoding loops
-
         unique = list({id(p): p for p in prompts}.values())
         slot = {id(p): i for i, p in enumerate(unique)}
         width = max(p.length for p in unique)
@@ -356,7 +355,7 @@ class DefaultTarget(TargetModel):
             for i, row in enumerate(rows):
                 if not finished(row):
                     row_logits = configs[row].rules.apply(logits[i : i + 1], responses[row], len(responses[row]))[0]
-                    responses[row].append(_choose(row_logits, configs[row], generators[row]))
+                    responses[row].append(choose_token(row_logits, configs[row], generators[row]))
             # Every row feeds its last token once more, even a finished one: training needs h there.
             ids = torch.tensor([[responses[row][-1]] for row in rows])
             mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)

@@ -12,13 +12,13 @@ Vocabulary (FLASH.md): ``h_t`` is the last-layer hidden state *after* the final 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
-    from flash.logits_rules import LogitsRules
+    from flash.engine.logits_rules import LogitsRules
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,6 @@ class TargetState:
     cache: Any
     length: int
     rope_offset: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,7 @@ class TargetModel(ABC):
 
     def forward_tree(self, state: TargetState, token_ids: torch.Tensor, mask: torch.Tensor,
                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``token_ids`` [1, n] laid out as a tree (:func:`flash.tree.tree_attention`): row i
+        """Append ``token_ids`` [1, n] laid out as a tree (:func:`flash.engine.tree.tree_attention`): row i
         attends where ``mask[i]`` ([n, state.length + n]) is True, at position ``positions[i]``.
         Returns (logits [n, V] float32, h [n, D]); :meth:`keep` then drops the rejected branches."""
         raise NotImplementedError(f"{type(self).__name__} does not verify draft trees")
@@ -111,7 +110,7 @@ class TargetModel(ABC):
     @torch.inference_mode()  # the cache holds inference tensors: only inference mode may write them
     def keep(self, state: TargetState, start: int, offsets: list[int]) -> None:
         """Keep cache positions ``start + offsets`` (in order) at ``start..`` and drop the rest after ``start``."""
-        from flash.kv_cache import keep_positions
+        from flash.targets.kv_cache import keep_positions
 
         keep_positions(state.cache, start, offsets)
         state.length = start + len(offsets)
@@ -140,6 +139,6 @@ class TargetModel(ABC):
 
     def logits_rules(self) -> LogitsRules:
         """Generation rules (repetition penalty, n-gram ban) this target decodes with by default."""
-        from flash.logits_rules import LogitsRules
+        from flash.engine.logits_rules import LogitsRules
 
         return LogitsRules()

@@ -1,6 +1,6 @@
 // FLASH's fp16-weight GEMM for CPU decoding: y[M, N] = x[M, K] @ W[N, K]^T, x and y fp32, W fp16.
 //
-// Built once on first use by flash/cpu_kernels.py (AVX2 + FMA + F16C; an AVX-512 path chosen at run
+// Built once on first use by flash/cpu/cpu_kernels.py (AVX2 + FMA + F16C; an AVX-512 path chosen at run
 // time where the CPU has it). Weights are packed as [N/16, K, 16] fp16: each 16-column block is one
 // contiguous stream, read once per call and converted to fp32 in registers; up to six rows of x (12 on
 // AVX-512) share each converted weight vector.

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flash.distill import Record
 from flash.draft import DraftConfig, FlashDraft, vocab_columns
+from flash.training.distill import Record
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Why: a CPU decoding step of the default model is memory-bound. Halving the bytes per weight nearly
 halves a one-token step, and a packed fp16 kernel keeps a 3-5 token verification close to a one-token
 step, where fp32 MKL pays 1.7-2x (``python research/verify_cost.py``) — the price a speculative step
-has to beat. The kernel is FLASH's own (:mod:`flash.cpu_kernels`) where it can be built, else
+has to beat. The kernel is FLASH's own (:mod:`flash.cpu.cpu_kernels`) where it can be built, else
 fbgemm's, the one behind ``quantize_dynamic(..., dtype=torch.float16)`` (used directly because
 ``torch.ao.quantization`` is deprecated).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from flash import cpu_kernels
+from flash.cpu import cpu_kernels
 
 
 def fp16_gemm_available() -> bool:
@@ -32,7 +32,7 @@ def fbgemm_fp16_available() -> bool:
 class Fp16Linear(torch.nn.Module):
     """Inference-only stand-in for an ``nn.Linear`` with its weight rounded to fp16 and pre-packed.
 
-    ``backend`` is ``"flash"`` (:mod:`flash.cpu_kernels`) where that kernel runs, else ``"fbgemm"``.
+    ``backend`` is ``"flash"`` (:mod:`flash.cpu.cpu_kernels`) where that kernel runs, else ``"fbgemm"``.
     """
 
     def __init__(self, linear: torch.nn.Linear) -> None:

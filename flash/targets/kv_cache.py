@@ -2,7 +2,7 @@
 
 transformers' ``DynamicLayer`` appends with ``torch.cat`` (the whole cache is copied every step)
 and crops to a strided view (the next append copies it again). Together with
-:mod:`flash.gqa_attention` this took a 5-token verification of the default model at a 515-token
+:mod:`flash.cpu.gqa_attention` this took a 5-token verification of the default model at a 515-token
 context from 52.8 to 47.0 ms (``research/verify_cost.py``); a one-token step did not measurably
 change, although torch.profiler had attributed ~7 ms of it to ``cat``. Here each layer keeps a
 buffer with spare room, writes new keys/values into it and hands attention a view of the filled

@@ -16,10 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from flash.corpus import CorpusItem, MediaFileItem
-from flash.decoding import GenerationConfig
-from flash.target import Prompt, TargetModel
-from flash.verification import make_generator
+from flash.engine import GenerationConfig
+from flash.engine.sampling import choose_token
+from flash.engine.verification import make_generator
+from flash.targets.base import Prompt, TargetModel
+from flash.training.corpus import CorpusItem, MediaFileItem
 
 #: With a deadline, frame counts are batched together only within blocks of this many batches.
 _DEADLINE_BLOCK = 8
@@ -40,13 +41,11 @@ class Record:
 @torch.inference_mode()
 def _decode_with_hidden(target: TargetModel, prompt: Prompt, config: GenerationConfig):
     """Plain decoding that keeps h: (response ids, h over prompt + response [L+R, D])."""
-    from flash.decoding import _choose
-
     generator = make_generator(config.seed, target.device)
     pre = target.prefill(prompt)
     hidden, logits, response = [pre.hidden], pre.last_logits[None], []
     while True:
-        response.append(_choose(config.rules.apply(logits, response, len(response))[0], config, generator))
+        response.append(choose_token(config.rules.apply(logits, response, len(response))[0], config, generator))
         # Feed every token, the last one too: training needs h at the final position.
         logits, h = target.forward(pre.state, torch.tensor([[response[-1]]], device=target.device))
         hidden.append(h)

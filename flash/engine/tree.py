@@ -152,7 +152,7 @@ def walk_sampled_tree(tree: DraftTree, verify: SiblingCheck) -> tuple[list[int],
     ``verify(row, parent, path, candidates)`` decides at laid-out row ``row`` (0 = the root, 1 + i =
     draft node i; ``parent`` is -1 or i) after the accepted draft tokens ``path`` among the node's
     children's tokens ``candidates`` (in the order they were drawn): (index of the accepted one,
-    its token), or (None, the target's own token) -- :func:`flash.verification.sibling_verify`.
+    its token), or (None, the target's own token) -- :func:`flash.engine.verification.sibling_verify`.
     Returns (accepted node indices, in order; the target's next token after them).
     """
     children: dict[int, list[int]] = {}

@@ -5,14 +5,14 @@ in generic machinery (mask building, keyword plumbing, attention dispatch). On a
 fixed cost is a large share of a one-token step. This runs the same weights the way gpt-fast does:
 q/k/v fused into one GEMM and gate/up into one (each output column is computed exactly as before,
 so the numbers do not change), one plain loop over the layers, torch's one-call RMSNorm, one rotary
-call for the q and k heads together, the in-place KV cache (:mod:`flash.kv_cache`) and grouped-KV
-SDPA (:func:`flash.gqa_attention.gqa_sdpa_attention`). The model's own embedding, norm weights and
+call for the q and k heads together, the in-place KV cache (:mod:`flash.targets.kv_cache`) and grouped-KV
+SDPA (:func:`flash.cpu.gqa_attention.gqa_sdpa_attention`). The model's own embedding, norm weights and
 rotary embedding module are reused. Tested bit-identical to transformers' modules
 (``tests/test_lean_attention.py``); docs/cpu_engineering.md has the timings.
 
 With ``fused_ops`` (the default model, where FLASH's CPU kernels build) the norms and the rotary
-embedding run as one C++ call each (:func:`flash.cpu_kernels.rms_norm`, :func:`flash.cpu_kernels.rope_qk`),
-and passes of a few queries over one sequence take :func:`flash.cpu_kernels.decode_attention`: the
+embedding run as one C++ call each (:func:`flash.cpu.cpu_kernels.rms_norm`, :func:`flash.cpu.cpu_kernels.rope_qk`),
+and passes of a few queries over one sequence take :func:`flash.cpu.cpu_kernels.decode_attention`: the
 rotary embedding is still bit-identical, the norms and attention equal torch's up to float rounding.
 """
 
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flash import cpu_kernels
-from flash.gqa_attention import gqa_sdpa_attention
-from flash.rope import apply_rope
+from flash.cpu import cpu_kernels
+from flash.cpu.gqa_attention import gqa_sdpa_attention
+from flash.cpu.rope import apply_rope
 
 #: Queries up to which a pass (a decoding step, a draft tree's verification) runs FLASH's C++ attention.
 DECODE_ATTENTION_MAX_QUERIES = 16
@@ -129,7 +129,7 @@ class LeanLlama(nn.Module):
     @torch.inference_mode()
     def forward(self, cache, *, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Append to ``cache`` (one :class:`flash.kv_cache.InPlaceLayer` per layer); returns the last
+        """Append to ``cache`` (one :class:`flash.targets.kv_cache.InPlaceLayer` per layer); returns the last
         hidden states [B, n, D] (after the final norm)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, n = x.shape[:2]

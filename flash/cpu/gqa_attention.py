@@ -4,7 +4,7 @@ transformers' ``sdpa`` attention copies every layer's keys and values ``num_key_
 times (``repeat_kv``) whenever a mask is passed, i.e. for every verification pass of more than one
 token; ``enable_gqa`` only where the mask is ``None`` (one-token steps). torch's CPU kernel takes
 ``enable_gqa`` together with a mask, so speculative decoding need not pay that copy (measured
-with :mod:`flash.kv_cache`, whose docstring gives the numbers). Used by :mod:`flash.lean_llama`;
+with :mod:`flash.targets.kv_cache`, whose docstring gives the numbers). Used by :mod:`flash.cpu.lean_llama`;
 the signature is transformers' attention-function convention.
 """
 

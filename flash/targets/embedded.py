@@ -30,10 +30,11 @@ from flash.engine.logits_rules import LogitsRules
 from flash.engine.sampling import choose_token  # the same token choice as the decoding loops
 from flash.engine.verification import make_generator
 from flash.targets.base import PrefillOutput, Prompt, TargetModel, TargetState
+from flash.targets.faces import FaceDetector, load_face_detector, people_phrase
 from flash.targets.imagenet_groups import everyday_group
 from flash.targets.kv_cache import in_place_cache
 from flash.targets.vision import FEATURE_GRID, load_mobilenet_v2, preprocess
-from flash.weights import EMBEDDED_LM_WEIGHTS, MOBILENET_V2, cache_dir, fetch_any, fetch_weight
+from flash.weights import EMBEDDED_LM_WEIGHTS, MOBILENET_V2, MTCNN, cache_dir, fetch_any, fetch_weight
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 #: Bump when the connector or prompt format changes: drafts are tied to this name.
@@ -144,13 +145,16 @@ class DefaultTarget(TargetModel):
     embedding and decoding attention (:mod:`flash.cpu.lean_llama`; within float rounding of torch's).
     With ``prefix_cache`` (the default) a prefill reuses the keys/values of the chat template's constant
     opening (the system turn), computed once per target, and runs only the rest of the prompt.
+    With a ``faces`` detector (the Qwen target's; :mod:`flash.targets.faces`) the hedged grounding also
+    says when the picture shows people, which ImageNet's classes cannot.
     """
 
     def __init__(self, lm: torch.nn.Module, tokenizer, vision: torch.nn.Module, labels: list[str],
                  connector: ConnectorConfig = ConnectorConfig(), fp16_weights: bool = True,
                  lean: bool = True, cpu_ops: bool = True, spec: EmbeddedLM = SMOLLM2_LM,
-                 prefix_cache: bool = True) -> None:
+                 prefix_cache: bool = True, faces: FaceDetector | None = None) -> None:
         self.lm, self.tokenizer, self.vision, self.labels = lm, tokenizer, vision, labels
+        self.faces = faces
         self.connector, self.spec = connector, spec
         self.weight_format = "fp16" if fp16_weights and fp16_gemm_available() else "fp32"
         self._head: torch.nn.Module = lm.lm_head  # SmolLM2's is tied to the embeddings, which stay fp32
@@ -236,7 +240,8 @@ class DefaultTarget(TargetModel):
             # one offered as a guess, so a wrong class is not asserted as fact.
             marks = "".join(f"{_MEDIA_MARK}\n" for _ in frame_names) if media.kind == "video" else f"{_MEDIA_MARK}\n"
             scenes = list(dict.fromkeys(frame_names))
-            user = f"{marks}{text} {hedged_grounding(top, scenes if len(scenes) > 1 else None)}"
+            grounding = hedged_grounding(top, scenes if len(scenes) > 1 else None, self._people(media))
+            user = f"{marks}{text} {grounding}"
         elif media.kind == "video":
             # Measured on the shipped and held-out clips: naming each frame's class next to its visual
             # tokens, and the scenes in order after the request ("espresso, then drilling rig"), keeps
@@ -250,6 +255,14 @@ class DefaultTarget(TargetModel):
             user = f"{_MEDIA_MARK}\n{text} It is a photo of {', '.join(names)}."
         messages = [{"role": "system", "content": self.spec.system}, {"role": "user", "content": user}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _people(self, media) -> str | None:
+        """What the face detector says about the picture's people ("a portrait of a person", "two people"),
+        or None: on a photo, or on a video's middle frame (one detection per prompt, ~20-45 ms)."""
+        if self.faces is None:
+            return None
+        frame = media.frames[len(media.frames) // 2]
+        return people_phrase(self.faces.detect(frame), frame.size)
 
     def build_prompt(self, media, text: str) -> Prompt:
         """Chat prompt with 49 placeholder positions per frame; visual tokens ride in the payload."""
@@ -402,14 +415,29 @@ class DefaultTarget(TargetModel):
 CONFIDENT_CLASS_PROB = 0.5
 
 
-def hedged_grounding(top: list[tuple[str, float]], scenes: list[str] | None = None) -> str:
+def hedged_grounding(top: list[tuple[str, float]], scenes: list[str] | None = None,
+                     people: str | None = None) -> str:
     """The classifier's view as one parenthesis that asserts only what it is sure of.
 
     ``top``: (class name, probability) pairs, most likely first: a class with probability at least
     :data:`CONFIDENT_CLASS_PROB` is stated ("(It shows an espresso.)"), otherwise the best two are
     offered ("(It may show a lion or a cheetah.)"). ``scenes``: a video's per-frame classes in order,
-    when they change ("(It shows an espresso, then a drilling rig.)").
+    when they change ("(It shows an espresso, then a drilling rig.)"). ``people``: what a face detector
+    found ("a portrait of a person", "two people"), stated first. ImageNet has no person class, so on
+    people the classifier names what they wear or hold (or guesses): its classes follow as what they
+    are with, hedged as above ("(It shows a person with a tripod.)", "(It shows a portrait of a
+    person, maybe with a suit or a kimono.)"). Told only "(It shows a portrait of a person.)", Qwen
+    looped on skimage's astronaut ("a small, white umbrella" over and over); with the unsure class it
+    wrote four sentences (one about a bobsleigh that is not there).
     """
+    if people:
+        if scenes:
+            return f"(It shows {people}, with {', then '.join(_article(name) for name in scenes)}.)"
+        if not top:
+            return f"(It shows {people}.)"
+        if top[0][1] >= CONFIDENT_CLASS_PROB:
+            return f"(It shows {people} with {_article(top[0][0])}.)"
+        return f"(It shows {people}, maybe with {' or '.join(_article(n) for n, _ in top[:2])}.)"
     if scenes:
         return f"(It shows {', then '.join(_article(name) for name in scenes)}.)"
     if not top:
@@ -447,8 +475,10 @@ def load_default_target(*, quiet: bool = False, fp16_weights: bool = True, lean:
     language_model, tok = _load_language_model(spec, quiet)
     vision = load_mobilenet_v2(str(fetch_weight(MOBILENET_V2, quiet=quiet)))
     labels = json.loads((ASSETS / "imagenet_labels.json").read_text())
+    # Only the hedged grounding (Qwen's) names people: SmolLM2's prompts stay as they were.
+    faces = load_face_detector(*(str(fetch_weight(w, quiet=quiet)) for w in MTCNN)) if spec.hedge else None
     target = DefaultTarget(language_model, tok, vision, labels, fp16_weights=fp16_weights, lean=lean,
-                           cpu_ops=cpu_ops, spec=spec, prefix_cache=prefix_cache)
+                           cpu_ops=cpu_ops, spec=spec, prefix_cache=prefix_cache, faces=faces)
     if not quiet:
         print(f"Embedded model ({spec.key}) ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return target

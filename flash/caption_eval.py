@@ -29,9 +29,10 @@ from flash.weights import WeightsError, cache_dir
 
 LABELS = Path(__file__).resolve().parent.parent / "assets" / "caption_eval.json"
 
-#: How the embedded Qwen target's grounding starts when the classifier is unsure
-#: (flash.targets.embedded.hedged_grounding); SmolLM2's grounding never hedges.
-HEDGE_MARK = "(It may show"
+#: How the embedded Qwen target's grounding offers the classifier's guesses when it is unsure
+#: (flash.targets.embedded.hedged_grounding): alone, or beside the people a face detector found.
+#: SmolLM2's grounding never hedges.
+HEDGE_MARKS = ("(It may show", ", maybe with ")
 
 
 def load_labels() -> dict:
@@ -124,7 +125,7 @@ def caption_names_subject(caption: str, words: list[str]) -> bool:
 
 def is_hedged(prompt_text: str) -> bool:
     """Whether the prompt's grounding offered the classifier's guesses instead of stating one class."""
-    return HEDGE_MARK in prompt_text
+    return any(mark in prompt_text for mark in HEDGE_MARKS)
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -159,6 +159,8 @@ def test_the_hedge_mark_is_what_the_qwen_grounding_writes_when_unsure():
     assert is_hedged("<|im_start|>user\nDescribe it. " + hedged_grounding([("lion", 0.3), ("cheetah", 0.2)]))
     assert not is_hedged("Describe it. " + hedged_grounding([("espresso", 0.9)]))
     assert not is_hedged("Describe it. It is a photo of lion, cheetah.")  # SmolLM2's grounding
+    assert is_hedged("Describe it. " + hedged_grounding([("suit", 0.3), ("kimono", 0.2)], people="a person"))
+    assert not is_hedged("Describe it. " + hedged_grounding([("suit", 0.9)], people="a person"))
 
 
 def test_summary_counts_hedges_and_wrong_assertions():

@@ -75,7 +75,9 @@ def test_qwen_gguf_is_the_pinned_file(qwen_target):
 def test_qwen_target_shape(qwen_target):
     assert qwen_target.name == QWEN_TARGET_NAME
     assert (qwen_target.hidden_size, qwen_target.vocab_size) == (896, 151936)
-    assert not qwen_target.logits_rules().active  # no repetition rules: they flatten the target
+    # No repetition penalty or short n-gram ban (they flatten the target): only whole-sentence loops are banned.
+    rules = qwen_target.logits_rules()
+    assert (rules.repetition_penalty, rules.no_repeat_ngram_size) == (1.0, 8)
     assert qwen_target.lm.config.model_type == "qwen2"
 
 

@@ -30,7 +30,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _add_generation_args(p: argparse.ArgumentParser, several_prompts: bool = False) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="'default' or 'qwen2.5' (embedded CPU models) or a HuggingFace hub id")
+                   help="'default' (embedded Qwen2.5 on CPU; also 'qwen2.5'), 'smollm2' (embedded, "
+                        "faster, weaker captions) or a HuggingFace hub id")
     p.add_argument("--draft", default=None, help="draft directory (default: the shipped draft for the model)")
     if several_prompts:
         p.add_argument("--prompt", nargs="*", default=None, help="prompts (default: each media's default prompt)")
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_race, max_new_tokens=96)
 
     p = sub.add_parser("caption-eval", help="how often captions of unseen labelled photos name the subject")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="'default' or 'qwen2.5' (the embedded CPU models)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="'default' (Qwen2.5) or 'smollm2' (the embedded CPU models)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", dest="json_path", default=None)
     p.set_defaults(func=cmd_caption_eval)

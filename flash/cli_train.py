@@ -10,14 +10,14 @@ import time
 import zlib
 from pathlib import Path
 
-from flash.models import DEFAULT_MODEL
+from flash.models import DEFAULT_MODEL, EMBEDDED_ALIASES, EMBEDDED_MODELS
 from flash.training.trainer import MIXED_PRECISION
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a FLASH draft for a target by self-distillation",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="'default', 'qwen2.5' or a HuggingFace hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="'default' (Qwen2.5), 'smollm2' or a HuggingFace hub id")
     p.add_argument("--out", required=True, help="directory to write the draft into")
     p.add_argument("--data-dir", default=None, help="distillation cache (default: <cache>/distill/<model>)")
     p.add_argument("--media", nargs="*", default=[],
@@ -123,7 +123,9 @@ def cmd_train(args) -> int:
         raise UsageError(f"--shard must look like I/N with 0 <= I < N, not '{args.shard}'")
     shard = (int(parts[0]), int(parts[1]))
     target = load_target(args.model)
-    data_dir = Path(args.data_dir or cache_dir() / "distill" / args.model.replace("/", "--"))
+    # An embedded model's records go under its LM's name ("qwen2.5", "smollm2"), whichever alias named it.
+    folder = EMBEDDED_MODELS.get(EMBEDDED_ALIASES.get(args.model, args.model), args.model.replace("/", "--"))
+    data_dir = Path(args.data_dir or cache_dir() / "distill" / folder)
     if args.train_only:
         items = []
     elif args.media:

@@ -208,9 +208,9 @@ def load(model: str, tiny: str | None, attention: str | None, draft_path: str | 
          stack: ExitStack) -> tuple[TargetModel, FlashDraft]:
     """The target and draft the doctor checks. A tiny target is saved and loaded back through
     :func:`flash.targets.hub.load_hf_target`, the path a hub id takes (bf16 and device_map on CUDA)."""
-    from flash.models import DEFAULT_MODEL, load_draft, load_target
+    from flash.models import is_embedded, load_draft, load_target
 
-    if tiny is not None or (attention and model != DEFAULT_MODEL):
+    if tiny is not None or (attention and not is_embedded(model)):
         from flash.targets.hub import load_hf_target
         from flash.targets.tiny import tiny_llava, tiny_qwen2_5_vl
 
@@ -258,12 +258,13 @@ def main(args) -> int:
     """``python -m flash doctor`` (arguments from :mod:`flash.cli`): print the report; 1 if any method differs."""
     from flash.cli import UsageError
     from flash.media import load_media
-    from flash.models import DEFAULT_MODEL
+    from flash.models import DEFAULT_MODEL, is_embedded
 
     if args.tiny is not None and args.model != DEFAULT_MODEL:
         raise UsageError("give --model or --tiny, not both")
-    if args.attention and args.tiny is None and args.model == DEFAULT_MODEL:
-        raise UsageError("--attention applies to LLaVA / Qwen2.5-VL targets (--model ID or --tiny), not the default")
+    if args.attention and args.tiny is None and is_embedded(args.model):
+        raise UsageError("--attention applies to LLaVA / Qwen2.5-VL targets (--model ID or --tiny), "
+                         "not the embedded models")
     if args.max_new_tokens < 2:
         raise UsageError("--max-new-tokens must be >= 2 (a method needs room to draft)")
     media = load_media(args.media)

@@ -32,13 +32,19 @@ from flash.targets.base import TargetModel
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = "default"
-DEFAULT_DRAFT = ASSETS / "drafts" / "default"
-#: The embedded CPU models (flash.targets.embedded.EMBEDDED_LMS keys); "default" names one of them.
-EMBEDDED_MODELS = {DEFAULT_MODEL: "smollm2", "qwen2.5": "qwen2.5"}
+#: The embedded CPU models (flash.targets.embedded.EMBEDDED_LMS keys); "default" names one of them:
+#: Qwen2.5, whose captions have no assistant self-talk and name more subjects (docs/qwen_model.md).
+EMBEDDED_MODELS = {DEFAULT_MODEL: "qwen2.5", "smollm2": "smollm2"}
 #: Other names accepted for them (the cache keys stay the ones above).
-EMBEDDED_ALIASES = {"smollm2": DEFAULT_MODEL}
+EMBEDDED_ALIASES = {"qwen2.5": DEFAULT_MODEL}
 #: The draft shipped for each embedded LM, trained with ``python -m flash train``.
-SHIPPED_DRAFTS = {"smollm2": DEFAULT_DRAFT, "qwen2.5": ASSETS / "drafts" / "qwen2.5"}
+SHIPPED_DRAFTS = {"qwen2.5": ASSETS / "drafts" / "qwen2.5", "smollm2": ASSETS / "drafts" / "smollm2"}
+DEFAULT_DRAFT = SHIPPED_DRAFTS[EMBEDDED_MODELS[DEFAULT_MODEL]]
+
+
+def is_embedded(model: str) -> bool:
+    """Whether ``model`` names an embedded CPU model (a key of EMBEDDED_MODELS or one of its aliases)."""
+    return EMBEDDED_ALIASES.get(model, model) in EMBEDDED_MODELS
 
 
 @dataclass(frozen=True)
@@ -56,9 +62,9 @@ class Preset:
 
 
 PRESETS = (
-    Preset("Default (CPU, embedded SmolLM2-135M + MobileNetV2)", DEFAULT_MODEL, str(DEFAULT_DRAFT)),
-    # No path: its shipped draft where one exists, else an untrained one (exact output, with a warning).
-    Preset("Qwen2.5-0.5B (CPU, embedded Qwen2.5-Coder-0.5B + MobileNetV2)", "qwen2.5", None),
+    Preset("Default (CPU, embedded Qwen2.5-Coder-0.5B + MobileNetV2)", DEFAULT_MODEL, str(DEFAULT_DRAFT)),
+    Preset("SmolLM2-135M (CPU, embedded: faster, weaker captions)", "smollm2",
+           str(SHIPPED_DRAFTS["smollm2"])),
     Preset("LLaVA-1.5-7B (GPU)", "llava-hf/llava-1.5-7b-hf", "drafts/llava-1.5-7b"),
     Preset("Qwen2.5-VL-7B (GPU)", "Qwen/Qwen2.5-VL-7B-Instruct", "drafts/qwen2.5-vl-7b"),
 )
@@ -75,9 +81,9 @@ def load_target(model: str = DEFAULT_MODEL, *, quiet: bool = False) -> TargetMod
     with _LOCK:
         if model not in _TARGETS:
             if model in EMBEDDED_MODELS:
-                from flash.targets.embedded import load_default_target
+                from flash.targets.embedded import load_embedded_target
 
-                _TARGETS[model] = load_default_target(quiet=quiet, lm=EMBEDDED_MODELS[model])
+                _TARGETS[model] = load_embedded_target(quiet=quiet, lm=EMBEDDED_MODELS[model])
             else:
                 from flash.targets.hub import load_hf_target
 

@@ -111,9 +111,9 @@ def model_lines(ops: dict, repeats: int) -> None:
     each library's GEMM and attention (``cpu_kernels.linear`` / ``decode_attention`` swapped per call;
     the norms and rotary embedding are the working tree's)."""
     from flash.media import load_media
-    from flash.targets.embedded import load_default_target
+    from flash.targets.embedded import load_embedded_target
 
-    target, own = load_default_target(quiet=True), (cpu_kernels.linear, cpu_kernels.decode_attention)
+    target, own = load_embedded_target(quiet=True, lm="smollm2"), (cpu_kernels.linear, cpu_kernels.decode_attention)
 
     def use(tag: str) -> None:
         cpu_kernels.linear, cpu_kernels.decode_attention = ops[tag]

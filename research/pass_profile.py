@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from flash.media import MediaError, load_media  # noqa: E402
-from flash.targets.embedded import load_default_target  # noqa: E402
+from flash.targets.embedded import load_embedded_target  # noqa: E402
 
 
 def top_ops(run, repeats: int, rows: int = 8) -> list[tuple[str, float, int]]:
@@ -43,7 +43,7 @@ def main() -> None:
         media = load_media(args.media)
     except MediaError as exc:
         sys.exit(f"error: {exc}")
-    target = load_default_target(quiet=True)
+    target = load_embedded_target(quiet=True, lm="smollm2")
     prompt = target.build_prompt(media, target.default_prompt(media))
     state = target.prefill(prompt).state
     settings = {f"prefill ({prompt.length} positions)": (lambda: target.prefill(prompt), max(2, args.passes // 4))}

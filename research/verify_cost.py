@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from flash.media import load_media  # noqa: E402
-from flash.targets.embedded import load_default_target  # noqa: E402
+from flash.targets.embedded import load_embedded_target  # noqa: E402
 
 SIZES = (1, 2, 3, 5, 8)
 
@@ -48,11 +48,11 @@ def forward_medians(targets: dict, example: str, sizes, repeats: int) -> tuple[i
 
 if __name__ == "__main__":
     os.environ["FLASH_FP16_KERNEL"] = "fbgemm"  # read when each target's layers are built
-    on_fbgemm = load_default_target(quiet=True)
+    on_fbgemm = load_embedded_target(quiet=True, lm="smollm2")
     del os.environ["FLASH_FP16_KERNEL"]
-    targets = {"lean": load_default_target(quiet=True),
-               "lean, torch ops": load_default_target(quiet=True, cpu_ops=False),
-               "lean, fbgemm": on_fbgemm, "transformers": load_default_target(quiet=True, lean=False)}
+    targets = {"lean": load_embedded_target(quiet=True, lm="smollm2"),
+               "lean, torch ops": load_embedded_target(quiet=True, cpu_ops=False, lm="smollm2"),
+               "lean, fbgemm": on_fbgemm, "transformers": load_embedded_target(quiet=True, lean=False, lm="smollm2")}
     print(f"{torch.get_num_threads()} threads; median ms per forward (x a one-token step of the same setting)")
     for example in ("coffee.jpg", "coffee_rocket_cut.mp4"):
         length, medians = forward_medians(targets, example, SIZES, repeats=15)

@@ -137,10 +137,10 @@ def default_model_ready(request) -> None:
         try:
             fetch_all(quiet=False)  # prints only what it downloads
             if set(weights.iterdir()) != before:  # a first fetch: finish what `python -m flash fetch` does
-                from flash.targets.embedded import EMBEDDED_LMS, load_default_target
+                from flash.targets.embedded import EMBEDDED_LMS, load_embedded_target
 
                 for lm in EMBEDDED_LMS:  # converts each LM to safetensors once; the first builds the CPU kernels
-                    load_default_target(quiet=False, lm=lm)
+                    load_embedded_target(quiet=False, lm=lm)
         except WeightsError as exc:
             _FETCH_ERRORS.append(" ".join(str(exc).split()))
             print(f"\nwarning: {_FETCH_ERRORS[-1]}", file=sys.stderr, flush=True)
@@ -148,13 +148,13 @@ def default_model_ready(request) -> None:
 
 @pytest.fixture(scope="session")
 def default_target() -> TargetModel:
-    from flash.targets.embedded import load_default_target
+    from flash.targets.embedded import load_embedded_target
     from flash.weights import WeightsError
 
     if _FETCH_ERRORS:  # failing, not skipping: a run that cannot reach the model must not look green
         pytest.fail(f"the default model's weights are unavailable: {_FETCH_ERRORS[0]}", pytrace=False)
     try:
-        return load_default_target(quiet=True)
+        return load_embedded_target(quiet=True, lm="smollm2")
     except WeightsError as exc:
         pytest.fail(f"the default model's weights are unavailable: {exc}", pytrace=False)
 

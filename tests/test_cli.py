@@ -122,7 +122,7 @@ def test_train_distils_the_user_s_media_folder(tmp_path):
     """``--media``: every readable file is a corpus item (a bad one is skipped with a message), items
     keep only their path (frames are decoded again when distilled), and records keep each kind."""
     from flash.cli_train import _user_corpus
-    from flash.targets.embedded import DEFAULT_TARGET_NAME
+    from flash.targets.embedded import QWEN_TARGET_NAME
     from flash.training.corpus import MediaFileItem
     from flash.training.distill import load_records
 
@@ -141,7 +141,7 @@ def test_train_distils_the_user_s_media_folder(tmp_path):
                      "--data-dir", str(data), "--distill-only", "--max-new-tokens", "3", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipping" in proc.stderr and "notes.mp4" in proc.stderr
-    records = load_records(data, DEFAULT_TARGET_NAME)
+    records = load_records(data, QWEN_TARGET_NAME)  # the default model
     assert sorted(r.kind for r in records) == ["image", "image", "video", "video"]  # greedy + sampled each
     assert {r.split for r in records} == {"train"}
 

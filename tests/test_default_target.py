@@ -14,7 +14,7 @@ import torch
 
 from flash.engine import GenerationConfig, collect, generate
 from flash.media import load_media
-from flash.targets.embedded import TOKENS_PER_FRAME, load_default_target
+from flash.targets.embedded import TOKENS_PER_FRAME, load_embedded_target
 from flash.weights import MOBILENET_V2, SMOLLM2, WeightsError, cache_dir, fetch_weight
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
@@ -80,7 +80,7 @@ def test_ar_matches_transformers_generate(default_target):
     prompt = default_target.build_prompt(media, "Describe this image in detail.")
     rules = default_target.logits_rules()
     ours = collect(generate(default_target, prompt, "ar", None, GenerationConfig(max_new_tokens=24, rules=rules)))
-    reference = load_default_target(quiet=True, lean=False)
+    reference = load_embedded_target(quiet=True, lean=False, lm="smollm2")
     assert reference.weight_format == default_target.weight_format
     embeds = reference._prompt_embeds(prompt)
     with torch.inference_mode():

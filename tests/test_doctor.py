@@ -54,11 +54,11 @@ def test_doctor_reports_a_broken_tree_pass_and_fails(capsys, monkeypatch) -> Non
     assert lines[-1].startswith("result   FAIL: flash-tree")
 
 
-def test_doctor_on_the_default_model(capsys, monkeypatch, default_target) -> None:
-    """The embedded default model, its shipped draft (the session's target stands in for the cache's load)."""
-    monkeypatch.setattr(models, "_TARGETS", {models.DEFAULT_MODEL: default_target})
+def test_doctor_on_an_embedded_model(capsys, monkeypatch, default_target) -> None:
+    """An embedded model (SmolLM2), its shipped draft (the session's target stands in for the cache's load)."""
+    monkeypatch.setattr(models, "_TARGETS", {"smollm2": default_target})
     monkeypatch.setattr(models, "_DRAFTS", {})
-    code, lines, err = doctor(capsys)
+    code, lines, err = doctor(capsys, "--model", "smollm2")
     assert code == 0, "\n".join(lines) + err
     assert lines[0].startswith(f"target   {default_target.name} (DefaultTarget), float32 activations")
     for method in METHOD_NAMES:

@@ -13,7 +13,7 @@ from conftest import make_media
 from PIL import Image
 
 from flash.media import load_media
-from flash.targets.embedded import hedged_grounding, load_default_target
+from flash.targets.embedded import hedged_grounding, load_embedded_target
 from flash.targets.faces import Face, load_face_detector, nms, people_phrase
 from flash.weights import MTCNN, WeightsError, cache_dir, fetch_weight
 
@@ -127,7 +127,7 @@ def test_hedged_grounding_states_people_first():
 
 def test_qwen_prompt_names_the_portrait_and_smollm2_s_is_unchanged(default_target, astronaut, two_astronauts):
     try:
-        qwen = load_default_target(lm="qwen2.5", quiet=True)
+        qwen = load_embedded_target(lm="qwen2.5", quiet=True)
     except WeightsError as exc:
         pytest.fail(f"Qwen's weights are unavailable: {exc}", pytrace=False)
     media = make_media("image", [astronaut], "astronaut.png")

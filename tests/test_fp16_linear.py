@@ -226,11 +226,11 @@ def test_convert_linears_replaces_every_linear():
 
 @pytest.fixture(scope="module")
 def fp32_target():
-    from flash.targets.embedded import load_default_target
+    from flash.targets.embedded import load_embedded_target
     from flash.weights import WeightsError
 
     try:
-        return load_default_target(quiet=True, fp16_weights=False)
+        return load_embedded_target(quiet=True, fp16_weights=False, lm="smollm2")
     except WeightsError as exc:
         pytest.skip(f"default target weights unavailable: {exc}")
 

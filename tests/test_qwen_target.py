@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from flash import models
 from flash.engine import GenerationConfig, collect, generate
 from flash.media import load_media
 from flash.models import load_draft
-from flash.targets.embedded import QWEN_TARGET_NAME, hedged_grounding, load_default_target
+from flash.targets.embedded import QWEN_TARGET_NAME, hedged_grounding, load_embedded_target
 from flash.targets.imagenet_groups import GROUPS, everyday_group
 from flash.weights import QWEN2_5_CODER_0_5B, SplitWeight, WeightsError, WeightWheel, cache_dir, fetch_split_weight
 
@@ -22,7 +23,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 @pytest.fixture(scope="module")
 def qwen_target():
     try:
-        return load_default_target(lm="qwen2.5", quiet=True)
+        return load_embedded_target(lm="qwen2.5", quiet=True)
     except WeightsError as exc:  # no network and nothing cached: nothing to test against
         pytest.skip(f"Qwen weights unavailable: {exc}")
 
@@ -81,6 +82,19 @@ def test_qwen_target_shape(qwen_target):
     assert qwen_target.lm.config.model_type == "qwen2"
 
 
+def test_qwen_is_the_default_model_with_its_shipped_draft(qwen_target, monkeypatch):
+    """The app's, the CLI's and the benchmark's ``default``; ``qwen2.5`` names the same cached target."""
+    assert models.EMBEDDED_MODELS[models.DEFAULT_MODEL] == "qwen2.5" and models.PRESETS[0].target == "default"
+    monkeypatch.setattr(models, "_TARGETS", {models.DEFAULT_MODEL: qwen_target})
+    monkeypatch.setattr(models, "_DRAFTS", {})
+    assert models.load_target("qwen2.5") is models.load_target() is qwen_target
+    assert all(models.is_embedded(name) for name in ("default", "qwen2.5", "smollm2"))
+    assert not models.is_embedded("llava-hf/llava-1.5-7b-hf")
+    draft = load_draft(qwen_target, quiet=True)  # the shipped one, not an untrained stand-in
+    assert draft.cfg.target_name == QWEN_TARGET_NAME and Path(models.PRESETS[0].draft) == models.DEFAULT_DRAFT
+    assert (models.DEFAULT_DRAFT / "draft_config.json").exists()
+
+
 def test_everyday_groups_are_ordered_and_name_breeds():
     assert all(a <= b < c for (a, b, _), (c, _, _) in zip(GROUPS, GROUPS[1:], strict=False))
     assert everyday_group(285) == "cat" and everyday_group(207) == "dog" and everyday_group(504) is None
@@ -115,7 +129,7 @@ def test_qwen_ar_matches_transformers_generate(qwen_target):
     media = load_media(EXAMPLES / "coffee.jpg")
     prompt = qwen_target.build_prompt(media, qwen_target.default_prompt(media))
     ours = collect(generate(qwen_target, prompt, "ar", None, GenerationConfig(max_new_tokens=24)))
-    reference = load_default_target(quiet=True, lean=False, lm="qwen2.5")
+    reference = load_embedded_target(quiet=True, lean=False, lm="qwen2.5")
     assert reference.weight_format == qwen_target.weight_format
     embeds = reference._prompt_embeds(prompt)
     with torch.inference_mode():

@@ -38,7 +38,7 @@ from flash.weights import EMBEDDED_LM_WEIGHTS, MOBILENET_V2, MTCNN, cache_dir, f
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 #: Bump when the connector or prompt format changes: drafts are tied to this name.
-DEFAULT_TARGET_NAME = "flash-default-v2:smollm2-135m-instruct+mobilenet_v2"
+SMOLLM2_TARGET_NAME = "flash-default-v2:smollm2-135m-instruct+mobilenet_v2"
 QWEN_TARGET_NAME = "flash-default-qwen-v1:qwen2.5-coder-0.5b-instruct+mobilenet_v2"
 TOKENS_PER_FRAME = FEATURE_GRID * FEATURE_GRID
 _MEDIA_MARK = "<|media|>"
@@ -66,7 +66,7 @@ class EmbeddedLM:
 
 
 SMOLLM2_LM = EmbeddedLM(
-    key="smollm2", target_name=DEFAULT_TARGET_NAME, converted_dir="smollm2-135m-instruct",
+    key="smollm2", target_name=SMOLLM2_TARGET_NAME, converted_dir="smollm2-135m-instruct",
     system="You are a helpful assistant who describes photos in vivid detail.",
     photo_request="Describe this image in detail.", video_request="Describe what happens in this video.",
     # Without these the 135M LM loops ("bubble bubble ..."), which would also flatter FLASH.
@@ -457,12 +457,13 @@ def _article(name: str) -> str:
 
 def _runs_through_lean_llama(*args, **kwargs):
     raise RuntimeError("this model's layers run through LeanLlama (DefaultTarget._run_lm); "
-                       "load_default_target(lean=False) keeps transformers' own modules")
+                       "load_embedded_target(lean=False, lm=...) keeps transformers' own modules")
 
 
-def load_default_target(*, quiet: bool = False, fp16_weights: bool = True, lean: bool = True,
-                        cpu_ops: bool = True, lm: str = "smollm2", prefix_cache: bool = True) -> DefaultTarget:
-    """Assemble the default target, fetching and converting its weights on first use.
+def load_embedded_target(*, lm: str, quiet: bool = False, fp16_weights: bool = True, lean: bool = True,
+                         cpu_ops: bool = True, prefix_cache: bool = True) -> DefaultTarget:
+    """Assemble the embedded target on language model ``lm``, fetching and converting its weights on
+    first use (the app's ``default`` preset is Qwen2.5: flash.models.EMBEDDED_MODELS).
 
     ``fp16_weights=False`` keeps the LM in fp32, ``lean=False`` runs transformers' own modules, KV
     cache and attention (slower; for comparisons), ``cpu_ops=False`` keeps torch's norms, rotary

@@ -30,7 +30,7 @@ import torch
 
 from flash.bench import first_difference
 from flash.draft import DraftConfig, FlashDraft
-from flash.engine import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, collect, generate
+from flash.engine import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, TreeConfig, collect, generate
 from flash.targets.base import Prompt, TargetModel
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "assets" / "examples" / "cat.jpg"
@@ -105,7 +105,8 @@ def doctor_config(target: TargetModel, max_new_tokens: int, tiny: bool) -> Gener
     """Greedy, with the target's rules and the app's draft settings; for a tiny random target without the
     draft's confidence cuts (its near-uniform draft never reaches them, so no tree would be drafted)."""
     if tiny:
-        return GenerationConfig(max_new_tokens=max_new_tokens, rules=target.logits_rules(), tree_min_prob=0.0)
+        return GenerationConfig(max_new_tokens=max_new_tokens, rules=target.logits_rules(),
+                                tree=TreeConfig(min_prob=0.0))
     return GenerationConfig(max_new_tokens=max_new_tokens, rules=target.logits_rules(),
                             min_draft_prob=DEFAULT_MIN_DRAFT_PROB)
 
@@ -145,8 +146,8 @@ def run_doctor(target: TargetModel, draft: FlashDraft, media, config: Generation
         input_device=str(target.device), output_device=str(output_device),
         draft_device=str(draft.slot_embed.device), layers=_layers(target), example=example,
         settings=(f"greedy, {config.max_new_tokens} new tokens, k {config.k or draft.cfg.k}, min_draft_prob "
-                  f"{config.min_draft_prob:g}, tree {config.tree_nodes} nodes / branch {config.tree_branch} / "
-                  f"min {config.tree_min_prob:g}"),
+                  f"{config.min_draft_prob:g}, tree {config.tree.nodes} nodes / branch {config.tree.branch} / "
+                  f"min {config.tree.min_prob:g}"),
         checks=tuple(checks), memory=_memory(),
     )
 

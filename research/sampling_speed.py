@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flash.bench import load_samples  # noqa: E402
-from flash.engine import DEFAULT_MIN_DRAFT_PROB, GenerationConfig, collect, generate  # noqa: E402
+from flash.engine import DEFAULT_MIN_DRAFT_PROB, GenerationConfig, TreeConfig, collect, generate  # noqa: E402
 from flash.models import DEFAULT_MODEL, load_draft, load_target  # noqa: E402
 
 METHODS = ("ar", "flash", "flash-tree")
@@ -37,9 +37,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--tree-nodes", type=int, default=GenerationConfig.tree_nodes,
+    parser.add_argument("--tree-nodes", type=int, default=TreeConfig.nodes,
                         help="flash-tree's drawn nodes (default: the CLI's)")
-    parser.add_argument("--tree-branch", type=int, default=GenerationConfig.tree_branch,
+    parser.add_argument("--tree-branch", type=int, default=TreeConfig.branch,
                         help="flash-tree's siblings drawn under the root (default: the CLI's)")
     parser.add_argument("--json", default=None, help="write the per-run records here")
     args = parser.parse_args()
@@ -57,7 +57,7 @@ def main() -> None:
     def config(seed: int, tokens: int) -> GenerationConfig:
         return GenerationConfig(max_new_tokens=tokens, temperature=args.temperature, top_p=args.top_p, seed=seed,
                                 rules=target.logits_rules(), min_draft_prob=DEFAULT_MIN_DRAFT_PROB,
-                                tree_nodes=args.tree_nodes, tree_branch=args.tree_branch)
+                                tree=TreeConfig(nodes=args.tree_nodes, branch=args.tree_branch))
 
     def run(method: str, sample, cfg: GenerationConfig):
         return collect(generate(target, prompts[sample.name], method, None if method == "ar" else draft, cfg))

@@ -642,5 +642,5 @@ def test_sampled_tree_with_a_confidence_cut_has_the_target_law(peaked_llava, pho
     spec, accepted, proposed = sample_runs(target, prompt, "flash-tree", make_echo_draft(target, k=3, num_latents=4),
                                            config, range(samples))
     assert 0 < accepted < proposed
-    assert proposed < config.tree_nodes * samples  # the cut bit: an uncut first step alone proposes 4 per run
+    assert proposed < config.tree.nodes * samples  # the cut bit: an uncut first step alone proposes 4 per run
     assert_law(law, dropped, spec, vocab, f"flash-tree cut {config.min_draft_prob}")

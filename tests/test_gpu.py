@@ -93,10 +93,11 @@ def _near_tie_or_fail(target, prompt, config, expected, actual, label: str) -> N
 
 
 def _check_lossless(target, draft, label: str) -> dict[str, float]:
-    from flash.engine import GenerationConfig, collect, generate
+    from flash.engine import GenerationConfig, TreeConfig, collect, generate
 
     # No tree cut: a random model's draft is never confident, and a cut would leave the trees empty.
-    config = GenerationConfig(max_new_tokens=N_NEW, rules=target.logits_rules(), tree_min_prob=0.0)
+    config = GenerationConfig(max_new_tokens=N_NEW, rules=target.logits_rules(),
+                              tree=TreeConfig(min_prob=0.0))
     taus = {}
     for kind in ("image", "video"):
         media = _media(kind)
@@ -155,7 +156,7 @@ def test_model_split_over_gpu_and_cpu_is_lossless(saved_model):
 def test_trees_verify_exactly_in_bf16_on_every_attention(saved_model, attention):
     """eager attention adds the tree mask to its scores: it must be 0 / -inf in bf16 (a boolean one masks
     nothing). Greedy: every method = ar; sampling: seeded draws repeat on the GPU."""
-    from flash.engine import GenerationConfig, collect, generate
+    from flash.engine import GenerationConfig, TreeConfig, collect, generate
     from flash.targets.hub import load_hf_target
 
     target = load_hf_target(str(saved_model), attn_implementation=attention)
@@ -163,7 +164,7 @@ def test_trees_verify_exactly_in_bf16_on_every_attention(saved_model, attention)
     _check_lossless(target, _echo_draft(target), f"{saved_model.name} {attention}")
     media = _media("image")
     prompt = target.build_prompt(media, target.default_prompt(media))
-    config = GenerationConfig(max_new_tokens=N_NEW, temperature=1.0, seed=5, tree_min_prob=0.0)
+    config = GenerationConfig(max_new_tokens=N_NEW, temperature=1.0, seed=5, tree=TreeConfig(min_prob=0.0))
     for method in ("flash", "flash-tree", "eagle"):
         first = collect(generate(target, prompt, method, _echo_draft(target), config))
         assert first.proposed > 0
@@ -225,7 +226,7 @@ def test_model_split_over_two_gpus_is_lossless(saved_model):
     from accelerate import infer_auto_device_map, init_empty_weights
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from flash.engine import GenerationConfig, collect, generate
+    from flash.engine import GenerationConfig, TreeConfig, collect, generate
     from flash.models import _load_draft
     from flash.targets.hub import load_hf_target
 
@@ -245,7 +246,7 @@ def test_model_split_over_two_gpus_is_lossless(saved_model):
     _check_lossless(target, _echo_draft(target), f"{saved_model.name} two GPUs echo")
     media = _media("video")
     prompt = target.build_prompt(media, target.default_prompt(media))
-    sampled = GenerationConfig(max_new_tokens=N_NEW, temperature=0.8, seed=2, tree_min_prob=0.0)
+    sampled = GenerationConfig(max_new_tokens=N_NEW, temperature=0.8, seed=2, tree=TreeConfig(min_prob=0.0))
     for method in ("ar", "flash", "flash-tree", "eagle", "pld"):
         first = collect(generate(target, prompt, method, _echo_draft(target), sampled)).tokens
         assert collect(generate(target, prompt, method, _echo_draft(target), sampled)).tokens == first

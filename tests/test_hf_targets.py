@@ -19,7 +19,7 @@ from PIL import Image
 from torch.overrides import TorchFunctionMode
 
 from flash import models
-from flash.engine import METHODS, GenerationConfig, collect, flash_method, generate
+from flash.engine import METHODS, GenerationConfig, TreeConfig, collect, flash_method, generate
 from flash.engine.logits_rules import LogitsRules
 from flash.engine.tree import DraftTree, tree_attention
 from flash.media import Media
@@ -291,7 +291,7 @@ def test_a_tree_pass_equals_one_chain_per_branch(by_attention, key, attn) -> Non
 
 
 def _tree_config(**kwargs) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=N_NEW, tree_nodes=6, tree_branch=3, tree_min_prob=0.0, **kwargs)
+    return GenerationConfig(max_new_tokens=N_NEW, tree=TreeConfig(nodes=6, branch=3, min_prob=0.0), **kwargs)
 
 
 @pytest.mark.parametrize("attn", ATTENTION)
@@ -638,12 +638,12 @@ def test_a_model_change_drops_the_drafts_of_targets_not_cached(fresh_cache, targ
 
 def test_each_confidence_cut_acts_where_its_setting_says(targets) -> None:
     """``min_draft_prob`` cuts chains (flash, eagle) and the drawn tree's depth; greedy flash-tree cuts its
-    nodes at ``tree_min_prob`` (the same joint probability, tuned apart) and does not read the former,
+    nodes at ``tree.min_prob`` (the same joint probability, tuned apart) and does not read the former,
     nor does the drawn tree read the latter (GenerationConfig's comments, the CLI's help)."""
     target = targets["llava"]
     prompt = _prompt(target, "image")
     draft = echo_draft(target)
-    base = GenerationConfig(max_new_tokens=N_NEW, tree_min_prob=0.0)
+    base = GenerationConfig(max_new_tokens=N_NEW, tree=TreeConfig(min_prob=0.0))
 
     def steps(method: str, **changes) -> list[tuple[tuple[int, ...], int]]:
         config = replace(base, **changes)
@@ -653,9 +653,9 @@ def test_each_confidence_cut_acts_where_its_setting_says(targets) -> None:
         return sum(n for _, n in steps(method, **changes))
 
     assert steps("flash-tree", min_draft_prob=0.01) == steps("flash-tree")
-    assert proposed("flash-tree", tree_min_prob=0.01) < proposed("flash-tree")
+    assert proposed("flash-tree", tree=TreeConfig(min_prob=0.01)) < proposed("flash-tree")
     assert proposed("flash", min_draft_prob=0.01) < proposed("flash")
-    assert steps("flash", tree_min_prob=0.01) == steps("flash")
+    assert steps("flash", tree=TreeConfig(min_prob=0.01)) == steps("flash")
     sampled = {"temperature": 1.0, "seed": 0}
     assert proposed("flash-tree", min_draft_prob=0.01, **sampled) != proposed("flash-tree", **sampled)
-    assert steps("flash-tree", tree_min_prob=0.01, **sampled) == steps("flash-tree", **sampled)
+    assert steps("flash-tree", tree=TreeConfig(min_prob=0.01), **sampled) == steps("flash-tree", **sampled)

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_decoding import ArReference, ScriptedDraft, assert_same_tokens, greedy, run_events
 
-from flash.engine import GenerationConfig, collect, generate
+from flash.engine import GenerationConfig, TreeConfig, collect, generate
 from flash.engine.tree import DraftTree, best_after_changes, build_tree, tree_attention, walk_tree
 from flash.targets.kv_cache import in_place_cache, keep_positions
 
@@ -230,8 +230,8 @@ class RunnerUpDraft(ScriptedDraft):
 @pytest.mark.parametrize("media_name,wrong_at", [("coffee", {2, 5, 6, 11}), ("cat-pan-4", {1, 8, 9, 15})])
 def test_flash_tree_is_exact_and_catches_the_chains_mistakes(default_target, media, ar_reference, make_draft,
                                                              media_name, wrong_at):
-    config = GenerationConfig(max_new_tokens=24, rules=default_target.logits_rules(), tree_nodes=8,
-                              tree_branch=2, tree_min_prob=0.01)
+    config = GenerationConfig(max_new_tokens=24, rules=default_target.logits_rules(),
+                              tree=TreeConfig(nodes=8, branch=2, min_prob=0.01))
     prompt, expected = ar_reference(default_target, media(media_name), None, greedy(default_target))
     results = {}
     for method in ("flash", "flash-tree"):
@@ -250,8 +250,8 @@ def test_flash_tree_with_a_random_draft_matches_ar(default_target, media, ar_ref
     config = greedy(default_target)
     prompt, expected = ar_reference(default_target, media(media_name), None, config)
     draft = make_draft(default_target, k=4, num_latents=8, seed=7)
-    tree_config = GenerationConfig(max_new_tokens=config.max_new_tokens, rules=config.rules, tree_nodes=6,
-                                   tree_branch=3, tree_min_prob=0.0)
+    tree_config = GenerationConfig(max_new_tokens=config.max_new_tokens, rules=config.rules,
+                                   tree=TreeConfig(nodes=6, branch=3, min_prob=0.0))
     result = collect(generate(default_target, prompt, "flash-tree", draft, tree_config))
     assert_same_tokens(default_target, prompt, config.rules, expected, result.tokens, "flash-tree")
 
@@ -260,11 +260,11 @@ def test_flash_tree_with_a_random_draft_matches_ar(default_target, media, ar_ref
 def test_sampled_flash_tree_drafts_a_fixed_shape(default_target, media, make_draft, media_name):
     """Sampling: the tree's shape is fixed before its tokens are drawn (``sibling_verify`` is exact
     only then: whether a node is proposed must not depend on its token), so every step with room
-    proposes ``tree_nodes`` drafts (the root's two siblings, then a chain under the first), and
+    proposes ``tree.nodes`` drafts (the root's two siblings, then a chain under the first), and
     fewer only where the request's end leaves no room (or where q has fewer tokens than siblings: not
     here, without top-p). The law itself: ``test_decoding.py``."""
     config = GenerationConfig(max_new_tokens=24, temperature=0.8, top_p=1.0, seed=5,
-                              rules=default_target.logits_rules(), tree_nodes=4, tree_branch=2)
+                              rules=default_target.logits_rules(), tree=TreeConfig(nodes=4, branch=2))
     item = media(media_name)
     prompt = default_target.build_prompt(item, default_target.default_prompt(item))
     draft = make_draft(default_target, k=4, num_latents=8, seed=7)
@@ -272,7 +272,7 @@ def test_sampled_flash_tree_drafts_a_fixed_shape(default_target, media, make_dra
     steps = [e for e in events if e.step > 0]
     for e in steps:
         room = config.max_new_tokens - (e.total_tokens - len(e.tokens)) - 1  # drafts this step could hold
-        assert e.proposed == (min(config.tree_nodes, 1 + room) if room > 0 else 0), e
+        assert e.proposed == (min(config.tree.nodes, 1 + room) if room > 0 else 0), e
     assert sum(e.accepted for e in steps) < sum(e.proposed for e in steps)  # a random draft: rejections
     again = collect(generate(default_target, prompt, "flash-tree", draft, config))
     assert again.tokens == collect(events).tokens  # seeded: the drafts' draws and the checks repeat
@@ -285,7 +285,7 @@ def test_hf_targets_verify_trees_exactly(request, photos, make_draft, target_fix
     prompt = target.build_prompt(photos["coffee"], "Describe this image.")
     config = GenerationConfig(max_new_tokens=16)
     expected = collect(generate(target, prompt, "ar", None, config)).tokens
-    tree_config = GenerationConfig(max_new_tokens=16, tree_nodes=6, tree_branch=3, tree_min_prob=0.0)
+    tree_config = GenerationConfig(max_new_tokens=16, tree=TreeConfig(nodes=6, branch=3, min_prob=0.0))
     result = collect(generate(target, prompt, "flash-tree", make_draft(target, seed=3), tree_config))
     assert_same_tokens(target, prompt, config.rules, expected, result.tokens, f"{target_fixture} flash-tree")
     # A random draft is rarely right; also check the tree pass itself against one chain per branch.

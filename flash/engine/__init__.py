@@ -5,7 +5,7 @@ The names below are the engine's public face: the app, the CLI, the race and the
 them from here and nothing deeper.
 """
 
-from flash.engine.config import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig
+from flash.engine.config import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, TreeConfig
 from flash.engine.events import GenerationResult, StepEvent, collect
 from flash.engine.loops import flash_method, generate
 
@@ -15,6 +15,7 @@ __all__ = [
     "GenerationConfig",
     "GenerationResult",
     "StepEvent",
+    "TreeConfig",
     "collect",
     "flash_method",
     "generate",

@@ -13,6 +13,23 @@ DEFAULT_MIN_DRAFT_PROB = 0.1
 
 
 @dataclass(frozen=True)
+class TreeConfig:
+    """``flash-tree``'s draft tree: at most ``nodes`` draft tokens per step, chosen best-first by joint
+    draft probability among each slot's ``branch`` best tokens, none below ``min_prob`` (greedy only:
+    a drawn tree's shape is fixed before its draws, cut by ``GenerationConfig.min_draft_prob``)."""
+
+    nodes: int = 4
+    branch: int = 2
+    min_prob: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.branch < 1:
+            raise ValueError("tree nodes and tree branch must be >= 1")
+        if not 0 <= self.min_prob < 1:
+            raise ValueError("tree min_prob must be in [0, 1)")
+
+
+@dataclass(frozen=True)
 class GenerationConfig:
     """Per-request settings. ``temperature == 0`` means greedy."""
 
@@ -27,15 +44,10 @@ class GenerationConfig:
     # a weak draft then costs little instead of making every verification longer. Decided from
     # the draft alone, so the output stays exact. Read by ``flash``, ``eagle`` and sampled
     # ``flash-tree`` (its chain's depth); greedy ``flash-tree`` ranks every node by this same joint
-    # probability and cuts at ``tree_min_prob`` instead (tuned apart, 0.02 vs 0.1 on the shipped
+    # probability and cuts at ``tree.min_prob`` instead (tuned apart, 0.02 vs 0.1 on the shipped
     # examples), so this does not change greedy ``flash-tree`` (tested, test_hf_targets.py).
     min_draft_prob: float = 0.0
-    # ``flash-tree``: at most this many draft tokens per step, chosen best-first by joint draft
-    # probability among each slot's ``tree_branch`` best tokens, none below ``tree_min_prob``
-    # (greedy only: a drawn tree's shape is fixed before its draws, cut by ``min_draft_prob``).
-    tree_nodes: int = 4
-    tree_branch: int = 2
-    tree_min_prob: float = 0.02
+    tree: TreeConfig = field(default_factory=TreeConfig)  # read by ``flash-tree`` only
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -48,10 +60,6 @@ class GenerationConfig:
             raise ValueError("k must be >= 1")
         if not 0 <= self.min_draft_prob < 1:
             raise ValueError("min_draft_prob must be in [0, 1)")
-        if self.tree_nodes < 1 or self.tree_branch < 1:
-            raise ValueError("tree_nodes and tree_branch must be >= 1")
-        if not 0 <= self.tree_min_prob < 1:
-            raise ValueError("tree_min_prob must be in [0, 1)")
 
     @property
     def greedy(self) -> bool:

@@ -89,7 +89,7 @@ class DraftProposer:
         """
         draft = self.draft
         scores, column_of = self._slot_logits(depth, base)
-        width = min(scores.shape[-1], config.tree_branch + _TREE_SPARE)
+        width = min(scores.shape[-1], config.tree.branch + _TREE_SPARE)
         top_scores, top_columns = (part.tolist() for part in scores.topk(width))
         log_norms = scores.logsumexp(-1).tolist()
         token_of, column_lookup = draft.vocab_lookup()
@@ -110,24 +110,24 @@ class DraftProposer:
                     changed = {c: (s, base.rules.penalised(s)) for c, s in zip(penalised, lowered, strict=True)}
                     changed.update({c: (s, -math.inf) for c, s in zip(banned, removed, strict=True)})
             found = best_after_changes(list(zip(top_scores[row], top_columns[row], strict=True)), log_norms[row],
-                                       changed, config.tree_branch, exhaustive=width == scores.shape[-1])
+                                       changed, config.tree.branch, exhaustive=width == scores.shape[-1])
             if found is None:  # the top entries cannot decide: process this branch's whole row
                 full = scores[row] if base is None else base.finish_after_(scores[row].clone(), path, column_of)
-                top = full.softmax(-1).topk(config.tree_branch)
+                top = full.softmax(-1).topk(config.tree.branch)
                 keep = top.values > 0  # a token the rules ban has probability 0: never a candidate
                 return draft.to_target_ids(top.indices[keep]).tolist(), top.values[keep].tolist()
             columns, probs = found
             return [token_of[c] for c in columns], probs
 
-        return build_tree(expand, depth, config.tree_nodes, config.tree_min_prob, config.tree_branch)
+        return build_tree(expand, depth, config.tree.nodes, config.tree.min_prob, config.tree.branch)
 
     def propose_sampled_tree(self, depth: int, base: RulesCursor | None, config: GenerationConfig,
                              generator: torch.Generator) -> tuple[DraftTree, dict[int, torch.Tensor]]:
         """Sampling: one semi-autoregressive pass read as a tree of a fixed shape whose tokens are drawn.
 
-        The root's ``tree_branch`` children are drawn from slot 1's q without replacement (fewer where
+        The root's ``tree.branch`` children are drawn from slot 1's q without replacement (fewer where
         q holds fewer tokens); under the first of them a chain (one draw per slot) fills the rest of
-        ``tree_nodes``. The shape is fixed before any draw: whether a node is proposed must not depend
+        ``tree.nodes``. The shape is fixed before any draw: whether a node is proposed must not depend
         on its own token (a best-first pick by its probability would), or
         :func:`flash.engine.verification.sibling_verify` would not be exact. Returns the tree and, per parent
         (-1 = the root), the q (target vocabulary) its children were drawn from.
@@ -147,8 +147,8 @@ class DraftProposer:
             joint *= float(q.max())  # the chain's confidence cut: it reads q, never a drawn token
             if config.min_draft_prob and joint < config.min_draft_prob:
                 break
-            room = config.tree_nodes - len(tokens)
-            count = min(config.tree_branch if level == 1 else 1, room)
+            room = config.tree.nodes - len(tokens)
+            count = min(config.tree.branch if level == 1 else 1, room)
             drawn = draw_siblings(q, count, generator)
             if not drawn:
                 break

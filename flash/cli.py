@@ -6,12 +6,21 @@ Bad input ends with one line ``error: ...`` on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
-from flash.engine import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, collect, flash_method, generate
+from flash.engine import (
+    DEFAULT_MIN_DRAFT_PROB,
+    METHODS,
+    GenerationConfig,
+    TreeConfig,
+    collect,
+    flash_method,
+    generate,
+)
 from flash.models import DEFAULT_MODEL
 
 
@@ -52,14 +61,20 @@ def _add_generation_args(p: argparse.ArgumentParser, several_prompts: bool = Fal
                    help="greedy flash-tree: no node whose joint draft probability is below this")
 
 
-def _config(args, target) -> GenerationConfig:
+def _config(args) -> GenerationConfig:
+    """The request's settings, checked before any model loads (a bad one is refused in a second, not
+    after the model's load); the target's logits rules are added by :func:`_with_rules`."""
     try:
         return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, seed=args.seed, k=args.k, rules=target.logits_rules(),
-                                min_draft_prob=args.min_draft_prob, tree_nodes=args.tree_nodes,
-                                tree_branch=args.tree_branch, tree_min_prob=args.tree_min_prob)
+                                top_p=args.top_p, seed=args.seed, k=args.k, min_draft_prob=args.min_draft_prob,
+                                tree=TreeConfig(nodes=args.tree_nodes, branch=args.tree_branch,
+                                                min_prob=args.tree_min_prob))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _with_rules(config: GenerationConfig, target) -> GenerationConfig:
+    return dataclasses.replace(config, rules=target.logits_rules())
 
 
 def cmd_fetch(args) -> int:
@@ -77,10 +92,11 @@ def cmd_caption(args) -> int:
     from flash.media import load_media
     from flash.models import load_draft, load_target
 
+    config = _config(args)
     media = load_media(args.media)
     quiet = args.json or not sys.stderr.isatty()  # progress lines are for people, not for pipes
     target = load_target(args.model, quiet=quiet)
-    config = _config(args, target)
+    config = _with_rules(config, target)
     method = flash_method(target) if args.method == "auto" else args.method
     draft = None if method == "ar" else load_draft(target, args.draft, quiet=quiet)
     prompt = target.build_prompt(media, args.prompt or target.default_prompt(media))
@@ -121,12 +137,13 @@ def cmd_race(args) -> int:
         if path and Path(path).suffix.lower() != suffix:
             raise UsageError(f"cannot write {path}: give a {suffix} file name")
         _check_output_paths(path)
+    config = _config(args)
     media = load_media(args.media)
     quiet = args.json or not sys.stderr.isatty()
     target = load_target(args.model, quiet=quiet)
     draft = load_draft(target, args.draft, quiet=quiet)
     recorder = RaceRecorder()
-    for _ in recorder.watch(race(target, draft, media, args.prompt or "", _config(args, target))):
+    for _ in recorder.watch(race(target, draft, media, args.prompt or "", _with_rules(config, target))):
         pass
     summary = recorder.recording.summary
     text = target.decode(list(recorder.recording.flash[-1].tokens)) if recorder.recording.flash else ""
@@ -174,8 +191,9 @@ def cmd_bench(args) -> int:
     from flash.models import load_draft, load_target
 
     _check_output_paths(args.json_path, args.plot)
+    config = _config(args)
     target = load_target(args.model)
-    config = _config(args, target)
+    config = _with_rules(config, target)
     if "flash-tree" in args.methods and not target.supports_tree:
         print("note: skipping flash-tree (this target cannot verify draft trees)", file=sys.stderr)
         args.methods = [m for m in args.methods if m != "flash-tree"]

@@ -39,7 +39,7 @@ def test_the_recipe_sized_by_the_clock_stops_distilling_and_trains_for_what_is_l
     """MINUTES: distillation stops making training records at DISTILL_SHARE of the time (held-out ones
     are always made), and training runs for what is left (here the 0.2-minute floor)."""
     out, data = tmp_path / "draft", tmp_path / "data"
-    env = {**os.environ, "MINUTES": "2", "ITEMS": "1000", "HELDOUT": "1", "MAX_NEW_TOKENS": "8"}
+    env = {**os.environ, "MINUTES": "1.2", "ITEMS": "1000", "HELDOUT": "1", "MAX_NEW_TOKENS": "8"}
     run = subprocess.run(["bash", str(ROOT / "scripts" / "train_default_draft.sh"), str(out), str(data)], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_bench_cli_writes_table_json_and_plot(tmp_path):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.html"
     proc = subprocess.run([sys.executable, "-m", "flash", "bench", "assets/examples/cat.jpg",

@@ -55,9 +55,11 @@ def _add_generation_args(p: argparse.ArgumentParser, several_prompts: bool = Fal
                    help="flash, eagle, sampled flash-tree: stop drafting where the draft's confidence in all its "
                         "tokens so far (the product of its top-token probabilities) falls below this (0 = always "
                         "draft k); greedy flash-tree cuts at --tree-min-prob instead")
-    p.add_argument("--tree-nodes", type=int, default=4, help="flash-tree: draft tokens per step, at most")
-    p.add_argument("--tree-branch", type=int, default=2, help="flash-tree: candidates per slot and branch")
-    p.add_argument("--tree-min-prob", type=float, default=0.02,
+    p.add_argument("--tree-nodes", type=int, default=TreeConfig.nodes,
+                   help="flash-tree: draft tokens per step, at most")
+    p.add_argument("--tree-branch", type=int, default=TreeConfig.branch,
+                   help="flash-tree: candidates per slot and branch")
+    p.add_argument("--tree-min-prob", type=float, default=TreeConfig.min_prob,
                    help="greedy flash-tree: no node whose joint draft probability is below this")
 
 

@@ -145,8 +145,10 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     weight = weight.detach()
     if blocks * BLOCK_COLUMNS != n:
         weight = torch.nn.functional.pad(weight, (0, 0, 0, blocks * BLOCK_COLUMNS - n))
-    # One strided copy that rounds and transposes together: 20x faster than rounding into a zeroed
-    # fp16 buffer and then transposing it (6.1 s -> 0.3 s for Qwen2.5's 151936 x 896 head).
+    # One strided copy that rounds and transposes together, instead of rounding into a zeroed fp16
+    # buffer and transposing that: Qwen2.5's 151936 x 896 head packs in ~140 ms instead of ~215 ms on
+    # a quiet 2-core machine (the whole model's load, ~1.8 s warm, does not change measurably); under
+    # memory pressure (two distillation processes beside it) the old way took 6.1 s, this one 0.3 s.
     packed = torch.empty(blocks, k, BLOCK_COLUMNS, dtype=torch.float16)
     packed.copy_(weight.view(blocks, BLOCK_COLUMNS, k).transpose(1, 2))
     return packed

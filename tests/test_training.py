@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flash.draft import DraftConfig, FlashDraft
+from flash.draft import DraftConfig, DraftError, FlashDraft
 from flash.engine import GenerationConfig, collect, generate
 from flash.media import Media
 from flash.training.corpus import CorpusItem
@@ -227,7 +227,7 @@ def test_training_can_continue_from_a_saved_draft(tiny_llava, tiny_data, tmp_pat
     assert not torch.equal(fresh_vocab, first.draft_to_target)  # so the check below means something
     train(tiny_llava, fewer, tmp_path / "fourth", again, log=lambda m: None)
     assert torch.equal(FlashDraft.load(tmp_path / "fourth").draft_to_target, first.draft_to_target)
-    with pytest.raises(ValueError, match="cannot continue"):
+    with pytest.raises(DraftError, match=r"cannot continue from .*: it has k \d+ where this run has 3 \("):
         train(tiny_llava, records, tmp_path / "third", TrainConfig(**{**again.__dict__, "k": 3}), log=lambda m: None)
 
 
@@ -249,7 +249,8 @@ def test_a_deeper_draft_grows_from_a_saved_one(tiny_llava, tiny_data, tmp_path):
     train(tiny_llava, records, tmp_path / "two", TrainConfig(**{**cfg.__dict__, "num_layers": 2,
                                                               "init_from": str(tmp_path / "one")}), log=lambda m: None)
     assert FlashDraft.load(tmp_path / "two").cfg.num_layers == 2
-    with pytest.raises(ValueError, match="cannot continue"):  # and never shallower
+    # and never shallower
+    with pytest.raises(DraftError, match="cannot continue from .*: it has num_layers 2 where this run has 1"):
         _continue_from(FlashDraft(shallow.cfg), tmp_path / "two")
 
 

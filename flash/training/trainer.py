@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flash.draft import DraftConfig, FlashDraft, vocab_columns
+from flash.draft import DraftConfig, DraftError, FlashDraft, vocab_columns
 from flash.training.distill import Record
 
 
@@ -317,10 +317,14 @@ def _continue_from(draft: FlashDraft, path: Path) -> None:
     deeper draft starts out predicting exactly what the saved one does.
     """
     saved = FlashDraft.load(path)
-    same_shape = {**asdict(saved.cfg), "num_layers": draft.cfg.num_layers} == asdict(draft.cfg)
-    if not same_shape or saved.cfg.num_layers > draft.cfg.num_layers:
-        raise ValueError(f"cannot continue from {path}: its config {asdict(saved.cfg)} "
-                         f"differs from {asdict(draft.cfg)} (only more num_layers is allowed)")
+    theirs, ours = asdict(saved.cfg), asdict(draft.cfg)
+    differ = [name for name in ours if theirs[name] != ours[name] and name != "num_layers"]
+    if saved.cfg.num_layers > draft.cfg.num_layers:
+        differ.append("num_layers")
+    if differ:  # DraftError: the CLI prints it as one line (a user's flags, not a bug)
+        raise DraftError(f"cannot continue from {path}: it has "
+                         + ", ".join(f"{name} {theirs[name]} where this run has {ours[name]}" for name in differ)
+                         + " (train with its settings, e.g. --draft-vocab; only num_layers may grow)")
     # The vocabulary comes with the state dict (train() skips recomputing it): its head rows are trained.
     missing, unexpected = draft.load_state_dict(saved.state_dict(), strict=False)
     extra = [f"blocks.{i}." for i in range(saved.cfg.num_layers, draft.cfg.num_layers)]

@@ -10,7 +10,7 @@ import time
 import zlib
 from pathlib import Path
 
-from flash.models import DEFAULT_MODEL, EMBEDDED_ALIASES, EMBEDDED_MODELS
+from flash.models import DEFAULT_MODEL, distill_dir, is_embedded
 from flash.training.trainer import MIXED_PRECISION
 
 
@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
                    help="built-in corpus: distil training items from this index on (the earlier ones, e.g. "
                         "those the draft you continue from was trained on, are skipped)")
     p.add_argument("--heldout-items", type=int, default=40, help="built-in corpus: held-out items")
+    p.add_argument("--class-items", type=int, default=0,
+                   help="embedded models: this many more training items, labelled with ImageNet's classes in turn "
+                        "(captions of every subject the classifier can name), asking the model's default request")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--default-prompt-share", type=float, default=0.0,
                    help="built-in corpus: this share of items (chosen by id) asks the target's own default "
@@ -106,10 +109,9 @@ def _with_default_prompt(item, target):
 def cmd_train(args) -> int:
     from flash.cli import UsageError
     from flash.models import load_target
-    from flash.training.corpus import build_corpus
+    from flash.training.corpus import build_corpus, class_items
     from flash.training.distill import distill, load_records
     from flash.training.trainer import TrainConfig, train
-    from flash.weights import cache_dir
 
     started = time.time()  # --distill-minutes counts from here: building the corpus takes part of it
     if args.train_minutes and args.epochs is not None:
@@ -118,14 +120,15 @@ def cmd_train(args) -> int:
         raise UsageError("--train-minutes and --distill-minutes must be >= 0")
     if args.media and args.first_item:
         raise UsageError("--first-item counts the built-in corpus's items; it does not apply to --media")
+    if args.class_items and (args.class_items < 0 or not is_embedded(args.model) or args.media):
+        raise UsageError("--class-items labels the built-in corpus's media with ImageNet's classes: "
+                         "embedded models only, without --media")
     parts = args.shard.split("/")
     if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) >= int(parts[1]):
         raise UsageError(f"--shard must look like I/N with 0 <= I < N, not '{args.shard}'")
     shard = (int(parts[0]), int(parts[1]))
     target = load_target(args.model)
-    # An embedded model's records go under its LM's name ("qwen2.5", "smollm2"), whichever alias named it.
-    folder = EMBEDDED_MODELS.get(EMBEDDED_ALIASES.get(args.model, args.model), args.model.replace("/", "--"))
-    data_dir = Path(args.data_dir or cache_dir() / "distill" / folder)
+    data_dir = Path(args.data_dir) if args.data_dir else distill_dir(args.model)
     if args.train_only:
         items = []
     elif args.media:
@@ -135,6 +138,9 @@ def cmd_train(args) -> int:
         # process keeps only its shard's media in memory.
         items = build_corpus(args.train_items, args.heldout_items, seed=args.seed, first_item=args.first_item,
                              shard=shard)
+        if args.class_items:
+            labelled = class_items(args.class_items, args.seed, shard=shard)
+            items += [_with_default_prompt(item, target) for item in labelled]
     if not items and not args.train_only:
         raise UsageError("no usable media to train on; pass --media FOLDER with images or videos")
     if not 0 <= args.default_prompt_share <= 1:

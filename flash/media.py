@@ -80,6 +80,10 @@ class Media:
     source: str  # file name, for display
     size: tuple[int, int]  # (width, height) of the original, as displayed
     duration_s: float | None = None  # videos (animated GIFs too)
+    # Known ImageNet classes as (index, probability), most likely first: a training corpus's labels. The
+    # embedded models ground their prompt on these instead of their classifier's guess (``python -m
+    # flash train --class-items``); empty for a user's media.
+    classes: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("image", "video"):

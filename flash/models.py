@@ -29,6 +29,7 @@ import torch
 
 from flash.draft import DraftConfig, DraftError, FlashDraft
 from flash.targets.base import TargetModel
+from flash.weights import cache_dir
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = "default"
@@ -40,6 +41,13 @@ EMBEDDED_ALIASES = {"qwen2.5": DEFAULT_MODEL}
 #: The draft shipped for each embedded LM, trained with ``python -m flash train``.
 SHIPPED_DRAFTS = {"qwen2.5": ASSETS / "drafts" / "qwen2.5", "smollm2": ASSETS / "drafts" / "smollm2"}
 DEFAULT_DRAFT = SHIPPED_DRAFTS[EMBEDDED_MODELS[DEFAULT_MODEL]]
+
+
+def distill_dir(model: str) -> Path:
+    """Where ``python -m flash train`` keeps ``model``'s distilled records by default: an embedded model's
+    under its LM's name ("qwen2.5", "smollm2"), whichever alias named it; a hub id with "/" as "--"."""
+    folder = EMBEDDED_MODELS.get(EMBEDDED_ALIASES.get(model, model), model.replace("/", "--"))
+    return cache_dir() / "distill" / folder
 
 
 def is_embedded(model: str) -> bool:

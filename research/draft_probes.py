@@ -33,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import flash.training.trainer as training  # noqa: E402
 from flash.draft import FlashDraft, RMSNorm  # noqa: E402
-from flash.models import load_target  # noqa: E402
+from flash.models import distill_dir, load_target  # noqa: E402
 from flash.training.distill import load_record  # noqa: E402
 from flash.weights import cache_dir  # noqa: E402
 
 RECORDS, EPOCHS = 400, 2
 FEATURE_LAYERS = (3, 15)  # a low and a middle layer of SmolLM2's 30 (EAGLE-3 fuses low, middle, high)
-DATA = cache_dir() / "distill" / "default"
+DATA = distill_dir("default")
 
 
 def _save_output(into: dict, name: str, module, inputs, output) -> None:

@@ -18,14 +18,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flash.draft import DraftError, FlashDraft  # noqa: E402
-from flash.models import DEFAULT_DRAFT, load_target  # noqa: E402
+from flash.models import DEFAULT_DRAFT, distill_dir, load_target  # noqa: E402
 from flash.training.distill import load_records  # noqa: E402
 from flash.training.trainer import TrainConfig, evaluate  # noqa: E402
-from flash.weights import cache_dir  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("draft_dir", nargs="?", default=str(DEFAULT_DRAFT), help="a saved draft (default: the shipped one)")
-parser.add_argument("--data-dir", default=str(cache_dir() / "distill" / "default"), help="distillation cache")
+parser.add_argument("--data-dir", default=str(distill_dir("default")), help="distillation cache")
 parser.add_argument("--train-records", type=int, default=120, help="training records to evaluate (every other one "
                     "of the first 2N: an item's greedy and sampled answers are neighbours)")
 args = parser.parse_args()

@@ -24,10 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flash.models import load_target  # noqa: E402
+from flash.models import distill_dir, load_target  # noqa: E402
 from flash.training.distill import load_records  # noqa: E402
 from flash.training.trainer import _sample_tensors  # noqa: E402
-from flash.weights import cache_dir  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
 parser.add_argument("draft_dir", nargs="?", help="a saved draft (default: the shipped one)")
@@ -46,7 +45,7 @@ else:
     from flash.models import load_draft
 
     draft = load_draft(target, quiet=True)
-records = [r for r in load_records(cache_dir() / "distill" / "default", target.name) if r.split == "heldout"]
+records = [r for r in load_records(distill_dir("default"), target.name) if r.split == "heldout"]
 if not records:
     sys.exit("no held-out records: run `python -m flash train --distill-only` first")
 rules = target.logits_rules()

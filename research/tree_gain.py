@@ -25,10 +25,9 @@ sys.path.insert(0, str(ROOT))
 from verify_cost import forward_medians  # noqa: E402 (a sibling script)
 
 from flash.engine.tree import build_tree  # noqa: E402
-from flash.models import load_draft, load_target  # noqa: E402
+from flash.models import distill_dir, load_draft, load_target  # noqa: E402
 from flash.training.distill import load_records  # noqa: E402
 from flash.training.trainer import _sample_tensors  # noqa: E402
-from flash.weights import cache_dir  # noqa: E402
 
 TOP, OUTSIDE = 6, 99  # candidates per slot; rank of a token the draft cannot propose
 DRAFT_COST = 0.15  # a draft pass, in one-token target steps (measured: ~5-6 ms of ~38 ms)
@@ -44,7 +43,7 @@ cost = {n: medians["lean"][n] / medians["lean"][1] for n in sizes}
 print("verify cost (x a one-token step):", " ".join(f"{n}:{c:.2f}" for n, c in cost.items()))
 
 # 2. ranks and probabilities on the held-out records
-records = [r for r in load_records(cache_dir() / "distill" / "default", target.name) if r.split == "heldout"]
+records = [r for r in load_records(distill_dir("default"), target.name) if r.split == "heldout"]
 if not records:
     sys.exit("no held-out records: run `python -m flash train --distill-only` first")
 rules = target.logits_rules()

@@ -18,10 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flash.draft import DraftError, FlashDraft  # noqa: E402
-from flash.models import DEFAULT_DRAFT, load_target  # noqa: E402
+from flash.models import DEFAULT_DRAFT, distill_dir, load_target  # noqa: E402
 from flash.training.distill import load_records  # noqa: E402
 from flash.training.trainer import TrainConfig, evaluate  # noqa: E402
-from flash.weights import cache_dir  # noqa: E402
 
 
 def extended(draft: FlashDraft, vocab: torch.Tensor) -> FlashDraft:
@@ -43,7 +42,7 @@ try:
     draft = FlashDraft.load(args.draft_dir)
 except DraftError as exc:
     sys.exit(f"error: {exc}")
-records = load_records(cache_dir() / "distill" / "default", target.name)
+records = load_records(distill_dir("default"), target.name)
 heldout = [r for r in records if r.split == "heldout"]
 if not heldout:
     sys.exit("no held-out records: run `python -m flash train --distill-only` first")

@@ -101,9 +101,11 @@ def test_caption_eval_refuses_an_unwritable_report_before_running(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
 
 
-def test_train_takes_epochs_or_minutes_not_both(tmp_path):
+def test_train_refuses_conflicting_flags_in_one_line(tmp_path):
     for flags, message in ((["--epochs", "2", "--train-minutes", "5"], "not both"),
-                           (["--distill-minutes", "-1"], "must be >= 0")):
+                           (["--distill-minutes", "-1"], "must be >= 0"),
+                           (["--class-items", "5", "--media", str(tmp_path)], "without --media"),
+                           (["--class-items", "5", "--model", "llava-hf/llava-1.5-7b-hf"], "embedded models only")):
         proc = flash_cli("train", "--out", str(tmp_path / "draft"), *flags, timeout=120)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
@@ -111,16 +113,26 @@ def test_train_takes_epochs_or_minutes_not_both(tmp_path):
 
 def test_train_first_item_distils_only_the_later_corpus_items(tmp_path):
     """``--first-item`` skips the training items an earlier draft already learnt from; the held-out
-    split is always distilled (every evaluation needs it)."""
+    split is always distilled (every evaluation needs it); ``--class-items`` adds labelled items, asking
+    the model's default request."""
+    import json
+
+    from safetensors import safe_open
+
     data = tmp_path / "data"
     proc = flash_cli("train", "--out", str(tmp_path / "draft"), "--data-dir", str(data), "--distill-only",
                      "--train-items", "3", "--first-item", "2", "--heldout-items", "1", "--max-new-tokens", "4",
-                     *SMALL, timeout=600)
+                     "--class-items", "1", *SMALL, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = sorted(path.name for path in data.glob("*.safetensors"))
     train = [name for name in written if name.startswith("train-")]
     assert train == ["train-00002-greedy.safetensors", "train-00002-sampled.safetensors"]
-    assert len(written) == 3  # plus the held-out item's greedy answer
+    assert [name for name in written if name.startswith("class-")] == \
+        ["class-00000-greedy.safetensors", "class-00000-sampled.safetensors"]
+    with safe_open(str(data / "class-00000-greedy.safetensors"), "pt") as fh:
+        prompt = json.loads(fh.metadata()["meta"])["prompt"]
+    assert prompt in ("Describe this image in detail.", "Describe what happens in this video.")  # SmolLM2's
+    assert len(written) == 5  # plus the held-out item's greedy answer
 
 
 def test_train_distils_the_user_s_media_folder(tmp_path):

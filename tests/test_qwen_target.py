@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zipfile
 from pathlib import Path
@@ -120,6 +121,23 @@ def test_qwen_photo_prompt_hedges_and_names_the_group(qwen_target):
     assert prompt.media_payload.norm(dim=-1).mean() < 0.1 * qwen_target.embed(prompt.input_ids).norm(dim=-1).mean()
     other = qwen_target.build_prompt(load_media(EXAMPLES / "coffee.jpg"), "")
     assert not torch.allclose(prompt.media_payload, other.media_payload)
+
+
+def test_labelled_media_ground_the_prompt_on_their_classes(qwen_target, default_target):
+    """A training item's known classes (``Media.classes``) replace the classifier's guess in the grounding,
+    stated or hedged by their probabilities as the guess would be; the visual tokens stay the image's."""
+    media = load_media(EXAMPLES / "coffee.jpg")
+    sure = dataclasses.replace(media, classes=((291, 0.9),))
+    unsure = dataclasses.replace(media, classes=((291, 0.3), (293, 0.2)))
+    lion, cheetah = qwen_target.labels[291], qwen_target.labels[293]
+    assert (lion, cheetah) == ("lion", "cheetah")
+    guessed = qwen_target.build_prompt(media, qwen_target.default_prompt(media))
+    stated = qwen_target.build_prompt(sure, qwen_target.default_prompt(sure))
+    assert "espresso" in guessed.text and "espresso" not in stated.text
+    assert "(It shows a lion (a big cat).)" in stated.text
+    assert "(It may show a lion (a big cat) or a cheetah (a big cat).)" in qwen_target.build_prompt(unsure, "").text
+    assert torch.equal(stated.media_payload, guessed.media_payload)
+    assert "It is a photo of lion." in default_target.build_prompt(sure, "Describe it.").text  # SmolLM2's wording
 
 
 @pytest.mark.slow

@@ -412,3 +412,33 @@ def test_a_sharded_corpus_is_the_whole_one_split_between_processes():
         for mine, theirs in zip(part, whole[i::2], strict=True):
             assert mine.prompt == theirs.prompt and mine.kind == theirs.kind
             assert [f.tobytes() for f in mine.media.frames] == [f.tobytes() for f in theirs.media.frames]
+
+
+def test_class_labels_name_every_imagenet_class_once_per_thousand():
+    """The labelled items' classes: each of the 1000 once in every 1000 items, about 60% confident (one
+    class at p >= 0.5), the rest a guess between the class and a neighbour (both under 0.5, the class first)."""
+    from flash.training.corpus import IMAGENET_CLASSES, class_labels
+
+    labels = class_labels(2 * IMAGENET_CLASSES, seed=0)
+    for block in (labels[:IMAGENET_CLASSES], labels[IMAGENET_CLASSES:]):
+        assert sorted(label[0][0] for label in block) == list(range(IMAGENET_CLASSES))
+    confident = [label for label in labels if len(label) == 1]
+    assert 0.55 < len(confident) / len(labels) < 0.65
+    assert all(0.5 <= p <= 0.95 for (_, p), in confident)
+    for (cls, p), (near, q) in (label for label in labels if len(label) == 2):
+        assert 0 < abs(near - cls) <= 4 and 0 <= near < IMAGENET_CLASSES and q <= p < 0.5
+    assert class_labels(50, seed=0) == labels[:50] and class_labels(50, seed=1) != labels[:50]
+
+
+def test_class_items_are_labelled_media_split_between_processes():
+    from flash.training.corpus import class_items, class_labels
+
+    whole = class_items(6, seed=0)
+    assert [item.media.classes for item in whole] == class_labels(6, seed=0)
+    assert all(item.split == "train" and item.item_id.startswith("class-") for item in whole)
+    parts = [class_items(6, seed=0, shard=(i, 2)) for i in range(2)]
+    for i, part in enumerate(parts):
+        assert [item.item_id for item in part] == [item.item_id for item in whole[i::2]]
+        for mine, theirs in zip(part, whole[i::2], strict=True):
+            assert mine.media.classes == theirs.media.classes
+            assert [f.tobytes() for f in mine.media.frames] == [f.tobytes() for f in theirs.media.frames]

@@ -267,6 +267,9 @@ class DefaultTarget(TargetModel):
     def build_prompt(self, media, text: str) -> Prompt:
         """Chat prompt with 49 placeholder positions per frame; visual tokens ride in the payload."""
         visual, top, frame_names = (None, [], []) if media is None else self._see(media.frames)
+        if media is not None and media.classes:  # a labelled training item: its labels, not the guess
+            top = [(self._class_name(index), prob) for index, prob in media.classes]
+            frame_names = [top[0][0]] * len(media.frames)
         chat = self._chat_text(media, top, frame_names, text)
         ids: list[int] = []
         spans = []

@@ -186,6 +186,60 @@ def build_corpus(num_train: int, num_heldout: int, seed: int = 0, video_fraction
     return items
 
 
+IMAGENET_CLASSES = 1000
+
+
+def class_labels(count: int, seed: int = 0) -> list[tuple[tuple[int, float], ...]]:
+    """``count`` labels for :func:`class_items`: ImageNet's classes in turn, in a seeded order (each class
+    once per 1000), as (index, probability) pairs. As on real photos, about 60% are confident (one class,
+    p 0.5-0.95) and the rest a guess between the class and a neighbouring one (ImageNet's indices group
+    related classes: breeds, vehicles), the class first."""
+    rng = random.Random(seed + 2)
+    order: list[int] = []
+    labels = []
+    for _ in range(count):
+        if not order:
+            order = rng.sample(range(IMAGENET_CLASSES), IMAGENET_CLASSES)
+        cls = order.pop()
+        if rng.random() < 0.6:
+            labels.append(((cls, round(rng.uniform(0.5, 0.95), 3)),))
+        else:
+            near = min(max(cls + rng.choice((-1, 1)) * rng.randint(1, 4), 0), IMAGENET_CLASSES - 1)
+            if near == cls:  # the first or last class stepping outwards
+                near = cls + 1 if cls == 0 else cls - 1
+            first = rng.uniform(0.2, 0.49)
+            labels.append(((cls, round(first, 3)), (near, round(rng.uniform(0.05, first), 3))))
+    return labels
+
+
+def class_items(count: int, seed: int = 0, *, shard: tuple[int, int] = (0, 1)) -> list[CorpusItem]:
+    """``count`` training items labelled by :func:`class_labels`, for the embedded models, whose captions
+    follow their classifier's classes (:attr:`flash.media.Media.classes`).
+
+    The built-in corpus's 18 photos give a draft captions of about 18 subjects, and it learns those
+    (teacher-forced τ 2.7-3.3 on the shipped cat and coffee, ~2.0 on photos of other subjects): these
+    items spread its data over every subject the classifier can name. The media are the corpus's
+    augmented photos and procedural scenes, a quarter of them 8-frame videos. ``shard=(i, n)`` keeps
+    ``items[i::n]`` (every item's media are still drawn, so item k is the same whatever is kept).
+    """
+    index, step = shard
+    rng = random.Random(seed + 3)
+    photos = [_skimage_photo(name) for name in TRAIN_PHOTOS]
+    items = []
+    for i, classes in enumerate(class_labels(count, seed)):
+        video = rng.random() < 0.25
+        if video:
+            frames = procedural_video(rng, photos).frames
+        else:
+            frames = (_augment(rng.choice(photos), rng) if rng.random() < 0.6 else procedural_scene(rng)[0],)
+        if i % step != index:
+            continue
+        media = Media(kind="video" if video else "image", frames=frames, source="train-class",
+                      size=frames[0].size, duration_s=len(frames) / 4.0 if video else None, classes=classes)
+        items.append(CorpusItem(f"class-{i:05d}", media, "", "train"))
+    return items
+
+
 def heldout_items(count: int, seed: int = 1, gradio_media: Path | None = None) -> list[CorpusItem]:
     """Held-out media the draft never trains on: gradio's bundled photos/videos and new procedural scenes."""
     from flash.media import load_media

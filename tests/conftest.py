@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded default target, tiny random HF targets, real photos, random drafts.
+"""Shared fixtures: the embedded SmolLM2 target (Qwen2.5, the default, has its own module's fixture), tiny
+random HF targets, real photos, random drafts.
 
 Targets are session-scoped and must not be mutated by tests (work on a shallow copy instead).
 The default model's weights are fetched by the run itself when they are missing (``default_model_ready``),
@@ -125,8 +126,8 @@ def default_model_ready(request) -> None:
 
     Done up front rather than inside whichever test first loads the model: many tests start
     ``python -m flash ...`` in a subprocess with a time limit that a first download would overrun.
-    Where the download fails (offline), the tests that need the default model fail with its one-line
-    reason (``default_target``); the others still run.
+    Where the download fails (offline), the tests that need an embedded model fail with its one-line
+    reason (``smollm2_target``); the others still run.
     """
     from flash.weights import WeightsError, cache_dir, fetch_all
 
@@ -147,16 +148,16 @@ def default_model_ready(request) -> None:
 
 
 @pytest.fixture(scope="session")
-def default_target() -> TargetModel:
+def smollm2_target() -> TargetModel:
     from flash.targets.embedded import load_embedded_target
     from flash.weights import WeightsError
 
     if _FETCH_ERRORS:  # failing, not skipping: a run that cannot reach the model must not look green
-        pytest.fail(f"the default model's weights are unavailable: {_FETCH_ERRORS[0]}", pytrace=False)
+        pytest.fail(f"the embedded models' weights are unavailable: {_FETCH_ERRORS[0]}", pytrace=False)
     try:
         return load_embedded_target(quiet=True, lm="smollm2")
     except WeightsError as exc:
-        pytest.fail(f"the default model's weights are unavailable: {exc}", pytrace=False)
+        pytest.fail(f"the embedded models' weights are unavailable: {exc}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

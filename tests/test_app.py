@@ -60,7 +60,7 @@ def running_app(log_path: Path, timeout_s: float = 120) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def client(default_target, tmp_path_factory):
+def client(smollm2_target, tmp_path_factory):
     """A gradio_client on the real app (skipped with the default target when its weights are unavailable)."""
     gradio_client = pytest.importorskip("gradio_client")
     log_path = tmp_path_factory.mktemp("app") / "app.log"
@@ -319,7 +319,7 @@ def test_disturbance_names_a_busy_machine(monkeypatch):
     assert calibration.typical == 2.1 and calibration.line().startswith("typically 2.10× on this machine (3 warm")
 
 
-def test_the_page_s_race_reports_errors_in_the_status_and_presents_an_example(default_target, single_thread):
+def test_the_page_s_race_reports_errors_in_the_status_and_presents_an_example(smollm2_target, single_thread):
     import app
 
     def final(*args):
@@ -335,7 +335,7 @@ def test_the_page_s_race_reports_errors_in_the_status_and_presents_an_example(de
     assert presented["headline"].startswith("## ⚡ FLASH")
 
 
-def test_start_up_warm_up_calibrates_and_the_page_shows_its_progress(default_target, single_thread, monkeypatch):
+def test_start_up_warm_up_calibrates_and_the_page_shows_its_progress(smollm2_target, single_thread, monkeypatch):
     import app
 
     warmup = app.Warmup()

@@ -25,7 +25,7 @@ TOKENS = int(os.environ.get("FLASH_BROWSER_TOKENS", "96"))
 
 
 @pytest.fixture(scope="module")
-def page(default_target, tmp_path_factory):
+def page(smollm2_target, tmp_path_factory):
     """A Chromium page on the real app, once the app says its model is ready."""
     if not CHROMIUM.exists():
         pytest.skip(f"no system Chromium at {CHROMIUM}")

@@ -163,27 +163,27 @@ def test_train_distils_the_user_s_media_folder(tmp_path):
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_flash_equals_ar_on_every_example(default_target, path):
+def test_flash_equals_ar_on_every_example(smollm2_target, path):
     """The issue's acceptance check, in-process: greedy flash (chain and tree) and ar give identical tokens."""
     media = load_media(path)
-    draft = load_draft(default_target, quiet=True)
-    prompt = default_target.build_prompt(media, default_target.default_prompt(media))
-    cfg = GenerationConfig(max_new_tokens=64, rules=default_target.logits_rules())
-    ar = collect(generate(default_target, prompt, "ar", None, cfg))
+    draft = load_draft(smollm2_target, quiet=True)
+    prompt = smollm2_target.build_prompt(media, smollm2_target.default_prompt(media))
+    cfg = GenerationConfig(max_new_tokens=64, rules=smollm2_target.logits_rules())
+    ar = collect(generate(smollm2_target, prompt, "ar", None, cfg))
     for method in ("flash", "flash-tree", "eagle", "pld"):
-        out = collect(generate(default_target, prompt, method, draft, cfg))
+        out = collect(generate(smollm2_target, prompt, method, draft, cfg))
         assert out.tokens == ar.tokens, (method, out.tokens, ar.tokens)
 
 
-def test_load_draft_binds_each_target_object(default_target):
+def test_load_draft_binds_each_target_object(smollm2_target):
     """The draft cache is per target object: a second object with the same name gets its own binding."""
     import copy
 
-    other = copy.copy(default_target)  # same name, another object (e.g. the same model loaded twice)
-    other.embed = lambda ids: default_target.embed(ids) * 0  # observable: a different embedding
-    mine, theirs = load_draft(default_target, quiet=True), load_draft(other, quiet=True)
-    assert mine is load_draft(default_target, quiet=True)  # cached
-    assert theirs is not mine and theirs._embed == other.embed and mine._embed == default_target.embed
+    other = copy.copy(smollm2_target)  # same name, another object (e.g. the same model loaded twice)
+    other.embed = lambda ids: smollm2_target.embed(ids) * 0  # observable: a different embedding
+    mine, theirs = load_draft(smollm2_target, quiet=True), load_draft(other, quiet=True)
+    assert mine is load_draft(smollm2_target, quiet=True)  # cached
+    assert theirs is not mine and theirs._embed == other.embed and mine._embed == smollm2_target.embed
 
 
 def test_race_writes_a_replay_for_slides(tmp_path):

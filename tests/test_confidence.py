@@ -26,12 +26,12 @@ def test_confidence_cut_keeps_greedy_output(tiny_llava, photos, make_echo_draft,
                    for e in events[1:])
 
 
-def test_confidence_cut_proposes_less(default_target, photos, make_draft):
-    draft = make_draft(default_target, k=4)
-    prompt = default_target.build_prompt(photos["coffee"], "Describe this image in detail.")
-    base = GenerationConfig(max_new_tokens=16, rules=default_target.logits_rules())
-    full = collect(generate(default_target, prompt, "flash", draft, base))
-    cut = collect(generate(default_target, prompt, "flash", draft, replace(base, min_draft_prob=0.9)))
+def test_confidence_cut_proposes_less(smollm2_target, photos, make_draft):
+    draft = make_draft(smollm2_target, k=4)
+    prompt = smollm2_target.build_prompt(photos["coffee"], "Describe this image in detail.")
+    base = GenerationConfig(max_new_tokens=16, rules=smollm2_target.logits_rules())
+    full = collect(generate(smollm2_target, prompt, "flash", draft, base))
+    cut = collect(generate(smollm2_target, prompt, "flash", draft, replace(base, min_draft_prob=0.9)))
     assert cut.tokens == full.tokens
     assert cut.proposed < full.proposed
 

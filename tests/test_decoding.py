@@ -222,16 +222,16 @@ DEFAULT_CASES = [
 
 
 @pytest.mark.parametrize("media_name,text,method,k,num_latents", DEFAULT_CASES)
-def test_default_target_random_draft_matches_ar(default_target, media, ar_reference, make_draft,
+def test_default_target_random_draft_matches_ar(smollm2_target, media, ar_reference, make_draft,
                                                 media_name, text, method, k, num_latents):
-    config = greedy(default_target)
-    prompt, expected = ar_reference(default_target, media(media_name), text, config)
+    config = greedy(smollm2_target)
+    prompt, expected = ar_reference(smollm2_target, media(media_name), text, config)
     if method == "pld":
-        draft, config = None, greedy(default_target, k=k)
+        draft, config = None, greedy(smollm2_target, k=k)
     else:
-        draft = make_draft(default_target, k=k, num_latents=num_latents, seed=k)
-    result = run(default_target, prompt, method, draft, config)
-    assert_same_tokens(default_target, prompt, config.rules, expected, result.tokens, f"{method} k={k} C={num_latents}")
+        draft = make_draft(smollm2_target, k=k, num_latents=num_latents, seed=k)
+    result = run(smollm2_target, prompt, method, draft, config)
+    assert_same_tokens(smollm2_target, prompt, config.rules, expected, result.tokens, f"{method} k={k} C={num_latents}")
 
 
 SCRIPTED_CASES = [
@@ -243,15 +243,15 @@ SCRIPTED_CASES = [
 
 
 @pytest.mark.parametrize("media_name,method,k,num_latents,wrong_at", SCRIPTED_CASES)
-def test_default_target_scripted_draft_is_accepted_and_exact(default_target, media, ar_reference, make_draft,
+def test_default_target_scripted_draft_is_accepted_and_exact(smollm2_target, media, ar_reference, make_draft,
                                                              media_name, method, k, num_latents, wrong_at):
-    config = greedy(default_target)
-    prompt, expected = ar_reference(default_target, media(media_name), None, config)
-    draft = make_draft(default_target, k=k, num_latents=num_latents, cls=ScriptedDraft, script=expected,
+    config = greedy(smollm2_target)
+    prompt, expected = ar_reference(smollm2_target, media(media_name), None, config)
+    draft = make_draft(smollm2_target, k=k, num_latents=num_latents, cls=ScriptedDraft, script=expected,
                        wrong_at=wrong_at)
-    events = run_events(default_target, prompt, method, draft, config)
+    events = run_events(smollm2_target, prompt, method, draft, config)
     result = collect(events)
-    assert_same_tokens(default_target, prompt, config.rules, expected, result.tokens, f"scripted {method} k={k}")
+    assert_same_tokens(smollm2_target, prompt, config.rules, expected, result.tokens, f"scripted {method} k={k}")
     check_scripted_run(events, expected, k, wrong_at, config.max_new_tokens)
     assert result.accepted > 0 and result.steps < len(expected) - 1  # fewer target passes than ar
 
@@ -260,15 +260,15 @@ def test_default_target_scripted_draft_is_accepted_and_exact(default_target, med
 
 
 @pytest.mark.parametrize("eos_role", ["accepted draft", "bonus"])
-def test_eos_inside_a_step_stops_exactly_there(default_target, photos, ar_reference, make_draft, eos_role):
+def test_eos_inside_a_step_stops_exactly_there(smollm2_target, photos, ar_reference, make_draft, eos_role):
     """Plain decoding's token at position j becomes an EOS: every method stops right after it."""
-    config, k = greedy(default_target), 6
-    prompt, full = ar_reference(default_target, photos["rocket"], "What is happening here?", config)
+    config, k = greedy(smollm2_target), 6
+    prompt, full = ar_reference(smollm2_target, photos["rocket"], "What is happening here?", config)
     # A scripted step with no mistakes covers k + 1 positions: k accepted drafts, then the bonus at
     # positions k + 1, 2(k + 1), ...; j's token must not occur earlier, or plain decoding stops there.
     j = next(j for j in range(2, len(full) - 1)
              if full[j] not in full[:j] and (j % (k + 1) == 0) == (eos_role == "bonus"))  # fmt: skip
-    target = with_eos(default_target, {full[j]})
+    target = with_eos(smollm2_target, {full[j]})
     expected = full[: j + 1]  # the EOS itself included, nothing after it
     assert run(target, prompt, "ar", None, config).tokens == expected
     for method in ("flash", "eagle"):
@@ -280,11 +280,11 @@ def test_eos_inside_a_step_stops_exactly_there(default_target, photos, ar_refere
         assert last.accepted == len(last.tokens) - (eos_role == "bonus"), (method, last)
     random = run(target, prompt, "flash", make_draft(target, k=3), config)
     assert random.tokens == expected
-    assert default_target.eos_token_ids != target.eos_token_ids  # the shared fixture is untouched
+    assert smollm2_target.eos_token_ids != target.eos_token_ids  # the shared fixture is untouched
 
 
-MAX_NEW_CASES = [("tiny_llava", m) for m in (1, 2, 3, 5, 7)] + [("tiny_qwen", 4), ("default_target", 2),
-                                                                   ("default_target", 7)]
+MAX_NEW_CASES = [("tiny_llava", m) for m in (1, 2, 3, 5, 7)] + [("tiny_qwen", 4), ("smollm2_target", 2),
+                                                                   ("smollm2_target", 7)]
 
 
 @pytest.mark.parametrize("target_fixture,max_new_tokens", MAX_NEW_CASES)
@@ -318,15 +318,15 @@ def test_divergence_report_names_the_position_and_the_top2_gap(tiny_llava, photo
 # --- events and the result summary ----------------------------------------------------------------
 
 
-def test_result_summarises_events(default_target, photos, ar_reference, make_draft):
-    config = greedy(default_target)
-    prompt, expected = ar_reference(default_target, photos["chelsea"], None, config)
-    ar = run(default_target, prompt, "ar", None, config)
+def test_result_summarises_events(smollm2_target, photos, ar_reference, make_draft):
+    config = greedy(smollm2_target)
+    prompt, expected = ar_reference(smollm2_target, photos["chelsea"], None, config)
+    ar = run(smollm2_target, prompt, "ar", None, config)
     assert (ar.steps, ar.accepted, ar.proposed) == (len(expected) - 1, 0, 0)
     assert ar.tau == 1.0 and ar.acceptance_rate == 0.0
 
-    draft = make_draft(default_target, k=4, cls=ScriptedDraft, script=expected, wrong_at={3})
-    events = run_events(default_target, prompt, "flash", draft, config)
+    draft = make_draft(smollm2_target, k=4, cls=ScriptedDraft, script=expected, wrong_at={3})
+    events = run_events(smollm2_target, prompt, "flash", draft, config)
     result = collect(events)
     assert result.method == "flash" and result.tokens == expected
     assert result.steps == len(events) - 1
@@ -346,22 +346,22 @@ def test_result_summarises_events(default_target, photos, ar_reference, make_dra
 # --- drafts: wrong target, save/load, configuration -------------------------------------------------
 
 
-def test_draft_for_another_target_is_refused(default_target):
-    other = DraftConfig("other", hidden_size=default_target.hidden_size, vocab_size=default_target.vocab_size)
+def test_draft_for_another_target_is_refused(smollm2_target):
+    other = DraftConfig("other", hidden_size=smollm2_target.hidden_size, vocab_size=smollm2_target.vocab_size)
     with pytest.raises(DraftError, match="other"):
-        FlashDraft(other).bind(default_target)
-    wrong_size = DraftConfig(default_target.name, hidden_size=64, vocab_size=default_target.vocab_size, num_heads=4)
+        FlashDraft(other).bind(smollm2_target)
+    wrong_size = DraftConfig(smollm2_target.name, hidden_size=64, vocab_size=smollm2_target.vocab_size, num_heads=4)
     with pytest.raises(DraftError, match="hidden size"):
-        FlashDraft(wrong_size).bind(default_target)
+        FlashDraft(wrong_size).bind(smollm2_target)
 
 
-def test_generate_rejects_bad_requests(default_target, photos):
-    prompt = build_prompt(default_target, photos["coffee"], None)
+def test_generate_rejects_bad_requests(smollm2_target, photos):
+    prompt = build_prompt(smollm2_target, photos["coffee"], None)
     with pytest.raises(ValueError, match="unknown method"):
-        generate(default_target, prompt, "medusa")
+        generate(smollm2_target, prompt, "medusa")
     for method in ("flash", "eagle"):
         with pytest.raises(ValueError, match="needs a draft"):
-            generate(default_target, prompt, method, None)
+            generate(smollm2_target, prompt, method, None)
 
 
 @pytest.mark.parametrize("kwargs", [{"max_new_tokens": 0}, {"temperature": -0.1}, {"top_p": 0.0},

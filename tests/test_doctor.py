@@ -54,13 +54,13 @@ def test_doctor_reports_a_broken_tree_pass_and_fails(capsys, monkeypatch) -> Non
     assert lines[-1].startswith("result   FAIL: flash-tree")
 
 
-def test_doctor_on_an_embedded_model(capsys, monkeypatch, default_target) -> None:
+def test_doctor_on_an_embedded_model(capsys, monkeypatch, smollm2_target) -> None:
     """An embedded model (SmolLM2), its shipped draft (the session's target stands in for the cache's load)."""
-    monkeypatch.setattr(models, "_TARGETS", {"smollm2": default_target})
+    monkeypatch.setattr(models, "_TARGETS", {"smollm2": smollm2_target})
     monkeypatch.setattr(models, "_DRAFTS", {})
     code, lines, err = doctor(capsys, "--model", "smollm2")
     assert code == 0, "\n".join(lines) + err
-    assert lines[0].startswith(f"target   {default_target.name} (DefaultTarget), float32 activations")
+    assert lines[0].startswith(f"target   {smollm2_target.name} (EmbeddedTarget), float32 activations")
     for method in METHOD_NAMES:
         assert method_line(lines, method).endswith("(the reference)" if method == "ar" else "same tokens as ar")
     assert tau(method_line(lines, "flash")) > 1  # the trained draft is accepted

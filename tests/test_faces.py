@@ -125,7 +125,7 @@ def test_hedged_grounding_states_people_first():
     assert hedged_grounding([("lion", 0.3), ("cheetah", 0.2)], people=None) == "(It may show a lion or a cheetah.)"
 
 
-def test_qwen_prompt_names_the_portrait_and_smollm2_s_is_unchanged(default_target, astronaut, two_astronauts):
+def test_qwen_prompt_names_the_portrait_and_smollm2_s_is_unchanged(smollm2_target, astronaut, two_astronauts):
     try:
         qwen = load_embedded_target(lm="qwen2.5", quiet=True)
     except WeightsError as exc:
@@ -138,8 +138,8 @@ def test_qwen_prompt_names_the_portrait_and_smollm2_s_is_unchanged(default_targe
     cat = load_media(EXAMPLES / "cat.jpg")
     assert "(It shows an Egyptian Mau (a cat).)" in qwen.build_prompt(cat, "").text  # no face, no change
     # SmolLM2 has no face detector: its prompt is byte for byte what it was before faces existed.
-    assert default_target.faces is None
-    assert default_target.build_prompt(media, default_target.default_prompt(media)).text == (
+    assert smollm2_target.faces is None
+    assert smollm2_target.build_prompt(media, smollm2_target.default_prompt(media)).text == (
         "<|im_start|>system\nYou are a helpful assistant who describes photos in vivid detail.<|im_end|>\n"
         "<|im_start|>user\n<|media|>\nDescribe this image in detail. It is a photo of bobsleigh.<|im_end|>\n"
         "<|im_start|>assistant\n")

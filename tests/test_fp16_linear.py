@@ -235,28 +235,28 @@ def fp32_target():
         pytest.skip(f"default target weights unavailable: {exc}")
 
 
-def test_default_target_fp16_weights_stay_close_to_fp32(default_target, fp32_target, photos):
-    """The claim in DefaultTarget's docstring: logits within ~0.05 of the fp32 model, same greedy text."""
-    assert default_target.weight_format == "fp16" and fp32_target.weight_format == "fp32"
-    config = GenerationConfig(max_new_tokens=32, rules=default_target.logits_rules())
+def test_default_target_fp16_weights_stay_close_to_fp32(smollm2_target, fp32_target, photos):
+    """The claim in EmbeddedTarget's docstring: logits within ~0.05 of the fp32 model, same greedy text."""
+    assert smollm2_target.weight_format == "fp16" and fp32_target.weight_format == "fp32"
+    config = GenerationConfig(max_new_tokens=32, rules=smollm2_target.logits_rules())
     for name in ("chelsea", "coffee"):
-        prompts = [t.build_prompt(photos[name], t.default_prompt(photos[name])) for t in (default_target, fp32_target)]
-        fp16_pre, fp32_pre = (t.prefill(p) for t, p in zip((default_target, fp32_target), prompts, strict=True))
+        prompts = [t.build_prompt(photos[name], t.default_prompt(photos[name])) for t in (smollm2_target, fp32_target)]
+        fp16_pre, fp32_pre = (t.prefill(p) for t, p in zip((smollm2_target, fp32_target), prompts, strict=True))
         assert (fp16_pre.last_logits - fp32_pre.last_logits).abs().max() < 0.1
         tokens = [collect(generate(t, p, "ar", None, config)).tokens for t, p in
-                  zip((default_target, fp32_target), prompts, strict=True)]
+                  zip((smollm2_target, fp32_target), prompts, strict=True)]
         assert tokens[0] == tokens[1], name
 
 
-def test_shipped_draft_packed_is_lossless_and_accepts(default_target, photos):
+def test_shipped_draft_packed_is_lossless_and_accepts(smollm2_target, photos):
     from flash.models import load_draft
 
-    draft = load_draft(default_target, quiet=True)
+    draft = load_draft(smollm2_target, quiet=True)
     assert draft._head_fp16 is not None  # load_draft packs for the fp16 default target
     media = photos["coffee"]
-    prompt = default_target.build_prompt(media, default_target.default_prompt(media))
-    config = GenerationConfig(max_new_tokens=48, rules=default_target.logits_rules())
-    ar = collect(generate(default_target, prompt, "ar", None, config))
-    flash = collect(generate(default_target, prompt, "flash", draft, config))
+    prompt = smollm2_target.build_prompt(media, smollm2_target.default_prompt(media))
+    config = GenerationConfig(max_new_tokens=48, rules=smollm2_target.logits_rules())
+    ar = collect(generate(smollm2_target, prompt, "ar", None, config))
+    flash = collect(generate(smollm2_target, prompt, "flash", draft, config))
     assert flash.tokens == ar.tokens
     assert flash.accepted > 0 and flash.steps < len(ar.tokens)

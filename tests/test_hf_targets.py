@@ -612,12 +612,12 @@ def test_loading_another_hub_model_evicts_the_previous_one(fresh_cache, targets,
     assert fresh_cache.loaded_targets() == () and not fresh_cache._DRAFTS
 
 
-def test_the_embedded_targets_stay_across_hub_models(fresh_cache, default_target, targets, tmp_path) -> None:
-    fresh_cache._TARGETS["smollm2"] = default_target  # as if loaded earlier (saves its load)
+def test_the_embedded_targets_stay_across_hub_models(fresh_cache, smollm2_target, targets, tmp_path) -> None:
+    fresh_cache._TARGETS["smollm2"] = smollm2_target  # as if loaded earlier (saves its load)
     targets["llava"].save_pretrained(tmp_path)
     fresh_cache.load_target(str(tmp_path))
     assert fresh_cache.loaded_targets() == ("smollm2", str(tmp_path))
-    assert fresh_cache.load_target("smollm2") is default_target
+    assert fresh_cache.load_target("smollm2") is smollm2_target
 
 
 def test_a_model_change_drops_the_drafts_of_targets_not_cached(fresh_cache, targets, tmp_path) -> None:

@@ -123,7 +123,7 @@ def test_qwen_photo_prompt_hedges_and_names_the_group(qwen_target):
     assert not torch.allclose(prompt.media_payload, other.media_payload)
 
 
-def test_labelled_media_ground_the_prompt_on_their_classes(qwen_target, default_target):
+def test_labelled_media_ground_the_prompt_on_their_classes(qwen_target, smollm2_target):
     """A training item's known classes (``Media.classes``) replace the classifier's guess in the grounding,
     stated or hedged by their probabilities as the guess would be; the visual tokens stay the image's."""
     media = load_media(EXAMPLES / "coffee.jpg")
@@ -137,7 +137,7 @@ def test_labelled_media_ground_the_prompt_on_their_classes(qwen_target, default_
     assert "(It shows a lion (a big cat).)" in stated.text
     assert "(It may show a lion (a big cat) or a cheetah (a big cat).)" in qwen_target.build_prompt(unsure, "").text
     assert torch.equal(stated.media_payload, guessed.media_payload)
-    assert "It is a photo of lion." in default_target.build_prompt(sure, "Describe it.").text  # SmolLM2's wording
+    assert "It is a photo of lion." in smollm2_target.build_prompt(sure, "Describe it.").text  # SmolLM2's wording
 
 
 @pytest.mark.slow
@@ -190,7 +190,7 @@ def test_qwen_captions_name_the_subject_without_self_talk(qwen_target, name, wor
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["qwen_target", "default_target"])
+@pytest.mark.parametrize("which", ["qwen_target", "smollm2_target"])
 def test_prefix_cache_gives_the_whole_prefill_s_tokens(which, request):
     """The system turn's keys/values are computed once and reused; the rest of the prefill attends to
     them in a separate pass, so values agree to float rounding and greedy tokens exactly."""

@@ -20,10 +20,10 @@ SIDE_KEYS = {"new_tokens", "steps", "seconds", "tokens_per_s"}
 
 
 @pytest.fixture(scope="module")
-def draft(default_target):
+def draft(smollm2_target):
     from flash.models import load_draft
 
-    return load_draft(default_target, quiet=True)  # the shipped draft, or an untrained one (still exact)
+    return load_draft(smollm2_target, quiet=True)  # the shipped draft, or an untrained one (still exact)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def _config(target, **kwargs) -> GenerationConfig:
 # --- real races -----------------------------------------------------------------------------------
 
 
-def test_greedy_race_is_identical_and_summarised(default_target, draft, cat, single_thread):
-    updates = list(race(default_target, draft, cat, "", _config(default_target, max_new_tokens=16)))
+def test_greedy_race_is_identical_and_summarised(smollm2_target, draft, cat, single_thread):
+    updates = list(race(smollm2_target, draft, cat, "", _config(smollm2_target, max_new_tokens=16)))
     last = updates[-1]
     summary = last.summary
 
@@ -53,11 +53,11 @@ def test_greedy_race_is_identical_and_summarised(default_target, draft, cat, sin
     assert summary["tau"] >= 1.0 and 0.0 <= summary["acceptance_rate"] <= 1.0
     base, flash = summary["baseline"], summary["flash"]
     assert summary["speedup"] == pytest.approx(flash["tokens_per_s"] / base["tokens_per_s"], rel=1e-2)
-    assert summary["k"] == draft.cfg.k and summary["model"] == default_target.name
+    assert summary["k"] == draft.cfg.k and summary["model"] == smollm2_target.name
     assert summary["method"] == "flash-tree"  # greedy on a target that verifies trees
 
     # Text: decoded from the tokens, and FLASH's tagged pieces add up to exactly that text.
-    assert last.baseline.text == default_target.decode(list(last.baseline.tokens)) == last.flash.text
+    assert last.baseline.text == smollm2_target.decode(list(last.baseline.tokens)) == last.flash.text
     assert "".join(piece for piece, _ in last.flash.segments) == last.flash.text
     accepted_pieces = [piece for piece, origin in last.flash.segments if origin == "accepted"]
     assert bool(accepted_pieces) == (sum(last.flash.accepted_per_step) > 0)
@@ -69,8 +69,8 @@ def test_greedy_race_is_identical_and_summarised(default_target, draft, cat, sin
         assert sum(view.tokens_per_step) == len(view.tokens)
 
 
-def test_race_advances_the_side_whose_own_clock_is_behind(default_target, draft, cat, single_thread):
-    updates = list(race(default_target, draft, cat, "", _config(default_target, max_new_tokens=12)))
+def test_race_advances_the_side_whose_own_clock_is_behind(smollm2_target, draft, cat, single_thread):
+    updates = list(race(smollm2_target, draft, cat, "", _config(smollm2_target, max_new_tokens=12)))
     for before, after in zip(updates, updates[1:], strict=False):
         mine = getattr(before, "baseline" if after.side == BASELINE else "flash")
         other = before.flash if after.side == BASELINE else before.baseline
@@ -78,27 +78,27 @@ def test_race_advances_the_side_whose_own_clock_is_behind(default_target, draft,
     assert {u.side for u in updates} == {BASELINE, FLASH}
 
 
-def test_video_race_uses_the_video_prompt(default_target, draft, single_thread):
+def test_video_race_uses_the_video_prompt(smollm2_target, draft, single_thread):
     from flash.media import load_media
 
     video = load_media(EXAMPLES / "coffee_pan.mp4")
-    last = list(race(default_target, draft, video, "  ", _config(default_target, max_new_tokens=6)))[-1]
+    last = list(race(smollm2_target, draft, video, "  ", _config(smollm2_target, max_new_tokens=6)))[-1]
     assert last.summary["identical"] is True and last.flash.text
 
 
-def test_sampling_race_has_no_exactness_verdict(default_target, draft, cat, single_thread):
-    config = _config(default_target, max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3)
-    summary = list(race(default_target, draft, cat, "What is this?", config))[-1].summary
+def test_sampling_race_has_no_exactness_verdict(smollm2_target, draft, cat, single_thread):
+    config = _config(smollm2_target, max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3)
+    summary = list(race(smollm2_target, draft, cat, "What is this?", config))[-1].summary
     assert summary["identical"] is None and summary["first_difference"] is None
     assert summary["temperature"] == 0.8 and summary["flash"]["new_tokens"] > 0
     assert summary["method"] == "flash-tree"  # sampling races the drawn tree too (measured ahead of the chain)
 
 
-def test_cancel_stops_both_sides_promptly(default_target, draft, cat, single_thread):
+def test_cancel_stops_both_sides_promptly(smollm2_target, draft, cat, single_thread):
     cancel = threading.Event()
     updates = []
     stopped_at = None
-    for update in race(default_target, draft, cat, "", _config(default_target, max_new_tokens=200), cancel=cancel):
+    for update in race(smollm2_target, draft, cat, "", _config(smollm2_target, max_new_tokens=200), cancel=cancel):
         updates.append(update)
         if len(updates) == 4:
             cancel.set()
@@ -111,10 +111,10 @@ def test_cancel_stops_both_sides_promptly(default_target, draft, cat, single_thr
     assert last.summary["baseline"]["new_tokens"] + last.summary["flash"]["new_tokens"] < 20
 
 
-def test_cancel_before_the_start_gives_an_empty_summary(default_target, draft, cat):
+def test_cancel_before_the_start_gives_an_empty_summary(smollm2_target, draft, cat):
     cancel = threading.Event()
     cancel.set()
-    (only,) = list(race(default_target, draft, cat, "", _config(default_target, max_new_tokens=8), cancel=cancel))
+    (only,) = list(race(smollm2_target, draft, cat, "", _config(smollm2_target, max_new_tokens=8), cancel=cancel))
     assert only.summary["cancelled"] is True and only.summary["speedup"] is None and only.summary["tau"] is None
     assert only.baseline.tokens == only.flash.tokens == ()
 

@@ -17,25 +17,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_the_one_command_recipe_distils_with_two_processes_and_trains(tmp_path, default_target):
+def test_the_one_command_recipe_distils_with_two_processes_and_trains(tmp_path, smollm2_target):
     out, data = tmp_path / "draft", tmp_path / "data"
     env = {**os.environ, "MINUTES": "0", "ITEMS": "2", "HELDOUT": "1", "EPOCHS": "1", "MAX_NEW_TOKENS": "8"}
     run = subprocess.run(["bash", str(ROOT / "scripts" / "train_default_draft.sh"), str(out), str(data)], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    records = load_records(data, default_target.name)
+    records = load_records(data, smollm2_target.name)
     # Two training items answered greedy and sampled, one held-out item greedy; both shards wrote.
     assert sorted(r.split for r in records) == ["heldout", "train", "train", "train", "train"]
     log = json.loads((out / "training_log.json").read_text())
     assert log["config"]["rules_ce"] is True and len(log["history"]) == 1
     assert log["history"][0]["heldout"]  # held-out τ was measured
-    draft = FlashDraft.load(out).bind(default_target)
-    assert draft.cfg.target_name == default_target.name
+    draft = FlashDraft.load(out).bind(smollm2_target)
+    assert draft.cfg.target_name == smollm2_target.name
     assert "recipe done" in run.stderr
 
 
 @pytest.mark.slow
-def test_the_recipe_sized_by_the_clock_stops_distilling_and_trains_for_what_is_left(tmp_path, default_target):
+def test_the_recipe_sized_by_the_clock_stops_distilling_and_trains_for_what_is_left(tmp_path, smollm2_target):
     """MINUTES: distillation stops making training records at DISTILL_SHARE of the time (held-out ones
     are always made), and training runs for what is left (here the 0.2-minute floor)."""
     out, data = tmp_path / "draft", tmp_path / "data"
@@ -44,7 +44,7 @@ def test_the_recipe_sized_by_the_clock_stops_distilling_and_trains_for_what_is_l
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stderr.count("distill: time is up") == 2  # both shards stopped short of their 400 items
-    splits = [r.split for r in load_records(data, default_target.name)]
+    splits = [r.split for r in load_records(data, smollm2_target.name)]
     assert splits.count("heldout") == 1 and 0 < splits.count("train") < 2000, splits.count("train")
     log = json.loads((out / "training_log.json").read_text())
     assert log["config"]["minutes"] == 0.2 and log["config"]["rules_ce"] is True

@@ -167,15 +167,15 @@ def test_a_stopped_race_renders_too(scripted):
     assert render_frame(replay, 0.45).size == render_card(replay).size == (WIDTH, HEIGHT)
 
 
-def test_replay_of_a_real_race(default_target, tmp_path, single_thread):
+def test_replay_of_a_real_race(smollm2_target, tmp_path, single_thread):
     from flash.engine import GenerationConfig
     from flash.media import load_media
     from flash.models import load_draft
 
     media = load_media(EXAMPLES / "cat.jpg")
     recorder = RaceRecorder()
-    config = GenerationConfig(max_new_tokens=16, rules=default_target.logits_rules())
-    updates = list(recorder.watch(race(default_target, load_draft(default_target, quiet=True), media, "", config,
+    config = GenerationConfig(max_new_tokens=16, rules=smollm2_target.logits_rules())
+    updates = list(recorder.watch(race(smollm2_target, load_draft(smollm2_target, quiet=True), media, "", config,
                                        cancel=threading.Event())))
     recording = recorder.recording
     assert recording is not None and recording.summary is updates[-1].summary

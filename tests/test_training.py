@@ -156,20 +156,20 @@ def test_chain_tau_counts_consecutive_hits():
     assert rates == pytest.approx([2 / 3, 1 / 2, 1.0])
 
 
-def test_batched_distillation_matches_plain_decoding(default_target, photos):
+def test_batched_distillation_matches_plain_decoding(smollm2_target, photos):
     """generate_batch (shared prefill, finished rows leaving the batch) = the ar loop, token for token."""
     from flash.training.distill import _decode_with_hidden
 
-    rules = default_target.logits_rules()
+    rules = smollm2_target.logits_rules()
     greedy = GenerationConfig(max_new_tokens=10, rules=rules)
     short = GenerationConfig(max_new_tokens=3, rules=rules)
-    a = default_target.build_prompt(photos["chelsea"], "Describe this image.")
-    b = default_target.build_prompt(photos["coffee"], "What is in this picture?")
-    rows = default_target.generate_batch([a, b, a], [greedy, greedy, short])
+    a = smollm2_target.build_prompt(photos["chelsea"], "Describe this image.")
+    b = smollm2_target.build_prompt(photos["coffee"], "What is in this picture?")
+    rows = smollm2_target.generate_batch([a, b, a], [greedy, greedy, short])
     for prompt, config, (response, hidden) in zip([a, b, a], [greedy, greedy, short], rows, strict=True):
-        ref_response, ref_hidden = _decode_with_hidden(default_target, prompt, config)
+        ref_response, ref_hidden = _decode_with_hidden(smollm2_target, prompt, config)
         assert response == ref_response
-        assert hidden.shape == ref_hidden.shape == (prompt.length + len(response), default_target.hidden_size)
+        assert hidden.shape == ref_hidden.shape == (prompt.length + len(response), smollm2_target.hidden_size)
         torch.testing.assert_close(hidden, ref_hidden, atol=2e-3, rtol=1e-3)
     assert rows[2][0] == rows[0][0][:3]  # the short row left the batch early, with the same start
 

@@ -180,8 +180,8 @@ def test_keep_positions_compacts_every_layer(in_place):
     assert cache.get_seq_length() == 2 and cache.layers[0].values[0, 0, :, 0].tolist() == [0, -1]
 
 
-def test_tree_pass_equals_one_chain_pass_per_branch_and_keep_leaves_a_chain_cache(default_target, photos):
-    target = default_target
+def test_tree_pass_equals_one_chain_pass_per_branch_and_keep_leaves_a_chain_cache(smollm2_target, photos):
+    target = smollm2_target
     prompt = target.build_prompt(photos["coffee"], "Describe this image in detail.")
     tree = DraftTree(tokens=(578, 6187, 2444, 30, 282), parents=(-1, -1, 0, 2, 1), depths=(1, 1, 2, 3, 2))
     root = 1062
@@ -228,53 +228,53 @@ class RunnerUpDraft(ScriptedDraft):
 
 
 @pytest.mark.parametrize("media_name,wrong_at", [("coffee", {2, 5, 6, 11}), ("cat-pan-4", {1, 8, 9, 15})])
-def test_flash_tree_is_exact_and_catches_the_chains_mistakes(default_target, media, ar_reference, make_draft,
+def test_flash_tree_is_exact_and_catches_the_chains_mistakes(smollm2_target, media, ar_reference, make_draft,
                                                              media_name, wrong_at):
-    config = GenerationConfig(max_new_tokens=24, rules=default_target.logits_rules(),
+    config = GenerationConfig(max_new_tokens=24, rules=smollm2_target.logits_rules(),
                               tree=TreeConfig(nodes=8, branch=2, min_prob=0.01))
-    prompt, expected = ar_reference(default_target, media(media_name), None, greedy(default_target))
+    prompt, expected = ar_reference(smollm2_target, media(media_name), None, greedy(smollm2_target))
     results = {}
     for method in ("flash", "flash-tree"):
-        draft = make_draft(default_target, k=4, num_latents=8, cls=RunnerUpDraft, script=expected, wrong_at=wrong_at)
-        events = run_events(default_target, prompt, method, draft, config) if method == "flash" else \
-            list(generate(default_target, prompt, method, draft, config))
+        draft = make_draft(smollm2_target, k=4, num_latents=8, cls=RunnerUpDraft, script=expected, wrong_at=wrong_at)
+        events = run_events(smollm2_target, prompt, method, draft, config) if method == "flash" else \
+            list(generate(smollm2_target, prompt, method, draft, config))
         results[method] = collect(events)
-        assert_same_tokens(default_target, prompt, config.rules, expected, results[method].tokens, method)
+        assert_same_tokens(smollm2_target, prompt, config.rules, expected, results[method].tokens, method)
     # The chain stops at every mistake; the tree also holds the runner-up, so it needs fewer passes.
     assert results["flash-tree"].accepted > results["flash"].accepted
     assert results["flash-tree"].steps < results["flash"].steps
 
 
 @pytest.mark.parametrize("media_name", ["chelsea", "cat-pan-4"])
-def test_flash_tree_with_a_random_draft_matches_ar(default_target, media, ar_reference, make_draft, media_name):
-    config = greedy(default_target)
-    prompt, expected = ar_reference(default_target, media(media_name), None, config)
-    draft = make_draft(default_target, k=4, num_latents=8, seed=7)
+def test_flash_tree_with_a_random_draft_matches_ar(smollm2_target, media, ar_reference, make_draft, media_name):
+    config = greedy(smollm2_target)
+    prompt, expected = ar_reference(smollm2_target, media(media_name), None, config)
+    draft = make_draft(smollm2_target, k=4, num_latents=8, seed=7)
     tree_config = GenerationConfig(max_new_tokens=config.max_new_tokens, rules=config.rules,
                                    tree=TreeConfig(nodes=6, branch=3, min_prob=0.0))
-    result = collect(generate(default_target, prompt, "flash-tree", draft, tree_config))
-    assert_same_tokens(default_target, prompt, config.rules, expected, result.tokens, "flash-tree")
+    result = collect(generate(smollm2_target, prompt, "flash-tree", draft, tree_config))
+    assert_same_tokens(smollm2_target, prompt, config.rules, expected, result.tokens, "flash-tree")
 
 
 @pytest.mark.parametrize("media_name", ["coffee", "cat-pan-4"])
-def test_sampled_flash_tree_drafts_a_fixed_shape(default_target, media, make_draft, media_name):
+def test_sampled_flash_tree_drafts_a_fixed_shape(smollm2_target, media, make_draft, media_name):
     """Sampling: the tree's shape is fixed before its tokens are drawn (``sibling_verify`` is exact
     only then: whether a node is proposed must not depend on its token), so every step with room
     proposes ``tree.nodes`` drafts (the root's two siblings, then a chain under the first), and
     fewer only where the request's end leaves no room (or where q has fewer tokens than siblings: not
     here, without top-p). The law itself: ``test_decoding.py``."""
     config = GenerationConfig(max_new_tokens=24, temperature=0.8, top_p=1.0, seed=5,
-                              rules=default_target.logits_rules(), tree=TreeConfig(nodes=4, branch=2))
+                              rules=smollm2_target.logits_rules(), tree=TreeConfig(nodes=4, branch=2))
     item = media(media_name)
-    prompt = default_target.build_prompt(item, default_target.default_prompt(item))
-    draft = make_draft(default_target, k=4, num_latents=8, seed=7)
-    events = list(generate(default_target, prompt, "flash-tree", draft, config))
+    prompt = smollm2_target.build_prompt(item, smollm2_target.default_prompt(item))
+    draft = make_draft(smollm2_target, k=4, num_latents=8, seed=7)
+    events = list(generate(smollm2_target, prompt, "flash-tree", draft, config))
     steps = [e for e in events if e.step > 0]
     for e in steps:
         room = config.max_new_tokens - (e.total_tokens - len(e.tokens)) - 1  # drafts this step could hold
         assert e.proposed == (min(config.tree.nodes, 1 + room) if room > 0 else 0), e
     assert sum(e.accepted for e in steps) < sum(e.proposed for e in steps)  # a random draft: rejections
-    again = collect(generate(default_target, prompt, "flash-tree", draft, config))
+    again = collect(generate(smollm2_target, prompt, "flash-tree", draft, config))
     assert again.tokens == collect(events).tokens  # seeded: the drafts' draws and the checks repeat
 
 

@@ -122,16 +122,16 @@ def _load_language_model(spec: EmbeddedLM, quiet: bool) -> tuple[torch.nn.Module
 
 @dataclass(frozen=True)
 class _PromptHead:
-    """A prompt opening shared by every request, run through the LM once (see ``DefaultTarget.prefill``)."""
+    """A prompt opening shared by every request, run through the LM once (see ``EmbeddedTarget.prefill``)."""
 
     ids: list[int]
     keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [1, kv_heads, P, head_dim] each
     hidden: torch.Tensor  # [P, D]
 
 
-class DefaultTarget(TargetModel):
-    """An embedded LM (SmolLM2-135M-Instruct by default, see :class:`EmbeddedLM`) + MobileNetV2
-    grounding connector, on CPU.
+class EmbeddedTarget(TargetModel):
+    """An embedded LM (Qwen2.5-Coder-0.5B-Instruct, the default model, or SmolLM2-135M-Instruct; see
+    :class:`EmbeddedLM`) + MobileNetV2 grounding connector, on CPU.
 
     Activations are float32. With ``fp16_weights`` (the default where the kernel exists) the LM's
     linear layers and head hold their weights in fp16 (see :mod:`flash.cpu.fp16_linear`): the GGUF's
@@ -459,12 +459,12 @@ def _article(name: str) -> str:
 
 
 def _runs_through_lean_llama(*args, **kwargs):
-    raise RuntimeError("this model's layers run through LeanLlama (DefaultTarget._run_lm); "
+    raise RuntimeError("this model's layers run through LeanLlama (EmbeddedTarget._run_lm); "
                        "load_embedded_target(lean=False, lm=...) keeps transformers' own modules")
 
 
 def load_embedded_target(*, lm: str, quiet: bool = False, fp16_weights: bool = True, lean: bool = True,
-                         cpu_ops: bool = True, prefix_cache: bool = True) -> DefaultTarget:
+                         cpu_ops: bool = True, prefix_cache: bool = True) -> EmbeddedTarget:
     """Assemble the embedded target on language model ``lm``, fetching and converting its weights on
     first use (the app's ``default`` preset is Qwen2.5: flash.models.EMBEDDED_MODELS).
 
@@ -481,7 +481,7 @@ def load_embedded_target(*, lm: str, quiet: bool = False, fp16_weights: bool = T
     labels = json.loads((ASSETS / "imagenet_labels.json").read_text())
     # Only the hedged grounding (Qwen's) names people: SmolLM2's prompts stay as they were.
     faces = load_face_detector(*(str(fetch_weight(w, quiet=quiet)) for w in MTCNN)) if spec.hedge else None
-    target = DefaultTarget(language_model, tok, vision, labels, fp16_weights=fp16_weights, lean=lean,
+    target = EmbeddedTarget(language_model, tok, vision, labels, fp16_weights=fp16_weights, lean=lean,
                            cpu_ops=cpu_ops, spec=spec, prefix_cache=prefix_cache, faces=faces)
     if not quiet:
         print(f"Embedded model ({spec.key}) ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)

@@ -18,6 +18,6 @@ _spec = importlib.util.spec_from_file_location("flash_tests_conftest", ROOT / "t
 _main = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_main)
 
-default_target = _main.default_target
+smollm2_target = _main.smollm2_target
 photos = _main.photos
 videos = _main.videos

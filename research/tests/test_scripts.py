@@ -31,7 +31,7 @@ NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
 
 
 @pytest.fixture(scope="module")
-def script_cache(tmp_path_factory, default_target, photos, videos) -> Path:
+def script_cache(tmp_path_factory, smollm2_target, photos, videos) -> Path:
     """A ``$FLASH_CACHE`` with the real weights (linked) and 2 held-out + 1 training records."""
     root = tmp_path_factory.mktemp("flash-cache")
     for name in ("weights", "smollm2-135m-instruct", "kernels"):  # kernels: no second ~20 s compile
@@ -40,8 +40,8 @@ def script_cache(tmp_path_factory, default_target, photos, videos) -> Path:
     items = [CorpusItem("heldout-cat", photos["chelsea"], "Describe this photo.", "heldout"),
              CorpusItem("heldout-pan", videos["coffee-pan-3"], "What happens in this video?", "heldout"),
              CorpusItem("train-rocket", photos["rocket"], "Describe this photo.", "train")]
-    distill(default_target, items, root / "distill" / "default", max_new_tokens=12, batch_size=4)
-    assert len(load_records(root / "distill" / "default", default_target.name)) == 4  # train: greedy + sampled
+    distill(smollm2_target, items, root / "distill" / "default", max_new_tokens=12, batch_size=4)
+    assert len(load_records(root / "distill" / "default", smollm2_target.name)) == 4  # train: greedy + sampled
     return root
 
 
@@ -286,7 +286,7 @@ def test_perfect_draft_speedup_is_amdahl_at_the_draft_depth():
             assert ratios.perfect_draft_speedup(share + 0.05, tokens) < bound
 
 
-def test_draft_probes_extract_matches_the_records_hidden_states(default_target, tmp_path, monkeypatch, capsys):
+def test_draft_probes_extract_matches_the_records_hidden_states(smollm2_target, tmp_path, monkeypatch, capsys):
     """``--extract`` re-runs a record's prompt + response through the default model's own layers (its
     private pieces: a refactor there must not silently break the probe) and saves layers 3 and 15."""
     spec = importlib.util.spec_from_file_location("draft_probes", ROOT / "research" / "draft_probes.py")
@@ -294,9 +294,9 @@ def test_draft_probes_extract_matches_the_records_hidden_states(default_target, 
     spec.loader.exec_module(probes)
     data, out = tmp_path / "distill", tmp_path / "features"
     item = build_corpus(probes.RECORDS // 2, 40, seed=0)[40]  # the first training item, as extract rebuilds it
-    distill(default_target, [item], data, max_new_tokens=8, batch_size=2)
+    distill(smollm2_target, [item], data, max_new_tokens=8, batch_size=2)
     monkeypatch.setattr(probes, "DATA", data)
-    probes.extract(default_target, out)
+    probes.extract(smollm2_target, out)
     worst = float(re.search(r"max relative difference ([0-9.]+)", capsys.readouterr().err).group(1))
     assert worst < 0.01  # the teacher-forced last layer is the h the record holds
     for mode in ("greedy", "sampled"):

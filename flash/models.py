@@ -132,7 +132,7 @@ def _drop_stale_drafts() -> None:
 
 
 def load_draft(target: TargetModel, path: str | Path | None = None, *, quiet: bool = False) -> FlashDraft:
-    """The draft at ``path`` (default: the shipped draft for the default target), bound to ``target``.
+    """The draft at ``path`` (default: the shipped draft for an embedded target), bound to ``target``.
 
     With no path and no shipped draft, an untrained draft is used: output stays exact, only slower.
     Cached per target object and path until a model change drops the target (module docstring).
@@ -165,7 +165,7 @@ def _load_draft(target: TargetModel, path: str | Path | None, quiet: bool) -> Fl
         draft = FlashDraft.load(path)
     dtype = torch.float32 if target.dtype == torch.float32 else target.dtype
     draft = draft.to(device=target.device, dtype=dtype).bind(target).eval()
-    if getattr(target, "weight_format", None) == "fp16":  # the default target on CPU: same kernels
+    if getattr(target, "weight_format", None) == "fp16":  # the embedded targets on CPU: same kernels
         draft.pack_fp16()
     return draft
 

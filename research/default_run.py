@@ -14,14 +14,15 @@ from flash.models import load_draft, load_target  # noqa: E402
 DEFAULT_MEDIA = str(ROOT / "assets" / "examples" / "cat.jpg")
 
 
-def default_run(media_path: str, max_new_tokens: int = 128):
-    """(target, draft, prompt, config) for ``media_path`` with the default prompt; exits with a
+def default_run(media_path: str, max_new_tokens: int = 128, model: str = "default"):
+    """(target, draft, prompt, config) for ``media_path`` with the default prompt, on the embedded ``model``
+    ("default" or "smollm2") and its shipped draft; exits with a
     one-line error for media that cannot be read."""
     try:
         media = load_media(media_path)
     except MediaError as exc:
         sys.exit(f"error: {exc}")
-    target = load_target("default", quiet=True)
+    target = load_target(model, quiet=True)
     draft = load_draft(target, quiet=True)
     prompt = target.build_prompt(media, target.default_prompt(media))
     return target, draft, prompt, GenerationConfig(max_new_tokens=max_new_tokens, rules=target.logits_rules())

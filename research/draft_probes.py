@@ -39,7 +39,7 @@ from flash.weights import cache_dir  # noqa: E402
 
 RECORDS, EPOCHS = 400, 2
 FEATURE_LAYERS = (3, 15)  # a low and a middle layer of SmolLM2's 30 (EAGLE-3 fuses low, middle, high)
-DATA = distill_dir("default")
+DATA = distill_dir("smollm2")  # the probes are on SmolLM2 (the default model then) and its layers
 
 
 def _save_output(into: dict, name: str, module, inputs, output) -> None:
@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--extract", action="store_true", help="first compute the multilayer probe's features")
     parser.add_argument("--seed", type=int, default=0, help="training seed (initialisation, order, noise)")
     args = parser.parse_args()
-    target = load_target("default", quiet=True)
+    target = load_target("smollm2", quiet=True)
     features = cache_dir() / "probes" / "multilayer"
     if args.extract:
         extract(target, features)

@@ -33,8 +33,9 @@ PARTS = {  # (file suffix, function name) -> label; cumulative times
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
 parser.add_argument("media", nargs="?", default=DEFAULT_MEDIA,
                     help="image or video to caption (default: the shipped cat.jpg)")
+parser.add_argument("--model", default="default", help="'default' (Qwen2.5) or 'smollm2'")
 args = parser.parse_args()
-target, draft, prompt, config = default_run(args.media)
+target, draft, prompt, config = default_run(args.media, model=args.model)
 for method in ("ar", "flash", "flash-tree"):
     collect(generate(target, prompt, method, draft, config))
     profiler = cProfile.Profile()

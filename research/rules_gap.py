@@ -31,8 +31,9 @@ from flash.training.trainer import _sample_tensors  # noqa: E402
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
 parser.add_argument("draft_dir", nargs="?", help="a saved draft (default: the shipped one)")
 parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for the last line")
+parser.add_argument("--model", default="default", help="'default' (Qwen2.5) or 'smollm2'")
 args = parser.parse_args()
-target = load_target("default", quiet=True)
+target = load_target(args.model, quiet=True)
 if args.draft_dir:
     from flash.draft import DraftError, FlashDraft
 
@@ -45,7 +46,7 @@ else:
     from flash.models import load_draft
 
     draft = load_draft(target, quiet=True)
-records = [r for r in load_records(distill_dir("default"), target.name) if r.split == "heldout"]
+records = [r for r in load_records(distill_dir(args.model), target.name) if r.split == "heldout"]
 if not records:
     sys.exit("no held-out records: run `python -m flash train --distill-only` first")
 rules = target.logits_rules()

@@ -8,6 +8,7 @@ calls each, after checking both filters agree. Also prints how often a row's nuc
 the partial sort's guess (those rows are sorted whole).
 """
 
+import argparse
 import itertools
 import sys
 import time
@@ -56,7 +57,9 @@ def caption_logits(target) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    rows = caption_logits(load_target("default", quiet=True))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="default", help="'default' (Qwen2.5) or 'smollm2'")
+    rows = caption_logits(load_target(parser.parse_args().model, quiet=True))
     assert torch.equal(logits_to_probs(rows, TEMPERATURE, TOP_P), sorted_nucleus(rows))
     probs = torch.softmax(rows / TEMPERATURE, dim=-1)
     wide = int((probs.topk(NUCLEUS_GUESS, dim=-1).values.cumsum(-1)[:, -1] < TOP_P).sum())

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flash.bench import load_samples  # noqa: E402
 from flash.engine import DEFAULT_MIN_DRAFT_PROB, GenerationConfig, TreeConfig, collect, generate  # noqa: E402
-from flash.models import DEFAULT_MODEL, load_draft, load_target  # noqa: E402
+from flash.models import load_draft, load_target  # noqa: E402
 
 METHODS = ("ar", "flash", "flash-tree")
 HELD_OUT = ("images/cheetah.jpg", "images/lion.jpg", "images/bus.png", "images/tower.jpg",
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--tree-branch", type=int, default=TreeConfig.branch,
                         help="flash-tree's siblings drawn under the root (default: the CLI's)")
     parser.add_argument("--json", default=None, help="write the per-run records here")
+    parser.add_argument("--model", default="default", help="'default' (Qwen2.5) or 'smollm2'")
     args = parser.parse_args()
     if not args.media:
         import gradio
@@ -49,7 +50,7 @@ def main() -> None:
         root = Path(gradio.__file__).parent / "media_assets"
         args.media = [str(root / name) for name in HELD_OUT]
 
-    target = load_target(DEFAULT_MODEL)
+    target = load_target(args.model)
     draft = load_draft(target, None)
     samples = load_samples(args.media, [], target)
     prompts = {s.name: target.build_prompt(s.media, s.prompt) for s in samples}

@@ -30,8 +30,9 @@ parser.add_argument("media", nargs="?", default=DEFAULT_MEDIA,
                     help="image or video to caption (default: the shipped cat.jpg)")
 parser.add_argument("--rounds", type=int, default=2, help="ar / flash-tree pairs to run (default 2)")
 parser.add_argument("--max-new-tokens", type=int, default=128)
+parser.add_argument("--model", default="default", help="'default' (Qwen2.5) or 'smollm2'")
 args = parser.parse_args()
-target, draft, prompt, config = default_run(args.media, args.max_new_tokens)
+target, draft, prompt, config = default_run(args.media, args.max_new_tokens, args.model)
 
 spent: dict[str, float] = {}
 

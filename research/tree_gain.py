@@ -14,6 +14,7 @@ the chain the engine runs (joint confidence cut T) and for dynamic trees (the N 
 nodes by joint draft probability, cut at T). Run: ``python research/tree_gain.py``.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -32,7 +33,10 @@ from flash.training.trainer import _sample_tensors  # noqa: E402
 TOP, OUTSIDE = 6, 99  # candidates per slot; rank of a token the draft cannot propose
 DRAFT_COST = 0.15  # a draft pass, in one-token target steps (measured: ~5-6 ms of ~38 ms)
 
-target = load_target("default", quiet=True)
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("--model", default="default", help="'default' (Qwen2.5) or 'smollm2'")
+args = parser.parse_args()
+target = load_target(args.model, quiet=True)
 draft = load_draft(target, quiet=True)
 K = draft.cfg.k
 
@@ -43,7 +47,7 @@ cost = {n: medians["lean"][n] / medians["lean"][1] for n in sizes}
 print("verify cost (x a one-token step):", " ".join(f"{n}:{c:.2f}" for n, c in cost.items()))
 
 # 2. ranks and probabilities on the held-out records
-records = [r for r in load_records(distill_dir("default"), target.name) if r.split == "heldout"]
+records = [r for r in load_records(distill_dir(args.model), target.name) if r.split == "heldout"]
 if not records:
     sys.exit("no held-out records: run `python -m flash train --distill-only` first")
 rules = target.logits_rules()

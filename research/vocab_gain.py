@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flash.draft import DraftError, FlashDraft  # noqa: E402
-from flash.models import DEFAULT_DRAFT, distill_dir, load_target  # noqa: E402
+from flash.models import EMBEDDED_MODELS, SHIPPED_DRAFTS, distill_dir, load_target  # noqa: E402
 from flash.training.distill import load_records  # noqa: E402
 from flash.training.trainer import TrainConfig, evaluate  # noqa: E402
 
@@ -34,15 +34,17 @@ def extended(draft: FlashDraft, vocab: torch.Tensor) -> FlashDraft:
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("draft_dir", nargs="?", default=str(DEFAULT_DRAFT), help="a saved draft (default: the shipped one)")
+parser.add_argument("draft_dir", nargs="?", default=None, help="a saved draft (default: the model's shipped one)")
 parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384], help="extended vocabulary sizes")
+parser.add_argument("--model", default="default", help="'default' (Qwen2.5) or 'smollm2'")
 args = parser.parse_args()
-target = load_target("default", quiet=True)
+args.draft_dir = args.draft_dir or str(SHIPPED_DRAFTS[EMBEDDED_MODELS[args.model]])
+target = load_target(args.model, quiet=True)
 try:
     draft = FlashDraft.load(args.draft_dir)
 except DraftError as exc:
     sys.exit(f"error: {exc}")
-records = load_records(distill_dir("default"), target.name)
+records = load_records(distill_dir(args.model), target.name)
 heldout = [r for r in records if r.split == "heldout"]
 if not heldout:
     sys.exit("no held-out records: run `python -m flash train --distill-only` first")

@@ -32,7 +32,8 @@ NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
 
 @pytest.fixture(scope="module")
 def script_cache(tmp_path_factory, smollm2_target, photos, videos) -> Path:
-    """A ``$FLASH_CACHE`` with the real weights (linked) and 2 held-out + 1 training records."""
+    """A ``$FLASH_CACHE`` with the real weights (linked) and 2 held-out + 1 training records of SmolLM2 (the
+    smaller embedded model: the scripts run ``--model smollm2``)."""
     root = tmp_path_factory.mktemp("flash-cache")
     for name in ("weights", "smollm2-135m-instruct", "kernels"):  # kernels: no second ~20 s compile
         if (cache_dir() / name).exists():
@@ -40,8 +41,8 @@ def script_cache(tmp_path_factory, smollm2_target, photos, videos) -> Path:
     items = [CorpusItem("heldout-cat", photos["chelsea"], "Describe this photo.", "heldout"),
              CorpusItem("heldout-pan", videos["coffee-pan-3"], "What happens in this video?", "heldout"),
              CorpusItem("train-rocket", photos["rocket"], "Describe this photo.", "train")]
-    distill(smollm2_target, items, root / "distill" / "default", max_new_tokens=12, batch_size=4)
-    assert len(load_records(root / "distill" / "default", smollm2_target.name)) == 4  # train: greedy + sampled
+    distill(smollm2_target, items, root / "distill" / "smollm2", max_new_tokens=12, batch_size=4)
+    assert len(load_records(root / "distill" / "smollm2", smollm2_target.name)) == 4  # train: greedy + sampled
     return root
 
 
@@ -79,7 +80,7 @@ def ratio_is_consistent(numerator: str, denominator: str, ratio: str) -> bool:
 
 
 def test_rules_gap_reports_three_rates(script_cache):
-    out = run_script("rules_gap.py", script_cache).splitlines()
+    out = run_script("rules_gap.py", script_cache, "--model", "smollm2").splitlines()
     assert re.fullmatch(r"2 held-out records, [0-9]+ positions", out[0])
     for line in out[1:4]:
         value = rates(line.split(":")[-1])[0]
@@ -111,7 +112,7 @@ def test_printed_ratio_check_allows_rounding_only():
 
 
 def test_vocab_gain_evaluates_each_size(script_cache):
-    out = run_script("vocab_gain.py", script_cache, "--sizes", "8192").splitlines()
+    out = run_script("vocab_gain.py", script_cache, "--model", "smollm2", "--sizes", "8192").splitlines()
     assert "held-out records" in out[0] and "4096-token vocabulary" in out[0]
     sizes = [int(m.group(1)) for line in out[1:] if (m := re.match(r"vocabulary ([0-9]+):", line))]
     assert sizes == [4096, 8192, 49152]
@@ -121,7 +122,7 @@ def test_vocab_gain_evaluates_each_size(script_cache):
 
 
 def test_tree_gain_predicts_chain_and_trees(script_cache):
-    out = run_script("tree_gain.py", script_cache)
+    out = run_script("tree_gain.py", script_cache, "--model", "smollm2")
     costs = dict(re.findall(r"([0-9]+):([0-9.]+)", out.splitlines()[0]))
     assert sorted(int(n) for n in costs) == list(range(1, 14)) and float(costs["1"]) == 1.0
     rows = re.findall(r"τ ([0-9.]+)\s+cost ([0-9.]+)\s+speed ([0-9.]+)", out)
@@ -131,7 +132,8 @@ def test_tree_gain_predicts_chain_and_trees(script_cache):
 
 
 def test_sampler_cost_times_both_filters(script_cache):
-    out = run_script("sampler_cost.py", script_cache)  # the script itself asserts the two filters agree
+    # The script itself asserts the two filters agree.
+    out = run_script("sampler_cost.py", script_cache, "--model", "smollm2")
     timed = re.findall(r"^([15]) row\(s\), median ms: .*", out, flags=re.M)
     assert timed == ["1", "5"]
     for line in out.splitlines()[1:]:
@@ -144,7 +146,7 @@ def test_verify_cost_and_profile_step_run(script_cache):
     rows = re.findall(r"^(\S+) \(context [0-9]+\), (lean|lean, torch ops|lean, fbgemm|transformers)\s+1: [0-9.]+ "
                       r"\(1\.00x\)", out, flags=re.M)
     assert len(rows) == 8 and {r[1] for r in rows} == set(settings)  # 2 contexts x 4
-    out = run_script("profile_step.py", script_cache)
+    out = run_script("profile_step.py", script_cache, "--model", "smollm2")
     runs = {m: (int(n), float(tau)) for m, n, tau in
             re.findall(r"^(ar|flash|flash-tree): ([0-9]+) tokens in [0-9]+ steps \(tau ([0-9.]+)\)", out, flags=re.M)}
     assert set(runs) == {"ar", "flash", "flash-tree"}
@@ -190,7 +192,7 @@ def test_kernel_ab_compares_a_revision_with_the_working_tree(script_cache):
 
 
 def test_step_split_accounts_for_a_tree_step(script_cache):
-    out = run_script("step_split.py", script_cache, "--rounds", "1", "--max-new-tokens", "24")
+    out = run_script("step_split.py", script_cache, "--model", "smollm2", "--rounds", "1", "--max-new-tokens", "24")
     steps = {m: float(ms) for m, ms in re.findall(r"^round 1, (ar|flash-tree): .* ([0-9.]+) ms per step$", out,
                                                       flags=re.M)}
     assert set(steps) == {"ar", "flash-tree"}
@@ -308,7 +310,7 @@ def test_draft_probes_extract_matches_the_records_hidden_states(smollm2_target, 
 
 
 def test_sampling_speed_pools_every_method(script_cache, tmp_path):
-    out = run_script("sampling_speed.py", script_cache, "assets/examples/cat.jpg", "--seeds", "2",
+    out = run_script("sampling_speed.py", script_cache, "--model", "smollm2", "assets/examples/cat.jpg", "--seeds", "2",
                      "--max-new-tokens", "6", "--tree-nodes", "5", "--tree-branch", "3",
                      "--json", str(tmp_path / "runs.json"))
     lines = re.findall(r"^(image|all) (ar|flash|flash-tree): ([0-9.]+) ms per decoded token, x([0-9.]+) vs ar, "
@@ -325,7 +327,7 @@ def test_sampling_speed_pools_every_method(script_cache, tmp_path):
 
 
 def test_fit_gap_evaluates_held_out_and_training_records(script_cache):
-    out = run_script("fit_gap.py", script_cache).splitlines()
+    out = run_script("fit_gap.py", script_cache, "--model", "smollm2").splitlines()
     assert [line.split(" (")[0] for line in out] == ["held-out", "training"]
     assert out[0].startswith("held-out (2 records)") and out[1].startswith("training (1 records)")
     for line in out:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import asdict
 
 import pytest
@@ -442,3 +443,34 @@ def test_class_items_are_labelled_media_split_between_processes():
         for mine, theirs in zip(part, whole[i::2], strict=True):
             assert mine.media.classes == theirs.media.classes
             assert [f.tobytes() for f in mine.media.frames] == [f.tobytes() for f in theirs.media.frames]
+
+
+def test_a_draft_vocabulary_grows_from_a_saved_one(tiny_llava, tiny_data, tmp_path):
+    """--init-from a draft with a larger --draft-vocab: the saved tokens stay, the most frequent others
+    are added, and on the saved tokens the grown draft scores exactly as the saved one did."""
+    from flash.training.trainer import _continue_from
+
+    records = load_records(tiny_data, tiny_llava.name)
+    train(tiny_llava, records, tmp_path / "small", SMALL, log=lambda m: None)
+    small = FlashDraft.load(tmp_path / "small").bind(tiny_llava)
+    size = SMALL.draft_vocab_size + 16
+    grown = FlashDraft(DraftConfig(**{**asdict(small.cfg), "draft_vocab_size": size}))
+    train_recs = [r for r in records if r.split == "train"]
+    _continue_from(grown, tmp_path / "small", train_recs, tiny_llava.eos_token_ids)
+    grown = grown.eval().bind(tiny_llava)
+    old, new = small.draft_to_target.tolist(), grown.draft_to_target.tolist()
+    assert len(new) == size and set(old) < set(new) and new == sorted(new)
+    frequent = Counter(t for r in train_recs for t in r.response.tolist())
+    added = set(new) - set(old)
+    assert min(frequent[t] for t in added) >= max((frequent[t] for t in frequent if t not in new), default=0)
+    h = torch.randn(5, tiny_llava.hidden_size)
+    with torch.no_grad():
+        columns = torch.tensor([new.index(t) for t in old])
+        torch.testing.assert_close(grown.draft_logits(h)[:, columns], small.draft_logits(h))
+    # through train(): the grown draft is what it saves
+    train(tiny_llava, records, tmp_path / "grown", TrainConfig(**{**SMALL.__dict__, "draft_vocab_size": size,
+                                                                 "init_from": str(tmp_path / "small")}),
+          log=lambda m: None)
+    assert set(old) < set(FlashDraft.load(tmp_path / "grown").draft_to_target.tolist())
+    with pytest.raises(DraftError, match="draft_vocab_size .* only num_layers and the draft vocabulary may grow"):
+        _continue_from(FlashDraft(small.cfg), tmp_path / "grown")

@@ -129,20 +129,28 @@ class _TimeBudget:
         return value
 
 
-def draft_vocabulary(records: list[Record], size: int, eos_ids, vocab_size: int) -> torch.Tensor:
+def draft_vocabulary(records: list[Record], size: int, eos_ids, vocab_size: int, keep=()) -> torch.Tensor:
     """The ``size`` most frequent response tokens, EOS always in, sorted (EAGLE-3's reduced head).
 
-    With fewer distinct tokens than ``size``, the lowest unused ids fill the rest.
+    ``keep``: tokens always in as well (a saved draft's vocabulary that this one grows). With fewer
+    distinct tokens than ``size``, the lowest unused ids fill the rest.
     """
     if size <= 0 or size >= vocab_size:
         return torch.arange(vocab_size)
     counts = Counter(t for r in records for t in r.response.tolist())
-    keep = set(eos_ids)
-    keep |= {t for t, _ in counts.most_common(size - len(keep))}
-    filler = (t for t in range(vocab_size) if t not in keep)
-    while len(keep) < size:
-        keep.add(next(filler))
-    return torch.tensor(sorted(keep))
+    chosen = set(eos_ids)
+    if keep:  # the most frequent of the tokens not kept yet
+        chosen |= set(keep)
+        for token, _ in counts.most_common():
+            if len(chosen) >= size:
+                break
+            chosen.add(token)
+    else:  # the rule the shipped drafts were made with (EOS counts against the frequent ones)
+        chosen |= {t for t, _ in counts.most_common(size - len(chosen))}
+    filler = (t for t in range(vocab_size) if t not in chosen)
+    while len(chosen) < size:
+        chosen.add(next(filler))
+    return torch.tensor(sorted(chosen))
 
 
 def _sample_tensors(draft: FlashDraft, rec: Record, noise: float, device) -> tuple[torch.Tensor, ...]:
@@ -309,25 +317,38 @@ def _average_gradients(accelerator, model: torch.nn.Module) -> None:
         p.grad = grad.view_as(p)
 
 
-def _continue_from(draft: FlashDraft, path: Path) -> None:
+def _continue_from(draft: FlashDraft, path: Path, records: list[Record] = (), eos_ids=()) -> None:
     """Load a saved draft's weights, its draft vocabulary included, into ``draft``.
 
-    The shapes must match, except that ``draft`` may have more decoder blocks: the saved blocks come
-    first and each extra block starts as the identity (its residual branches output zero), so the
-    deeper draft starts out predicting exactly what the saved one does.
+    The shapes must match, except that ``draft`` may have more decoder blocks or a larger draft
+    vocabulary. Each extra block starts as the identity (its residual branches output zero); a larger
+    vocabulary keeps the saved one's tokens and adds the most frequent others in ``records`` (the head's
+    rows are the target's, so the new tokens need no weights). Either way the grown draft starts out
+    predicting what the saved one does.
     """
     saved = FlashDraft.load(path)
     theirs, ours = asdict(saved.cfg), asdict(draft.cfg)
-    differ = [name for name in ours if theirs[name] != ours[name] and name != "num_layers"]
+    differ = [name for name in ours if theirs[name] != ours[name] and name not in ("num_layers", "draft_vocab_size")]
     if saved.cfg.num_layers > draft.cfg.num_layers:
         differ.append("num_layers")
+    saved_size = saved.cfg.draft_vocab_size or saved.cfg.vocab_size
+    size = draft.cfg.draft_vocab_size or draft.cfg.vocab_size
+    if saved_size > size:
+        differ.append("draft_vocab_size")
     if differ:  # DraftError: the CLI prints it as one line (a user's flags, not a bug)
         raise DraftError(f"cannot continue from {path}: it has "
                          + ", ".join(f"{name} {theirs[name]} where this run has {ours[name]}" for name in differ)
-                         + " (train with its settings, e.g. --draft-vocab; only num_layers may grow)")
-    # The vocabulary comes with the state dict (train() skips recomputing it): its head rows are trained.
-    missing, unexpected = draft.load_state_dict(saved.state_dict(), strict=False)
+                         + " (train with its settings, e.g. --draft-vocab; only num_layers and the draft "
+                           "vocabulary may grow)")
+    # The vocabulary comes with the state dict (train() does not recompute it), grown if asked.
+    state = saved.state_dict()
+    vocab = state.pop("draft_to_target")
+    if size > saved_size:
+        vocab = draft_vocabulary(records, size, eos_ids, draft.cfg.vocab_size, keep=vocab.tolist())
+    draft.register_buffer("draft_to_target", vocab, persistent=True)
+    missing, unexpected = draft.load_state_dict(state, strict=False)
     extra = [f"blocks.{i}." for i in range(saved.cfg.num_layers, draft.cfg.num_layers)]
+    missing = [n for n in missing if n != "draft_to_target"]  # set just above
     assert not unexpected and all(any(n.startswith(p) for p in extra) for n in missing), (missing, unexpected)
     with torch.no_grad():
         for block in draft.blocks[saved.cfg.num_layers :]:
@@ -362,7 +383,7 @@ def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = Train
         vocab = draft_vocabulary(train_recs, dcfg.draft_vocab_size, target.eos_token_ids, target.vocab_size)
         draft.register_buffer("draft_to_target", vocab, persistent=True)
     if cfg.init_from:
-        _continue_from(draft, Path(cfg.init_from))
+        _continue_from(draft, Path(cfg.init_from), train_recs, target.eos_token_ids)
     else:
         with torch.no_grad():  # h's per-dimension RMS: the scale the output norm starts from
             sample = torch.cat([r.hidden[:: max(1, r.hidden.shape[0] // 64)].float() for r in train_recs])

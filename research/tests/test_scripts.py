@@ -310,7 +310,8 @@ def test_draft_probes_extract_matches_the_records_hidden_states(smollm2_target, 
 
 
 def test_sampling_speed_pools_every_method(script_cache, tmp_path):
-    out = run_script("sampling_speed.py", script_cache, "--model", "smollm2", "assets/examples/cat.jpg", "--seeds", "2",
+    out = run_script("sampling_speed.py", script_cache, "--model", "smollm2", "assets/examples/cat.jpg",
+                     "--seeds", "2",
                      "--max-new-tokens", "6", "--tree-nodes", "5", "--tree-branch", "3",
                      "--json", str(tmp_path / "runs.json"))
     lines = re.findall(r"^(image|all) (ar|flash|flash-tree): ([0-9.]+) ms per decoded token, x([0-9.]+) vs ar, "
@@ -333,3 +334,16 @@ def test_fit_gap_evaluates_held_out_and_training_records(script_cache):
     for line in out:
         taus = [float(t) for t in re.findall(r"tau " + NUMBER, line)]
         assert taus and all(1.0 <= t <= 5.0 for t in taus), line
+
+
+def test_media_tau_gives_teacher_forced_and_real_tau_per_media(script_cache):
+    out = run_script("media_tau.py", script_cache, "--model", "smollm2", "--max-new-tokens", "24",
+                     "assets/examples/cat.jpg", "assets/examples/cat_pan.mp4").splitlines()
+    pattern = (r"^(cat\.jpg|cat_pan\.mp4): (\d+) tokens, teacher-forced tau " + NUMBER
+               + r" \(slot hits (?:[0-9.]+ / ){3}[0-9.]+\), real flash tau " + NUMBER + "$")
+    rows = [re.match(pattern, line) for line in out[:2]]
+    assert all(rows), out
+    for row in rows:
+        forced, real = float(row.group(3)), float(row.group(4))
+        assert 1.0 <= forced <= 5.0 and 1.0 <= real <= 5.0, row.group(0)
+    assert re.match(r"^mean teacher-forced tau " + NUMBER + " over 2 media$", out[2])

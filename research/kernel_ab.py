@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flash import cpu_kernels  # noqa: E402
+from flash.cpu import cpu_kernels  # noqa: E402
 
 LAYER_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # q/k/v, o, gate/up, down (SmolLM2-135M)
 

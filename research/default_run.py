@@ -9,9 +9,16 @@ sys.path.insert(0, str(ROOT))
 
 from flash.engine import GenerationConfig  # noqa: E402
 from flash.media import MediaError, load_media  # noqa: E402
-from flash.models import load_draft, load_target  # noqa: E402
+from flash.models import EMBEDDED_ALIASES, EMBEDDED_MODELS, load_draft, load_target  # noqa: E402
 
 DEFAULT_MEDIA = str(ROOT / "assets" / "examples" / "cat.jpg")
+
+
+def add_model_arg(parser) -> None:
+    """The research scripts' ``--model``: an embedded model, by its name or an alias (argparse refuses others
+    in one line)."""
+    parser.add_argument("--model", default="default", choices=(*EMBEDDED_MODELS, *EMBEDDED_ALIASES),
+                        help="'default' (Qwen2.5; also 'qwen2.5') or 'smollm2'")
 
 
 def default_run(media_path: str, max_new_tokens: int = 128, model: str = "default"):

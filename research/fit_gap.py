@@ -17,20 +17,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from default_run import add_model_arg  # noqa: E402 (a sibling script)
+
 from flash.draft import DraftError, FlashDraft  # noqa: E402
-from flash.models import EMBEDDED_MODELS, SHIPPED_DRAFTS, distill_dir, load_target  # noqa: E402
+from flash.models import SHIPPED_DRAFTS, distill_dir, load_target  # noqa: E402
 from flash.training.distill import load_records  # noqa: E402
 from flash.training.trainer import TrainConfig, evaluate  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("draft_dir", nargs="?", default=None, help="a saved draft (default: the model's shipped one)")
 parser.add_argument("--data-dir", default=None, help="distillation cache (default: the model's)")
-parser.add_argument("--model", default="default", help="'default' (Qwen2.5) or 'smollm2'")
+add_model_arg(parser)
 parser.add_argument("--train-records", type=int, default=120, help="training records to evaluate (every other one "
                     "of the first 2N: an item's greedy and sampled answers are neighbours)")
 args = parser.parse_args()
-args.draft_dir = args.draft_dir or str(SHIPPED_DRAFTS[EMBEDDED_MODELS[args.model]])
 target = load_target(args.model, quiet=True)
+args.draft_dir = args.draft_dir or str(SHIPPED_DRAFTS[target.spec.key])  # as load_draft picks it
 args.data_dir = args.data_dir or str(distill_dir(args.model))
 try:
     draft = FlashDraft.load(args.draft_dir).bind(target)

@@ -17,6 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from default_run import add_model_arg  # noqa: E402 (a sibling script)
+
 from flash.engine import GenerationConfig, collect, generate  # noqa: E402
 from flash.media import MediaError, load_media  # noqa: E402
 from flash.models import load_draft, load_target  # noqa: E402
@@ -25,7 +27,7 @@ from flash.training.trainer import TrainConfig, chain_tau, record_loss  # noqa: 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("media", nargs="+", help="images or videos")
-parser.add_argument("--model", default="default", help="'default' (Qwen2.5) or 'smollm2'")
+add_model_arg(parser)
 parser.add_argument("--draft", default=None, help="a saved draft (default: the model's shipped one)")
 parser.add_argument("--max-new-tokens", type=int, default=128)
 args = parser.parse_args()

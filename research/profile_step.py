@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from default_run import DEFAULT_MEDIA, default_run  # noqa: E402 (a sibling script)
+from default_run import DEFAULT_MEDIA, add_model_arg, default_run  # noqa: E402 (a sibling script)
 
 from flash.engine import collect, generate  # noqa: E402
 
@@ -33,7 +33,7 @@ PARTS = {  # (file suffix, function name) -> label; cumulative times
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
 parser.add_argument("media", nargs="?", default=DEFAULT_MEDIA,
                     help="image or video to caption (default: the shipped cat.jpg)")
-parser.add_argument("--model", default="default", help="'default' (Qwen2.5) or 'smollm2'")
+add_model_arg(parser)
 args = parser.parse_args()
 target, draft, prompt, config = default_run(args.media, model=args.model)
 for method in ("ar", "flash", "flash-tree"):

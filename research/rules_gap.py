@@ -24,6 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from default_run import add_model_arg  # noqa: E402 (a sibling script)
+
 from flash.models import distill_dir, load_target  # noqa: E402
 from flash.training.distill import load_records  # noqa: E402
 from flash.training.trainer import _sample_tensors  # noqa: E402
@@ -31,7 +33,7 @@ from flash.training.trainer import _sample_tensors  # noqa: E402
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
 parser.add_argument("draft_dir", nargs="?", help="a saved draft (default: the shipped one)")
 parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for the last line")
-parser.add_argument("--model", default="default", help="'default' (Qwen2.5) or 'smollm2'")
+add_model_arg(parser)
 args = parser.parse_args()
 target = load_target(args.model, quiet=True)
 if args.draft_dir:

@@ -19,6 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from default_run import add_model_arg  # noqa: E402 (a sibling script)
+
 from flash.engine import GenerationConfig, collect, generate  # noqa: E402
 from flash.engine.verification import NUCLEUS_GUESS, _nucleus, logits_to_probs, sample  # noqa: E402
 from flash.media import load_media  # noqa: E402
@@ -58,7 +60,7 @@ def caption_logits(target) -> torch.Tensor:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="default", help="'default' (Qwen2.5) or 'smollm2'")
+    add_model_arg(parser)
     rows = caption_logits(load_target(parser.parse_args().model, quiet=True))
     assert torch.equal(logits_to_probs(rows, TEMPERATURE, TOP_P), sorted_nucleus(rows))
     probs = torch.softmax(rows / TEMPERATURE, dim=-1)

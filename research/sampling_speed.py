@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from default_run import add_model_arg  # noqa: E402 (a sibling script)
+
 from flash.bench import load_samples  # noqa: E402
 from flash.engine import DEFAULT_MIN_DRAFT_PROB, GenerationConfig, TreeConfig, collect, generate  # noqa: E402
 from flash.models import load_draft, load_target  # noqa: E402
@@ -42,7 +44,7 @@ def main() -> None:
     parser.add_argument("--tree-branch", type=int, default=TreeConfig.branch,
                         help="flash-tree's siblings drawn under the root (default: the CLI's)")
     parser.add_argument("--json", default=None, help="write the per-run records here")
-    parser.add_argument("--model", default="default", help="'default' (Qwen2.5) or 'smollm2'")
+    add_model_arg(parser)
     args = parser.parse_args()
     if not args.media:
         import gradio

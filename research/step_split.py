@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from default_run import DEFAULT_MEDIA, default_run  # noqa: E402 (a sibling script)
+from default_run import DEFAULT_MEDIA, add_model_arg, default_run  # noqa: E402 (a sibling script)
 
 import flash.engine.loops as loops  # noqa: E402
 import flash.engine.proposers as proposers  # noqa: E402
@@ -30,7 +30,7 @@ parser.add_argument("media", nargs="?", default=DEFAULT_MEDIA,
                     help="image or video to caption (default: the shipped cat.jpg)")
 parser.add_argument("--rounds", type=int, default=2, help="ar / flash-tree pairs to run (default 2)")
 parser.add_argument("--max-new-tokens", type=int, default=128)
-parser.add_argument("--model", default="default", help="'default' (Qwen2.5) or 'smollm2'")
+add_model_arg(parser)
 args = parser.parse_args()
 target, draft, prompt, config = default_run(args.media, args.max_new_tokens, args.model)
 

@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from default_run import add_model_arg  # noqa: E402 (a sibling script)
 from verify_cost import forward_medians  # noqa: E402 (a sibling script)
 
 from flash.engine.tree import build_tree  # noqa: E402
@@ -34,7 +35,7 @@ TOP, OUTSIDE = 6, 99  # candidates per slot; rank of a token the draft cannot pr
 DRAFT_COST = 0.15  # a draft pass, in one-token target steps (measured: ~5-6 ms of ~38 ms)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--model", default="default", help="'default' (Qwen2.5) or 'smollm2'")
+add_model_arg(parser)
 args = parser.parse_args()
 target = load_target(args.model, quiet=True)
 draft = load_draft(target, quiet=True)

@@ -10,17 +10,18 @@ vocabulary last). Run: ``python research/vocab_gain.py [DRAFT_DIR] [--sizes 8192
 import argparse
 import dataclasses
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from default_run import add_model_arg  # noqa: E402 (a sibling script)
+
 from flash.draft import DraftError, FlashDraft  # noqa: E402
-from flash.models import EMBEDDED_MODELS, SHIPPED_DRAFTS, distill_dir, load_target  # noqa: E402
+from flash.models import SHIPPED_DRAFTS, distill_dir, load_target  # noqa: E402
 from flash.training.distill import load_records  # noqa: E402
-from flash.training.trainer import TrainConfig, evaluate  # noqa: E402
+from flash.training.trainer import TrainConfig, draft_vocabulary, evaluate  # noqa: E402
 
 
 def extended(draft: FlashDraft, vocab: torch.Tensor) -> FlashDraft:
@@ -36,10 +37,10 @@ def extended(draft: FlashDraft, vocab: torch.Tensor) -> FlashDraft:
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("draft_dir", nargs="?", default=None, help="a saved draft (default: the model's shipped one)")
 parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384], help="extended vocabulary sizes")
-parser.add_argument("--model", default="default", help="'default' (Qwen2.5) or 'smollm2'")
+add_model_arg(parser)
 args = parser.parse_args()
-args.draft_dir = args.draft_dir or str(SHIPPED_DRAFTS[EMBEDDED_MODELS[args.model]])
 target = load_target(args.model, quiet=True)
+args.draft_dir = args.draft_dir or str(SHIPPED_DRAFTS[target.spec.key])  # as load_draft picks it
 try:
     draft = FlashDraft.load(args.draft_dir)
 except DraftError as exc:
@@ -53,13 +54,12 @@ own_set = set(own)
 emitted = [t for r in heldout for t in r.response.tolist()]
 print(f"{len(heldout)} held-out records: {sum(t in own_set for t in emitted) / len(emitted):.3f} of their "
       f"{len(emitted)} emitted tokens are in the draft's {len(own)}-token vocabulary")
-counts = Counter(t for r in records if r.split == "train" for t in r.response.tolist())
-# The draft's own tokens first, then by training frequency, then every other id: each size takes a prefix.
-ranked = list(dict.fromkeys(own + [t for t, _ in counts.most_common()] + list(range(target.vocab_size))))
+train_recs = [r for r in records if r.split == "train"]
 cfg, rules = TrainConfig(rules_ce=True), target.logits_rules()
 for size in [len(own)] + sorted({s for s in args.sizes if len(own) < s < target.vocab_size}) + [target.vocab_size]:
-    vocab = ranked[:size]
-    candidate = extended(draft, torch.tensor(sorted(vocab))).bind(target)
+    # The draft's own tokens, then the most frequent training tokens: what `train --init-from` grows to.
+    vocab = draft_vocabulary(train_recs, size, target.eos_token_ids, target.vocab_size, keep=own)
+    candidate = extended(draft, vocab).bind(target)
     metrics = evaluate(candidate, heldout, cfg, torch.device("cpu"), rules)
     print(f"vocabulary {len(vocab)}: " + "; ".join(
         f"{kind} tau {m['tau']:.3f}, slot hits {m['slot_hit_rate']}" for kind, m in metrics.items()), flush=True)

@@ -108,6 +108,7 @@ def _with_default_prompt(item, target):
 
 def cmd_train(args) -> int:
     from flash.cli import UsageError
+    from flash.draft import FlashDraft
     from flash.models import load_target
     from flash.training.corpus import build_corpus, class_items
     from flash.training.distill import distill, load_records
@@ -128,6 +129,11 @@ def cmd_train(args) -> int:
         raise UsageError(f"--shard must look like I/N with 0 <= I < N, not '{args.shard}'")
     shard = (int(parts[0]), int(parts[1]))
     target = load_target(args.model)
+    if args.init_from:  # before distilling or reading gigabytes of records: a wrong path fails at once
+        saved = FlashDraft.load(args.init_from)
+        if saved.cfg.target_name != target.name:
+            raise UsageError(f"--init-from {args.init_from}: that draft was trained for "
+                             f"'{saved.cfg.target_name}', not this model ('{target.name}')")
     data_dir = Path(args.data_dir) if args.data_dir else distill_dir(args.model)
     if args.train_only:
         items = []

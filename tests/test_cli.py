@@ -111,6 +111,23 @@ def test_train_refuses_conflicting_flags_in_one_line(tmp_path):
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
 
 
+def test_train_refuses_a_bad_init_from_before_reading_records(tmp_path):
+    """--init-from is checked first: a path with no draft, or a draft of another model, fails in one line
+    before the records (gigabytes for a real run) are read or anything is distilled."""
+    from flash.draft import DraftConfig, FlashDraft
+
+    FlashDraft(DraftConfig(target_name="some-other-model", hidden_size=32, vocab_size=64, num_heads=4,
+                           intermediate_size=64, k=2, num_latents=2)).save(tmp_path / "other")
+    empty = tmp_path / "no-records"
+    empty.mkdir()
+    for init, message in ((tmp_path / "missing", "cannot load a draft"), (tmp_path / "other", "some-other-model")):
+        proc = flash_cli("train", "--train-only", "--data-dir", str(empty), "--out", str(tmp_path / "d"),
+                         "--init-from", str(init), "--model", "smollm2", timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
+        assert "no distilled records" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_train_first_item_distils_only_the_later_corpus_items(tmp_path):
     """``--first-item`` skips the training items an earlier draft already learnt from; the held-out
     split is always distilled (every evaluation needs it); ``--class-items`` adds labelled items, asking

@@ -102,6 +102,19 @@ def test_distill_train_and_decode_end_to_end(request, target_fixture, tmp_path):
     assert collect(generate(target, prompt, "flash", draft, gen)).tokens == ar.tokens
 
 
+def test_distill_remakes_records_of_another_version_of_the_target(tiny_llava, tmp_path, monkeypatch):
+    """Resuming keeps the records made for this target; one made when the target had another name (its
+    connector or prompt changed since) is made again, not kept and then silently left out of training."""
+    distill(tiny_llava, items(), tmp_path / "data", max_new_tokens=4, batch_size=4)
+    made = len(load_records(tmp_path / "data", tiny_llava.name))
+    monkeypatch.setattr(tiny_llava, "name", tiny_llava.name + "-v2")
+    assert load_records(tmp_path / "data", tiny_llava.name) == []
+    seen = prompts_built(tiny_llava, monkeypatch)
+    assert distill(tiny_llava, items(), tmp_path / "data", max_new_tokens=4, batch_size=4) == made
+    assert len(load_records(tmp_path / "data", tiny_llava.name)) == made and seen
+    assert distill(tiny_llava, items(), tmp_path / "data", max_new_tokens=4, batch_size=4) == 0
+
+
 def test_training_reduces_the_loss(tiny_llava, tmp_path):
     distill(tiny_llava, items(), tmp_path / "data", max_new_tokens=16, batch_size=4)
     records = load_records(tmp_path / "data", tiny_llava.name)

@@ -85,8 +85,10 @@ def distill(target: TargetModel, items: list[CorpusItem | MediaFileItem], out_di
              "sampled": GenerationConfig(max_new_tokens=max_new_tokens, temperature=sample_temperature,
                                          top_p=0.95, rules=rules, seed=seed)}
     index, count = shard
+    # A record already made for this target is kept (resumable); one made for another version of it
+    # (its connector or prompt changed, so its name did) is made again.
     todo = [(item, mode) for item in items[index::count] for mode in modes
-            if not (out_dir / f"{item.item_id}-{mode}.safetensors").exists()
+            if _distilled_for(out_dir / f"{item.item_id}-{mode}.safetensors") != target.name
             and not (item.split == "heldout" and mode == "sampled")]
     # A batch is left-padded to its longest prompt, and a video prompt is ~5x an image's: batching
     # media with the same number of frames together cuts the prefill's padded tokens ~2.3x on the
@@ -133,6 +135,14 @@ def distill(target: TargetModel, items: list[CorpusItem | MediaFileItem], out_di
         print(f"distill: {done}/{len(todo)} records, {tokens} tokens ({done / elapsed:.2f} records/s, "
               f"~{(len(todo) - done) * elapsed / done:.0f} s left)", file=sys.stderr, flush=True)
     return done
+
+
+def _distilled_for(path: Path) -> str | None:
+    """The name of the target ``path``'s record was distilled from; None if there is no record."""
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as fh:
+        return json.loads(fh.metadata()["meta"])["target"]
 
 
 def load_records(data_dir: Path, target_name: str) -> list[Record]:

@@ -43,7 +43,7 @@ from PIL import Image
 from flash.engine import DEFAULT_MIN_DRAFT_PROB, GenerationConfig
 from flash.media import Media, MediaError, browser_preview, load_media
 from flash.models import DEFAULT_MODEL, PRESETS, Preset, load_draft, load_target
-from flash.race import RaceFrame, RaceRecorder, RaceRecording, SideView, on_one_clock, race
+from flash.race import RaceFrame, RaceRecorder, RaceRecording, SideView, difference_words, on_one_clock, race
 from flash.replay import RaceReplay, machine_line, write_card, write_gif, write_video
 
 try:  # HuggingFace Spaces (ZeroGPU): the race runs inside a GPU allocation
@@ -468,7 +468,7 @@ def _verdict(summary: dict[str, Any]) -> str:
     if summary["identical"] is True:
         return "✓ identical output (temperature 0: FLASH must reproduce the baseline token for token)"
     if summary["identical"] is False:
-        return f"✗ differs at token {summary['first_difference']}"
+        return f"✗ {difference_words(summary)}"
     if summary["temperature"] > 0:
         return (f"sampling at temperature {summary['temperature']:g}: the outputs differ by design; "
                 "FLASH keeps the target's distribution")
@@ -486,7 +486,7 @@ def _final_status(summary: dict[str, Any]) -> str:
     if summary["cancelled"]:
         return f"■ {_stopped_words(summary)}"
     speedup = "" if summary["speedup"] is None else f": FLASH {summary['speedup']:.2f}× the baseline's speed"
-    check = {True: ", identical output ✓", False: f", differs at token {summary['first_difference']} ✗"}
+    check = {True: ", identical output ✓", False: f", {difference_words(summary)} ✗"}
     return f"Finished{speedup}{check.get(summary['identical'], '')}"
 
 

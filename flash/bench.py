@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from flash.engine import GenerationConfig, GenerationResult, collect, generate
+from flash.engine.near_ties import first_difference, top2_gap
 from flash.media import Media, load_media
-from flash.targets.base import Prompt, TargetModel
+from flash.targets.base import TargetModel
 
 MEDIA_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mp4", ".webm", ".mov",
                   ".mkv", ".avi"}
@@ -79,26 +80,6 @@ def machine_info(target: TargetModel) -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "target": target.name, "device": str(target.device),
             "weights": getattr(target, "weight_format", str(target.dtype).removeprefix("torch."))}
-
-
-def first_difference(a: tuple[int, ...], b: tuple[int, ...]) -> int | None:
-    """Index of the first differing token (or of the end of the shorter sequence), None if equal."""
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-@torch.inference_mode()
-def top2_gap(target: TargetModel, prompt: Prompt, prefix: tuple[int, ...], config: GenerationConfig) -> float:
-    """Gap between the target's top-2 processed logits after ``prefix`` (plain one-token decoding)."""
-    pre = target.prefill(prompt)
-    logits = pre.last_logits[None]
-    for tok in prefix:
-        logits, _ = target.forward(pre.state, torch.tensor([[tok]], device=target.device))
-    logits = config.rules.apply(logits[-1:], list(prefix), len(prefix))[0]
-    top = logits.topk(2).values
-    return float(top[0] - top[1])
 
 
 def run_benchmark(target: TargetModel, draft, samples: list[Sample], methods: list[str], config: GenerationConfig,

@@ -132,7 +132,7 @@ def cmd_caption(args) -> int:
 def cmd_race(args) -> int:
     from flash.media import load_media
     from flash.models import load_draft, load_target
-    from flash.race import RaceRecorder, race
+    from flash.race import RaceRecorder, difference_words, race
     from flash.replay import RaceReplay, machine_line, write_card, write_gif, write_video
 
     for path, suffix in ((args.video, ".mp4"), (args.gif, ".gif"), (args.card, ".png")):
@@ -157,7 +157,7 @@ def cmd_race(args) -> int:
             s = summary[side]
             print(f"[{name}: {s['new_tokens']} tokens in {s['seconds']:.2f} s, {s['tokens_per_s']:.1f} tokens/s]",
                   file=sys.stderr)
-        verdict = {True: "identical output", False: f"outputs differ at token {summary['first_difference']}"}
+        verdict = {True: "identical output", False: f"output {difference_words(summary)}"}
         speedup = "no speed-up measured" if summary["speedup"] is None else f"speed-up {summary['speedup']:.2f}x"
         tau = "" if summary["tau"] is None else f", tau {summary['tau']:.2f}"
         print(f"[{speedup}{tau}, {verdict.get(summary['identical'], 'sampled')}]", file=sys.stderr)

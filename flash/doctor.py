@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from flash.bench import first_difference
 from flash.draft import DraftConfig, FlashDraft
 from flash.engine import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, TreeConfig, collect, generate
-from flash.targets.base import Prompt, TargetModel
+from flash.engine.near_ties import first_difference, near_tie_tolerance, top2_after
+from flash.targets.base import TargetModel
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "assets" / "examples" / "cat.jpg"
 TINY = ("llava", "qwen2.5-vl")
@@ -80,25 +80,6 @@ class DoctorReport:
     @property
     def ok(self) -> bool:
         return all(check.identical for check in self.checks)
-
-
-def near_tie_tolerance(top1: float, dtype: torch.dtype) -> float:
-    """The logit gap a rounding difference can close at a top logit of ``top1`` in ``dtype``: two units of
-    its relative precision at that size (bf16: 2^-7), and at least 1e-3 (the CPU tests' near-tie note,
-    for float32 with fp16 weights)."""
-    return max(1e-3, 2 * torch.finfo(dtype).eps * abs(top1))
-
-
-@torch.inference_mode()
-def top2_after(target: TargetModel, prompt: Prompt, prefix: tuple[int, ...],
-               config: GenerationConfig) -> tuple[float, float]:
-    """The target's two largest processed logits after ``prefix``, by plain one-token decoding."""
-    pre = target.prefill(prompt)
-    logits = pre.last_logits[None]
-    for token in prefix:
-        logits, _ = target.forward(pre.state, torch.tensor([[token]], device=target.device))
-    top = config.rules.apply(logits[-1:].float(), list(prefix), len(prefix))[0].topk(2).values
-    return float(top[0]), float(top[1])
 
 
 def doctor_config(target: TargetModel, max_new_tokens: int, tiny: bool) -> GenerationConfig:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from flash.draft import FlashDraft
 from flash.engine import GenerationConfig, StepEvent, collect, flash_method, generate
+from flash.engine.near_ties import near_tie_tolerance, top2_after
 from flash.targets.base import TargetModel
 
 __all__ = ["BASELINE", "FLASH", "RaceFrame", "RaceRecorder", "RaceRecording", "RaceUpdate", "SideView",
@@ -246,21 +247,23 @@ def race(target: TargetModel, draft: FlashDraft, media: Any, prompt_text: str, c
         while not (baseline.done and flash.done):
             if cancel is not None and cancel.is_set():
                 yield RaceUpdate(None, None, baseline.view(), flash.view(),
-                                 _summarize(target, draft, config, baseline, flash, cancelled=True))
+                                 _summarize(target, draft, config, prompt, baseline, flash, cancelled=True))
                 return
             side = _behind(sides)
             event = side.step()
             finished = baseline.done and flash.done
-            summary = _summarize(target, draft, config, baseline, flash) if finished else None
+            summary = _summarize(target, draft, config, prompt, baseline, flash) if finished else None
             yield RaceUpdate(side.method, event, baseline.view(), flash.view(), summary)
     finally:
         for side in sides:
             side.close()
 
 
-def _summarize(target: TargetModel, draft: FlashDraft, config: GenerationConfig, baseline: _Side, flash: _Side,
-              *, cancelled: bool = False) -> dict[str, Any]:
-    """The race's numbers: speed-up on the sides' own clocks, τ, acceptance rate, exactness.
+def _summarize(target: TargetModel, draft: FlashDraft, config: GenerationConfig, prompt, baseline: _Side,
+               flash: _Side, *, cancelled: bool = False) -> dict[str, Any]:
+    """The race's numbers: speed-up on the sides' own clocks, τ, acceptance rate, exactness. A greedy race
+    whose outputs differ also gets the target's top-2 logit gap at the first difference and whether it is
+    a near-tie (:mod:`flash.engine.near_ties`): one plain decoding of the prefix, only then.
 
     Unrounded: the app formats them next to numbers it formats from the sides' views, and a value
     rounded twice (here, then for display) could show 5.92 s in one place and 5.91 s in the other."""
@@ -269,12 +272,18 @@ def _summarize(target: TargetModel, draft: FlashDraft, config: GenerationConfig,
     base_rate, flash_rate = base_stats["tokens_per_s"], flash_stats["tokens_per_s"]
     identical, first_difference = compare_outputs(baseline.text.tokens, flash.text.tokens, greedy=config.greedy,
                                                   complete=not cancelled)
+    gap = near_tie = None
+    if identical is False:
+        top1, top2 = top2_after(target, prompt, tuple(baseline.text.tokens[:first_difference]), config)
+        gap, near_tie = top1 - top2, top1 - top2 <= near_tie_tolerance(top1, target.dtype)
     return {
         "speedup": flash_rate / base_rate if base_rate > 0 else None,
         "tau": flash_result.tau if flash_result else None,
         "acceptance_rate": flash_result.acceptance_rate if flash_result else None,
         "identical": identical,
         "first_difference": first_difference,
+        "top2_gap": gap,  # None unless a greedy race's outputs differ
+        "near_tie": near_tie,
         "baseline": base_stats,
         "flash": flash_stats,
         "k": min(config.k or draft.cfg.k, draft.cfg.k),
@@ -283,6 +292,16 @@ def _summarize(target: TargetModel, draft: FlashDraft, config: GenerationConfig,
         "temperature": config.temperature,
         "cancelled": cancelled,
     }
+
+
+def difference_words(summary: dict[str, Any]) -> str:
+    """'differs at token N (top-2 gap G: ...)' for a summary whose greedy outputs differ."""
+    words = f"differs at token {summary['first_difference']}"
+    if summary.get("top2_gap") is None:
+        return words
+    why = ("a near-tie, within the target's rounding" if summary["near_tie"]
+           else "not a near-tie: a bug, please report it")
+    return f"{words} (the target's top-2 logit gap there is {summary['top2_gap']:.2g}: {why})"
 
 
 def _side_stats(side: _Side) -> dict[str, Any]:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from flash import cli, models
-from flash.doctor import DoctorReport, MethodCheck, format_report, near_tie_tolerance
+from flash.doctor import DoctorReport, MethodCheck, format_report
+from flash.engine.near_ties import near_tie_tolerance
 from flash.targets.hf import HFTarget
 
 METHOD_NAMES = ("ar", "eagle", "flash", "flash-tree", "pld")

@@ -75,8 +75,7 @@ def _echo_draft(target):
 def _near_tie_or_fail(target, prompt, config, expected, actual, label: str) -> None:
     """Exact equality, except a divergence at a bf16 near-tie, which is reported as a warning with its
     top-2 gap (never silently passed); the doctor labels it by the same rule."""
-    from flash.bench import first_difference
-    from flash.doctor import near_tie_tolerance, top2_after
+    from flash.engine.near_ties import first_difference, near_tie_tolerance, top2_after
 
     diff = first_difference(tuple(actual), tuple(expected))
     if diff is None:

@@ -8,14 +8,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from flash import race as race_module
 from flash.engine import GenerationConfig, StepEvent
-from flash.race import BASELINE, FLASH, RaceRecorder, SideView, compare_outputs, on_one_clock, race
+from flash.race import BASELINE, FLASH, RaceRecorder, SideView, compare_outputs, difference_words, on_one_clock, race
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
-SUMMARY_KEYS = {"speedup", "tau", "acceptance_rate", "identical", "first_difference", "baseline", "flash", "k",
-                "method", "model", "cancelled"}
+SUMMARY_KEYS = {"speedup", "tau", "acceptance_rate", "identical", "first_difference", "top2_gap", "near_tie",
+                "baseline", "flash", "k", "method", "model", "cancelled"}
 SIDE_KEYS = {"new_tokens", "steps", "seconds", "tokens_per_s"}
 
 
@@ -143,6 +144,7 @@ def _scripted(clock: _FakeClock, method: str, steps: list[tuple[tuple[int, ...],
 def scripted_race(monkeypatch):
     """race() over scripted events: tokens are UTF-8 bytes, AR steps cost 1 s and FLASH steps 2.5 s."""
     clock = _FakeClock()
+    real_top2_after = race_module.top2_after
     monkeypatch.setattr(race_module, "time", clock)
 
     def run(ar_steps, flash_steps, **config):
@@ -151,7 +153,10 @@ def scripted_race(monkeypatch):
             return _scripted(clock, method, steps, cost)
 
         monkeypatch.setattr(race_module, "generate", fake_generate)
+        if race_module.top2_after is real_top2_after:  # the scripted target cannot decode; a test may script it
+            monkeypatch.setattr(race_module, "top2_after", lambda target, prompt, prefix, config: (1.0, 0.0))
         target = SimpleNamespace(name="bytes", supports_tree=False, build_prompt=lambda media, text: text,
+                                 dtype=torch.float32,
                                  default_prompt=lambda media: "describe",
                                  decode=lambda ids: bytes(ids).decode("utf-8", errors="replace"))
         draft = SimpleNamespace(cfg=SimpleNamespace(k=4))
@@ -185,9 +190,26 @@ def test_scheduling_follows_the_own_clocks(scripted_race):
     assert [u.side for u in updates] == ["ar", "flash", "ar", "ar", "flash", "ar", "ar"]
 
 
-def test_a_differing_output_is_reported_at_its_first_token(scripted_race):
-    updates = scripted_race([((t,), 0) for t in b"abcd"], [((97,), 0), ((98, 120), 1), ((100,), 0)])
-    assert updates[-1].summary["identical"] is False and updates[-1].summary["first_difference"] == 2
+def test_a_differing_output_is_reported_at_its_first_token_with_the_top2_gap(scripted_race, monkeypatch):
+    """A greedy race whose outputs differ says where, and how close the target's two best tokens were there
+    (plain decoding of the baseline's prefix): a near-tie within the dtype's rounding, or a bug."""
+    asked = []
+
+    def top2_after(target, prompt, prefix, config):
+        asked.append((prompt, prefix))
+        return top2
+
+    monkeypatch.setattr(race_module, "top2_after", top2_after)
+    for top2, near_tie in (((12.0, 11.9995), True), ((12.0, 9.5), False)):
+        updates = scripted_race([((t,), 0) for t in b"abcd"], [((97,), 0), ((98, 120), 1), ((100,), 0)])
+        summary = updates[-1].summary
+        assert summary["identical"] is False and summary["first_difference"] == 2
+        assert summary["top2_gap"] == pytest.approx(top2[0] - top2[1]) and summary["near_tie"] is near_tie
+        assert asked.pop() == ("describe", tuple(b"ab")) and not asked  # once, at the end
+        words = difference_words(summary)
+        assert words.startswith("differs at token 2 (") and ("a bug" in words) is not near_tie
+    same = scripted_race([((t,), 0) for t in b"ab"], [((97, 98), 1)])[-1].summary
+    assert same["identical"] is True and same["top2_gap"] is None and same["near_tie"] is None and not asked
 
 
 def test_compare_outputs():

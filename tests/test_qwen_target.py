@@ -123,6 +123,28 @@ def test_qwen_photo_prompt_hedges_and_names_the_group(qwen_target):
     assert not torch.allclose(prompt.media_payload, other.media_payload)
 
 
+def test_a_video_frame_gets_a_pooled_3x3_grid_of_visual_tokens(qwen_target, smollm2_target):
+    """Qwen's video frames are average-pooled from the classifier's 7x7 grid to 3x3 (9 positions, not 49:
+    an 8-frame clip's prefill is a quarter as long); a photo keeps all 49, and SmolLM2, whose draft was
+    trained on 49 per frame, keeps them for videos too."""
+    video = load_media(EXAMPLES / "coffee_rocket_cut.mp4")
+    prompt = qwen_target.build_prompt(video, qwen_target.default_prompt(video))
+    assert [b - a for a, b in prompt.media_spans] == [9] * len(video.frames)
+    assert prompt.media_payload.shape == (len(video.frames), 9, qwen_target.hidden_size)
+    assert all((prompt.input_ids[0, a:b] == qwen_target.placeholder_id).all() for a, b in prompt.media_spans)
+    # Each pooled token is the mean of its cell of the 7x7 grid (adaptive pooling: rows/columns 0-2,
+    # 2-4, 4-6), computed here from the unpooled tokens of the same frames.
+    full = qwen_target.build_prompt(dataclasses.replace(video, frames=video.frames[:1]), "").media_payload
+    first = prompt.media_payload[0].reshape(3, 3, -1)
+    grid = full[0].reshape(7, 7, -1)
+    torch.testing.assert_close(first[1, 2], grid[2:5, 4:7].mean((0, 1)))
+    torch.testing.assert_close(first[0, 0], grid[0:3, 0:3].mean((0, 1)))
+    photo = qwen_target.build_prompt(load_media(EXAMPLES / "cat.jpg"), "")
+    assert [b - a for a, b in photo.media_spans] == [49]
+    small = smollm2_target.build_prompt(video, smollm2_target.default_prompt(video))
+    assert [b - a for a, b in small.media_spans] == [49] * len(video.frames)
+
+
 def test_labelled_media_ground_the_prompt_on_their_classes(qwen_target, smollm2_target):
     """A training item's known classes (``Media.classes``) replace the classifier's guess in the grounding,
     stated or hedged by their probabilities as the guess would be; the visual tokens stay the image's."""
@@ -182,7 +204,8 @@ SELF_TALK = ("assistant", "i'm", "i am", "as an ai", "you're", "four sentences",
 def test_qwen_captions_name_the_subject_without_self_talk(qwen_target, name, words):
     media = load_media(EXAMPLES / name)
     prompt = qwen_target.build_prompt(media, qwen_target.default_prompt(media))
-    tokens = collect(generate(qwen_target, prompt, "ar", None, GenerationConfig(max_new_tokens=96))).tokens
+    config = GenerationConfig(max_new_tokens=96, rules=qwen_target.logits_rules())  # as the app decodes
+    tokens = collect(generate(qwen_target, prompt, "ar", None, config)).tokens
     text = qwen_target.decode(list(tokens)).lower()
     print(f"{name}: {len(tokens)} tokens: {text!r}")
     assert any(w in text for w in words), text

@@ -39,7 +39,8 @@ from flash.weights import EMBEDDED_LM_WEIGHTS, MOBILENET_V2, MTCNN, cache_dir, f
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 #: Bump when the connector or prompt format changes: drafts are tied to this name.
 SMOLLM2_TARGET_NAME = "flash-default-v2:smollm2-135m-instruct+mobilenet_v2"
-QWEN_TARGET_NAME = "flash-default-qwen-v1:qwen2.5-coder-0.5b-instruct+mobilenet_v2"
+# v2: a video frame's visual tokens are pooled to a 3x3 grid (photos keep 7x7; v1 had 7x7 for both).
+QWEN_TARGET_NAME = "flash-default-qwen-v2:qwen2.5-coder-0.5b-instruct+mobilenet_v2"
 TOKENS_PER_FRAME = FEATURE_GRID * FEATURE_GRID
 _MEDIA_MARK = "<|media|>"
 
@@ -63,6 +64,11 @@ class EmbeddedLM:
     # they sit below the first RMSNorm's epsilon's reach (~0.5x after it) and the loops stop, while
     # each image's tokens still differ (what the draft's latent compression reads).
     visual_scale: float = 1.0
+    # A video frame's visual tokens are average-pooled from MobileNetV2's 7x7 grid to this one (as
+    # LLaVA-OneVision pools video frames harder than images). Qwen's 8-frame clip at 7x7 is 392 visual
+    # positions, its prefill ~2.0 s, a third of `ar`'s whole caption; at 3x3 it is 72 and ~0.55 s, and
+    # the captions, which follow the grounding text, hardly change (docs/qwen_model.md).
+    video_grid: int = FEATURE_GRID
 
 
 SMOLLM2_LM = EmbeddedLM(
@@ -82,7 +88,7 @@ QWEN_LM = EmbeddedLM(
                   "its setting and its mood.",
     # Only whole-sentence loops are banned (lion.jpg repeated one sentence three times): an 8-gram
     # repeats almost never otherwise, so the rule leaves the distribution FLASH drafts alone.
-    no_repeat_ngram_size=8, hedge=True, visual_scale=0.03)
+    no_repeat_ngram_size=8, hedge=True, visual_scale=0.03, video_grid=3)
 EMBEDDED_LMS = {lm.key: lm for lm in (SMOLLM2_LM, QWEN_LM)}
 
 
@@ -209,13 +215,19 @@ class EmbeddedTarget(TargetModel):
     # --- prompt -------------------------------------------------------------------------------
     @torch.inference_mode()
     def _see(self, frames) -> tuple[torch.Tensor, list[tuple[str, float]], list[str]]:
-        """Visual tokens [F, 49, D], the top global classes with their probabilities (averaged over a
-        video's frames; the confident ones, or the single best), and each frame's top class."""
+        """Visual tokens [F, T, D] (T = :meth:`tokens_per_frame`), the top global classes with their
+        probabilities (averaged over a video's frames; the confident ones, or the single best), and each
+        frame's top class."""
         local, global_ = self.vision(preprocess(frames))
         probs = local.softmax(-1)  # [F, 49, 1000]
         top_p, top_i = probs.topk(self.connector.top_classes_per_token, dim=-1)
         weights = top_p / top_p.sum(-1, keepdim=True)
         tokens = (weights.unsqueeze(-1) * self._label_embeds[top_i]).sum(-2)  # [F, 49, D]
+        grid = self._grid(len(frames))
+        if grid != FEATURE_GRID:
+            f, _, d = tokens.shape
+            square = tokens.reshape(f, FEATURE_GRID, FEATURE_GRID, d).permute(0, 3, 1, 2)
+            tokens = torch.nn.functional.adaptive_avg_pool2d(square, grid).flatten(2).transpose(1, 2)
         frame_probs = global_.softmax(-1)  # [F, 1000]
         overall = frame_probs.mean(0)  # averaged over frames for a video
         p, idx = overall.topk(self.connector.global_max_classes)
@@ -223,6 +235,13 @@ class EmbeddedTarget(TargetModel):
         confident = [(name, pi) for name, pi in top if pi >= self.connector.global_min_prob]
         per_frame = [self._class_name(i) for i in frame_probs.argmax(-1).tolist()]
         return tokens * self.spec.visual_scale, confident or top[:1], per_frame
+
+    def _grid(self, frames: int) -> int:
+        return self.spec.video_grid if frames > 1 else FEATURE_GRID
+
+    def tokens_per_frame(self, media) -> int:
+        """Visual tokens per frame of ``media``: 49 (7x7) for a photo; a video's may be pooled."""
+        return self._grid(len(media.frames)) ** 2
 
     def _class_name(self, index: int) -> str:
         """ImageNet's name for class ``index``; with hedged grounding, followed by its everyday group
@@ -265,7 +284,8 @@ class EmbeddedTarget(TargetModel):
         return people_phrase(self.faces.detect(frame), frame.size)
 
     def build_prompt(self, media, text: str) -> Prompt:
-        """Chat prompt with 49 placeholder positions per frame; visual tokens ride in the payload."""
+        """Chat prompt with :meth:`tokens_per_frame` placeholder positions per frame; visual tokens ride in
+        the payload."""
         visual, top, frame_names = (None, [], []) if media is None else self._see(media.frames)
         if media is not None and media.classes:  # a labelled training item: its labels, not the guess
             top = [(self._class_name(index), prob) for index, prob in media.classes]
@@ -274,11 +294,12 @@ class EmbeddedTarget(TargetModel):
         ids: list[int] = []
         spans = []
         pieces = chat.split(_MEDIA_MARK)
+        per_frame = TOKENS_PER_FRAME if media is None else self.tokens_per_frame(media)
         for i, piece in enumerate(pieces):
             ids += self.tokenizer(piece, add_special_tokens=False).input_ids
             if i < len(pieces) - 1:
-                spans.append((len(ids), len(ids) + TOKENS_PER_FRAME))
-                ids += [self.placeholder_id] * TOKENS_PER_FRAME
+                spans.append((len(ids), len(ids) + per_frame))
+                ids += [self.placeholder_id] * per_frame
         return Prompt(torch.tensor([ids]), tuple(spans), visual, chat)
 
     # --- model --------------------------------------------------------------------------------

@@ -347,3 +347,15 @@ def test_media_tau_gives_teacher_forced_and_real_tau_per_media(script_cache):
         forced, real = float(row.group(3)), float(row.group(4))
         assert 1.0 <= forced <= 5.0 and 1.0 <= real <= 5.0, row.group(0)
     assert re.match(r"^mean teacher-forced tau " + NUMBER + " over 2 media$", out[2])
+
+
+def test_video_grid_pools_each_frame_to_the_grid_asked(script_cache):
+    out = run_script("video_grid.py", script_cache, "--model", "smollm2", "--grids", "7", "2",
+                     "--max-new-tokens", "8", "assets/examples/cat_pan.mp4").splitlines()
+    pattern = r"^cat_pan\.mp4 grid (\d): (\d+) prompt tokens, prefill " + NUMBER + r" s, (\d+) tokens$"
+    rows = [re.match(pattern, line) for line in out[0::2]]
+    assert len(rows) == 2 and all(rows), out
+    (g7, len7, _, n7), (g2, len2, _, n2) = (row.groups() for row in rows)
+    assert (g7, g2) == ("7", "2") and 1 <= int(n7) <= 8 and 1 <= int(n2) <= 8
+    assert int(len7) - int(len2) == 8 * (49 - 4)  # eight frames, 49 positions each against 4
+    assert all(line.startswith("    '") for line in out[1::2]), out

@@ -644,3 +644,18 @@ def test_sampled_tree_with_a_confidence_cut_has_the_target_law(peaked_llava, pho
     assert 0 < accepted < proposed
     assert proposed < config.tree.nodes * samples  # the cut bit: an uncut first step alone proposes 4 per run
     assert_law(law, dropped, spec, vocab, f"flash-tree cut {config.min_draft_prob}")
+
+
+def test_the_loop_clock_waits_for_every_gpu(monkeypatch):
+    """On CUDA the clock syncs every GPU before reading the time (a target split over GPUs, or a draft on
+    another one, queues work the current device's sync would not wait for); on CPU it syncs nothing."""
+    from flash.engine.events import Clock
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda index=None: synced.append(index))
+    Clock(torch.device("cuda", 0)).lap()
+    assert synced == [0, 1, 2, 0, 1, 2]  # at the start mark and at the lap
+    synced.clear()
+    Clock(torch.device("cpu")).lap()
+    assert synced == []

@@ -80,6 +80,13 @@ def collect(events) -> GenerationResult:
     )
 
 
+def _sync_every_gpu() -> None:
+    """Wait for every GPU's queued work: a target split over GPUs (``device_map``) and its draft may run on
+    other GPUs than the current one, which is all ``torch.cuda.synchronize()`` waits for."""
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(index)
+
+
 class Clock:
     """The loop's own time: perf_counter after a device sync, paused while the caller holds a yield.
 
@@ -88,7 +95,7 @@ class Clock:
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.sync = _sync_every_gpu if device.type == "cuda" else (lambda: None)
         self.own = 0.0
         self.mark = self.now()
 

@@ -5,7 +5,8 @@ No image-text training data exists here, so the connector is training-free groun
 - MobileNetV2's ImageNet classifier is applied at each of the 7x7 feature locations, and each of
   the 49 visual tokens per frame is the LM's embedding of that location's likely class names
   (a probability-weighted mix of the top classes). Many, redundant visual tokens, like a real LMM:
-  this is what FLASH's visual compression works on.
+  this is what FLASH's visual compression works on. (Qwen's video frames pool them to 3x3, as
+  video LMMs pool frames: :attr:`EmbeddedLM.video_grid`.)
 - The confident *global* classes are also written into the prompt as text ("The picture shows:
   espresso."), because a 135M LM reads the class-name tokens poorly on their own.
 It is a small demonstration LMM, not a real captioner: it can only name what ImageNet knows.

@@ -23,5 +23,6 @@ cfg = TrainConfig(k=2, num_latents=2, num_heads=4, intermediate_size=64, draft_v
 draft = train(target, records, Path(sys.argv[2]), cfg, log=lambda m: None)
 with torch.no_grad():
     checksum = sum(float(p.double().sum()) for p in draft.parameters())
-print(json.dumps({"rank": int(os.environ.get("RANK", 0)), "world": int(os.environ.get("WORLD_SIZE", 1)),
-                  "checksum": checksum}), flush=True)
+line = json.dumps({"rank": int(os.environ.get("RANK", 0)), "world": int(os.environ.get("WORLD_SIZE", 1)),
+                   "checksum": checksum}) + "\n"
+os.write(1, line.encode())  # one write: the ranks end together and share the pipe, print could interleave

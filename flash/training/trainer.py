@@ -443,4 +443,9 @@ def train(target, records: list[Record], out_dir: Path, cfg: TrainConfig = Train
             (out_dir / "training_log.json").write_text(json.dumps(run_log, indent=2) + "\n")
         if time_up:
             break
+    if accelerator.num_processes > 1:
+        # The main process saves last: the others wait for it, then every process leaves the process group
+        # together. A process that exited while another was still in it aborted (SIGABRT) now and then.
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
     return model.eval()

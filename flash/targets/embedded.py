@@ -216,15 +216,15 @@ class EmbeddedTarget(TargetModel):
     # --- prompt -------------------------------------------------------------------------------
     @torch.inference_mode()
     def _see(self, frames) -> tuple[torch.Tensor, list[tuple[str, float]], list[str]]:
-        """Visual tokens [F, T, D] (T = :meth:`tokens_per_frame`), the top global classes with their
-        probabilities (averaged over a video's frames; the confident ones, or the single best), and each
-        frame's top class."""
+        """Visual tokens [F, T, D] (T = 49, or a video's pooled grid: :attr:`EmbeddedLM.video_grid`), the top
+        global classes with their probabilities (averaged over a video's frames; the confident ones, or the
+        single best), and each frame's top class."""
         local, global_ = self.vision(preprocess(frames))
         probs = local.softmax(-1)  # [F, 49, 1000]
         top_p, top_i = probs.topk(self.connector.top_classes_per_token, dim=-1)
         weights = top_p / top_p.sum(-1, keepdim=True)
         tokens = (weights.unsqueeze(-1) * self._label_embeds[top_i]).sum(-2)  # [F, 49, D]
-        grid = self._grid(len(frames))
+        grid = self.spec.video_grid if len(frames) > 1 else FEATURE_GRID
         if grid != FEATURE_GRID:
             f, _, d = tokens.shape
             square = tokens.reshape(f, FEATURE_GRID, FEATURE_GRID, d).permute(0, 3, 1, 2)
@@ -236,13 +236,6 @@ class EmbeddedTarget(TargetModel):
         confident = [(name, pi) for name, pi in top if pi >= self.connector.global_min_prob]
         per_frame = [self._class_name(i) for i in frame_probs.argmax(-1).tolist()]
         return tokens * self.spec.visual_scale, confident or top[:1], per_frame
-
-    def _grid(self, frames: int) -> int:
-        return self.spec.video_grid if frames > 1 else FEATURE_GRID
-
-    def tokens_per_frame(self, media) -> int:
-        """Visual tokens per frame of ``media``: 49 (7x7) for a photo; a video's may be pooled."""
-        return self._grid(len(media.frames)) ** 2
 
     def _class_name(self, index: int) -> str:
         """ImageNet's name for class ``index``; with hedged grounding, followed by its everyday group
@@ -285,8 +278,8 @@ class EmbeddedTarget(TargetModel):
         return people_phrase(self.faces.detect(frame), frame.size)
 
     def build_prompt(self, media, text: str) -> Prompt:
-        """Chat prompt with :meth:`tokens_per_frame` placeholder positions per frame; visual tokens ride in
-        the payload."""
+        """Chat prompt with one placeholder position per visual token of each frame; the tokens ride in the
+        payload."""
         visual, top, frame_names = (None, [], []) if media is None else self._see(media.frames)
         if media is not None and media.classes:  # a labelled training item: its labels, not the guess
             top = [(self._class_name(index), prob) for index, prob in media.classes]
@@ -295,7 +288,7 @@ class EmbeddedTarget(TargetModel):
         ids: list[int] = []
         spans = []
         pieces = chat.split(_MEDIA_MARK)
-        per_frame = TOKENS_PER_FRAME if media is None else self.tokens_per_frame(media)
+        per_frame = 0 if visual is None else visual.shape[1]  # the spans follow the payload they hold
         for i, piece in enumerate(pieces):
             ids += self.tokenizer(piece, add_special_tokens=False).input_ids
             if i < len(pieces) - 1:

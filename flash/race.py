@@ -30,8 +30,8 @@ from typing import Any, Literal
 
 from flash.draft import FlashDraft
 from flash.engine import GenerationConfig, StepEvent, collect, flash_method, generate
-from flash.engine.near_ties import near_tie_tolerance, top2_after
-from flash.targets.base import TargetModel
+from flash.engine.near_ties import first_difference, near_tie_tolerance, top2_after
+from flash.targets.base import Prompt, TargetModel
 
 __all__ = ["BASELINE", "FLASH", "RaceFrame", "RaceRecorder", "RaceRecording", "RaceUpdate", "SideView",
            "compare_outputs", "on_one_clock", "race"]
@@ -259,7 +259,7 @@ def race(target: TargetModel, draft: FlashDraft, media: Any, prompt_text: str, c
             side.close()
 
 
-def _summarize(target: TargetModel, draft: FlashDraft, config: GenerationConfig, prompt, baseline: _Side,
+def _summarize(target: TargetModel, draft: FlashDraft, config: GenerationConfig, prompt: Prompt, baseline: _Side,
                flash: _Side, *, cancelled: bool = False) -> dict[str, Any]:
     """The race's numbers: speed-up on the sides' own clocks, τ, acceptance rate, exactness. A greedy race
     whose outputs differ also gets the target's top-2 logit gap at the first difference and whether it is
@@ -323,13 +323,12 @@ def compare_outputs(baseline: list[int], flash: list[int], *, greedy: bool,
     """
     if not greedy:
         return None, None
-    overlap = min(len(baseline), len(flash))
-    for i in range(overlap):
-        if baseline[i] != flash[i]:
-            return False, i
+    diff = first_difference(tuple(baseline), tuple(flash))
+    if diff is not None and diff < min(len(baseline), len(flash)):
+        return False, diff  # a mismatch in the common part
     if not complete:
         return None, None
-    return (True, None) if len(baseline) == len(flash) else (False, overlap)
+    return (True, None) if diff is None else (False, diff)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -218,12 +218,22 @@ def write_plot(report: dict, path: Path) -> None:
         fig.write_image(str(path))
 
 
-def load_samples(paths: list[str], prompts: list[str], target: TargetModel) -> list[Sample]:
-    """Media × prompts (each media's default prompt when none are given)."""
+def load_media_files(paths: list[str]) -> list[tuple[Path, Media]]:
+    """Every media file under ``paths``, loaded and checked (a bad one raises ``MediaError``): called
+    before the model loads, so a wrong path fails in a second, not after the model's load."""
+    return [(f, load_media(f)) for f in media_files(paths)]
+
+
+def samples_for(loaded: list[tuple[Path, Media]], prompts: list[str], target: TargetModel) -> list[Sample]:
+    """Loaded media × prompts (each media's default prompt for ``target`` when none are given)."""
     samples = []
-    for f in media_files(paths):
-        media = load_media(f)
+    for f, media in loaded:
         for prompt in prompts or [target.default_prompt(media)]:
             name = f.name if not prompts or len(prompts) == 1 else f"{f.name}:{prompt[:20]}"
             samples.append(Sample(name, media, prompt))
     return samples
+
+
+def load_samples(paths: list[str], prompts: list[str], target: TargetModel) -> list[Sample]:
+    """Media × prompts (each media's default prompt when none are given)."""
+    return samples_for(load_media_files(paths), prompts, target)

@@ -189,11 +189,14 @@ def _check_output_paths(json_path: str | None, plot_path: str | None = None) -> 
 
 
 def cmd_bench(args) -> int:
-    from flash.bench import load_samples, markdown_table, run_benchmark, write_plot
+    from flash.bench import load_media_files, markdown_table, run_benchmark, samples_for, write_plot
     from flash.models import load_draft, load_target
 
     _check_output_paths(args.json_path, args.plot)
     config = _config(args)
+    media = load_media_files(args.media)  # a bad file fails here, not after the model's load
+    if not media:
+        raise UsageError("no media files found in " + " ".join(args.media))
     target = load_target(args.model)
     config = _with_rules(config, target)
     if "flash-tree" in args.methods and not target.supports_tree:
@@ -201,9 +204,7 @@ def cmd_bench(args) -> int:
         args.methods = [m for m in args.methods if m != "flash-tree"]
     needs_draft = any(m in ("flash", "flash-tree", "eagle") for m in args.methods)
     draft = load_draft(target, args.draft) if needs_draft else None
-    samples = load_samples(args.media, args.prompt or [], target)
-    if not samples:
-        raise UsageError("no media files found in " + " ".join(args.media))
+    samples = samples_for(media, args.prompt or [], target)
     report = run_benchmark(target, draft, samples, args.methods, config, repeats=args.repeats,
                            warmup=args.warmup)
     print(markdown_table(report))

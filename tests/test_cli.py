@@ -92,6 +92,20 @@ def test_bench_refuses_unwritable_reports_before_running(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
 
 
+def test_bench_refuses_bad_media_before_loading_the_model(tmp_path):
+    # The media are checked first: with a model id that cannot load, the error must still be the media's
+    # (it used to come after the model's load, ~15 s, for a typo in a path).
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    (tmp_path / "empty").mkdir()
+    for media, message in ((["assets/examples/cat.jpg", str(tmp_path / "nope.png")], "nope.png"),
+                           (["assets/examples/cat.jpg", str(tmp_path / "broken.jpg")], "broken.jpg"),
+                           ([str(tmp_path / "empty")], "no media files found")):
+        proc = flash_cli("bench", *media, "--model", str(tmp_path / "no-such-model"), timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
 def test_caption_eval_refuses_an_unwritable_report_before_running(tmp_path):
     # caption-eval captions ten photos first (a minute or two): its --json path is checked up front too.
     for path, message in ((tmp_path / "missing" / "r.json", "folder does not exist"), (tmp_path, "it is a folder")):

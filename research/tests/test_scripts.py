@@ -359,3 +359,17 @@ def test_video_grid_pools_each_frame_to_the_grid_asked(script_cache):
     assert (g7, g2) == ("7", "2") and 1 <= int(n7) <= 8 and 1 <= int(n2) <= 8
     assert int(len7) - int(len2) == 8 * (49 - 4)  # eight frames, 49 positions each against 4
     assert all(line.startswith("    '") for line in out[1::2]), out
+
+
+def test_caption_variants_prints_one_row_per_caption_and_a_summary_per_variant(script_cache):
+    out = run_script("caption_variants.py", script_cache, "--model", "smollm2", "--limit", "2", "--max-new-tokens",
+                     "6", "base", "ngram:2", "plain", "--media", "assets/examples/cat_pan.mp4").splitlines()
+    row = r"^(base|ngram:2|plain) (named |MISSED|      ) +(\S+): repeats " + NUMBER + r", (\d+) tokens, tau " + NUMBER
+    rows = [re.match(row, line) for line in out if not line.startswith("==")]
+    assert len(rows) == 9 and all(rows), out  # 2 example photos + 1 clip, per variant
+    assert [r.group(3) for r in rows[:3]] == ["cat.jpg", "coffee.jpg", "cat_pan.mp4"]
+    assert rows[2].group(2) == "      "  # a --media file has no subject label
+    assert all(1 <= int(r.group(5)) <= 6 and float(r.group(6)) >= 1 for r in rows)
+    summaries = [line for line in out if line.startswith("==")]
+    assert [s.split(":")[0] for s in summaries] == ["== base", "== ngram", "== plain"]
+    assert all(re.search(r"subject named [0-2]/2, mean repeats " + NUMBER, s) for s in summaries), summaries

@@ -6,7 +6,7 @@ the three methods interleaved (the order rotates), and pools milliseconds per de
 the drafts proposed / accepted per pass over all runs of a method.
 
     python research/sampling_speed.py [MEDIA ...] [--seeds 6] [--max-new-tokens 128] [--tree-nodes N]
-        [--tree-branch B] [--json OUT]
+        [--tree-branch B] [--min-draft-prob P] [--model M] [--json OUT]
 
 Defaults: the benchmark's held-out media (gradio's photos and videos), temperature 0.7, top-p 0.9, the
 CLI's confidence cut and tree settings, the shipped draft.
@@ -43,6 +43,8 @@ def main() -> None:
                         help="flash-tree's drawn nodes (default: the CLI's)")
     parser.add_argument("--tree-branch", type=int, default=TreeConfig.branch,
                         help="flash-tree's siblings drawn under the root (default: the CLI's)")
+    parser.add_argument("--min-draft-prob", type=float, default=DEFAULT_MIN_DRAFT_PROB,
+                        help="the confidence cut of flash and of flash-tree's drawn chain (default: the CLI's)")
     parser.add_argument("--json", default=None, help="write the per-run records here")
     add_model_arg(parser)
     args = parser.parse_args()
@@ -59,7 +61,7 @@ def main() -> None:
 
     def config(seed: int, tokens: int) -> GenerationConfig:
         return GenerationConfig(max_new_tokens=tokens, temperature=args.temperature, top_p=args.top_p, seed=seed,
-                                rules=target.logits_rules(), min_draft_prob=DEFAULT_MIN_DRAFT_PROB,
+                                rules=target.logits_rules(), min_draft_prob=args.min_draft_prob,
                                 tree=TreeConfig(nodes=args.tree_nodes, branch=args.tree_branch))
 
     def run(method: str, sample, cfg: GenerationConfig):

@@ -97,6 +97,9 @@ def main() -> None:
         items = [(item, load_media(item["file"])) for item in media_items(args.limit, args.media)]
     except MediaError as exc:
         sys.exit(f"error: {exc}")
+    # Each photo's colours, counted once (not once per variant): only the colour variant reads them.
+    photo_colours = [colour_names(Image.open(item["file"])) if "colour" in args.variants and media.kind == "image"
+                     else [] for item, media in items]
     shipped_grounding = embedded.hedged_grounding
     colours: list[str] = []  # the current photo's, read by the patched grounding
 
@@ -116,8 +119,8 @@ def main() -> None:
         embedded.hedged_grounding = grounding_with_colours if variant == "colour" else shipped_grounding
         rows = []
         try:
-            for item, media in items:
-                colours[:] = colour_names(Image.open(item["file"])) if media.kind == "image" else []
+            for (item, media), names in zip(items, photo_colours, strict=True):
+                colours[:] = names
                 request = target.default_prompt(media)
                 if variant == "plain":
                     request = request.split(":")[0].rstrip(".") + "."

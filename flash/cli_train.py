@@ -10,8 +10,8 @@ import time
 import zlib
 from pathlib import Path
 
-from flash.models import DEFAULT_MODEL, distill_dir, is_embedded
-from flash.training.trainer import MIXED_PRECISION
+from flash.model_names import DEFAULT_MODEL, distill_dir, is_embedded
+from flash.training.config import MIXED_PRECISION, TrainConfig
 
 
 def add_parser(sub) -> None:
@@ -107,12 +107,7 @@ def _with_default_prompt(item, target):
 
 
 def cmd_train(args) -> int:
-    from flash.cli import UsageError
-    from flash.draft import FlashDraft
-    from flash.models import load_target
-    from flash.training.corpus import build_corpus, class_items
-    from flash.training.distill import distill, load_records
-    from flash.training.trainer import TrainConfig, train
+    from flash.cli import UsageError, quiet_transformers
 
     started = time.time()  # --distill-minutes counts from here: building the corpus takes part of it
     if args.train_minutes and args.epochs is not None:
@@ -128,6 +123,26 @@ def cmd_train(args) -> int:
     if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) >= int(parts[1]):
         raise UsageError(f"--shard must look like I/N with 0 <= I < N, not '{args.shard}'")
     shard = (int(parts[0]), int(parts[1]))
+    if not 0 <= args.default_prompt_share <= 1:
+        raise UsageError("--default-prompt-share must be between 0 and 1")
+    try:
+        cfg = TrainConfig(k=args.k, num_latents=args.num_latents, num_layers=args.num_layers,
+                          draft_vocab_size=args.draft_vocab, epochs=4 if args.epochs is None else args.epochs,
+                          minutes=args.train_minutes,
+                          lr=args.lr, grad_accum=args.grad_accum, ce_weight=args.ce_weight, noise=args.noise,
+                          slot_decay=args.slot_decay, rules_ce=args.rules_ce,
+                          teacher_temperature=args.teacher_temperature, seed=args.seed, init_from=args.init_from,
+                          mixed_precision=args.mixed_precision)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    # torch, the target and the draft load only now that the arguments are checked.
+    from flash.draft import FlashDraft
+    from flash.models import load_target
+    from flash.training.corpus import build_corpus, class_items
+    from flash.training.distill import distill, load_records
+    from flash.training.trainer import train
+
+    quiet_transformers()
     target = load_target(args.model)
     if args.init_from:  # before distilling or reading gigabytes of records: a wrong path fails at once
         saved = FlashDraft.load(args.init_from)
@@ -149,8 +164,6 @@ def cmd_train(args) -> int:
             items += [_with_default_prompt(item, target) for item in labelled]
     if not items and not args.train_only:
         raise UsageError("no usable media to train on; pass --media FOLDER with images or videos")
-    if not 0 <= args.default_prompt_share <= 1:
-        raise UsageError("--default-prompt-share must be between 0 and 1")
     if args.default_prompt_share:
         items = [_with_default_prompt(item, target) if _chosen(item.item_id, args.default_prompt_share) else item
                  for item in items]
@@ -168,13 +181,6 @@ def cmd_train(args) -> int:
         train_part = [r for r in records if r.split == "train"][: args.max_train_records]
         records = train_part + [r for r in records if r.split != "train"]
     print(f"training on {len(records)} records from {data_dir}", file=sys.stderr)
-    cfg = TrainConfig(k=args.k, num_latents=args.num_latents, num_layers=args.num_layers,
-                      draft_vocab_size=args.draft_vocab, epochs=4 if args.epochs is None else args.epochs,
-                      minutes=args.train_minutes,
-                      lr=args.lr, grad_accum=args.grad_accum, ce_weight=args.ce_weight, noise=args.noise,
-                      slot_decay=args.slot_decay, rules_ce=args.rules_ce,
-                      teacher_temperature=args.teacher_temperature, seed=args.seed, init_from=args.init_from,
-                      mixed_precision=args.mixed_precision)
     train(target, records, Path(args.out), cfg)
     print(f"draft saved to {args.out}", file=sys.stderr)
     return 0

@@ -28,31 +28,15 @@ from pathlib import Path
 import torch
 
 from flash.draft import DraftConfig, DraftError, FlashDraft
+from flash.model_names import DEFAULT_MODEL, EMBEDDED_ALIASES, EMBEDDED_MODELS
+from flash.model_names import distill_dir as distill_dir  # re-exported: callers import them from here too
+from flash.model_names import is_embedded as is_embedded
 from flash.targets.base import TargetModel
-from flash.weights import cache_dir
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_MODEL = "default"
-#: The embedded CPU models (flash.targets.embedded.EMBEDDED_LMS keys); "default" names one of them:
-#: Qwen2.5, whose captions have no assistant self-talk and name more subjects (docs/qwen_model.md).
-EMBEDDED_MODELS = {DEFAULT_MODEL: "qwen2.5", "smollm2": "smollm2"}
-#: Other names accepted for them (the cache keys stay the ones above).
-EMBEDDED_ALIASES = {"qwen2.5": DEFAULT_MODEL}
 #: The draft shipped for each embedded LM, trained with ``python -m flash train``.
 SHIPPED_DRAFTS = {"qwen2.5": ASSETS / "drafts" / "qwen2.5", "smollm2": ASSETS / "drafts" / "smollm2"}
 DEFAULT_DRAFT = SHIPPED_DRAFTS[EMBEDDED_MODELS[DEFAULT_MODEL]]
-
-
-def distill_dir(model: str) -> Path:
-    """Where ``python -m flash train`` keeps ``model``'s distilled records by default: an embedded model's
-    under its LM's name ("qwen2.5", "smollm2"), whichever alias named it; a hub id with "/" as "--"."""
-    folder = EMBEDDED_MODELS.get(EMBEDDED_ALIASES.get(model, model), model.replace("/", "--"))
-    return cache_dir() / "distill" / folder
-
-
-def is_embedded(model: str) -> bool:
-    """Whether ``model`` names an embedded CPU model (a key of EMBEDDED_MODELS or one of its aliases)."""
-    return EMBEDDED_ALIASES.get(model, model) in EMBEDDED_MODELS
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,13 @@ class names of the default model are never penalised.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+# GenerationConfig holds a LogitsRules, and the CLI builds one to check a request before anything
+# heavy loads: so this module imports torch and transformers only where a method needs them.
+if TYPE_CHECKING:
+    import torch
+    from transformers import LogitsProcessorList
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class LogitsRules:
 
     def processors(self) -> LogitsProcessorList:
         """The same rules as transformers logits processors (usable with ``generate()``)."""
+        from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
         procs = LogitsProcessorList()
         if self.repetition_penalty != 1.0:
             procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
@@ -42,7 +48,7 @@ class LogitsRules:
         return procs
 
     def _penalise(self, values: torch.Tensor) -> torch.Tensor:
-        return torch.where(values < 0, values * self.repetition_penalty, values / self.repetition_penalty)
+        return (values * self.repetition_penalty).where(values < 0, values / self.repetition_penalty)
 
     def penalised(self, score: float) -> float:
         """:meth:`_penalise` for one score as a Python float (a draft tree ranks a few scores in Python)."""
@@ -184,6 +190,8 @@ class RulesCursor:
 
     @staticmethod
     def _columns(tokens: list[int], column_of: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        import torch
+
         ids = torch.tensor(tokens, dtype=torch.long, device=device if column_of is None else column_of.device)
         if column_of is None:
             return ids

@@ -68,25 +68,39 @@ def machine_info(target: TargetModel) -> dict:
             "weights": getattr(target, "weight_format", str(target.dtype).removeprefix("torch."))}
 
 
+#: The methods that use a draft (the ones ``--compare-draft`` runs a second time).
+DRAFT_METHODS = ("flash", "flash-tree", "eagle")
+
+
 def run_benchmark(target: TargetModel, draft, samples: list[Sample], methods: list[str], config: GenerationConfig,
-                  repeats: int = 1, warmup: int = 1, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
-    """Run ``methods`` on every sample (``ar`` always included, first), interleaved; return a report dict."""
+                  repeats: int = 1, warmup: int = 1, log=lambda m: print(m, file=sys.stderr, flush=True),
+                  compare_drafts: dict[str, object] | None = None) -> dict:
+    """Run ``methods`` on every sample (``ar`` always included, first), interleaved; return a report dict.
+
+    ``compare_drafts`` (name -> draft): every draft method also runs with each of these, labelled
+    ``METHOD@NAME`` and interleaved with the rest, so two drafts are compared side by side in one run
+    (the report's ``draft_ab``) rather than across runs whose machine state differs.
+    """
     methods = ["ar"] + [m for m in methods if m != "ar"]
+    runs_as = {m: (m, draft) for m in methods}  # label -> (method, draft)
+    for name, other in (compare_drafts or {}).items():
+        runs_as |= {f"{m}@{name}": (m, other) for m in methods if m in DRAFT_METHODS}
+    labels = list(runs_as)
     prompts = {s.name: target.build_prompt(s.media, s.prompt) for s in samples}
     for i in range(warmup):  # warm-up: allocator, kernels, caches; excluded from timing
-        for m in methods:
-            collect(generate(target, prompts[samples[i % len(samples)].name], m, draft,
+        for label in labels:
+            collect(generate(target, prompts[samples[i % len(samples)].name], *runs_as[label],
                              GenerationConfig(max_new_tokens=8, rules=config.rules, k=config.k)))
     runs: list[Run] = []
     mismatches = []
     for s_i, sample in enumerate(samples):
         for rep in range(repeats):
             # Rotate the order so no method always runs first (caches, turbo, thermal drift).
-            shift = (s_i + rep) % len(methods)
-            order = methods[shift:] + methods[:shift]
-            results = {m: collect(generate(target, prompts[sample.name], m, draft, config)) for m in order}
+            shift = (s_i + rep) % len(labels)
+            order = labels[shift:] + labels[:shift]
+            results = {m: collect(generate(target, prompts[sample.name], *runs_as[m], config)) for m in order}
             base = results["ar"]
-            for m in methods:
+            for m in labels:
                 r = results[m]
                 same = None
                 if config.greedy:
@@ -100,16 +114,35 @@ def run_benchmark(target: TargetModel, draft, samples: list[Sample], methods: li
             log(f"[{s_i + 1}/{len(samples)}] {sample.name} rep {rep + 1}: " + ", ".join(
                 f"{m} {results[m].tokens_per_s:.1f} tok/s" + (f" (x{results[m].tokens_per_s / base.tokens_per_s:.2f},"
                                                                f" tau {results[m].tau:.2f})" if m != "ar" else "")
-                for m in methods))
+                for m in labels))
     return {"machine": machine_info(target), "config": {"max_new_tokens": config.max_new_tokens,
             "temperature": config.temperature, "top_p": config.top_p, "k": config.k,
             "min_draft_prob": config.min_draft_prob, "repeats": repeats,
-            "warmup": warmup, "draft": getattr(getattr(draft, "cfg", None), "__dict__", None)},
-            "methods": {m: _aggregate([r for r in runs if r.method == m]) for m in methods},
-            "by_kind": {kind: {m: _aggregate([r for r in runs if r.method == m and r.kind == kind]) for m in methods}
+            "warmup": warmup, "draft": _draft_config(draft),
+            "compare_drafts": {name: _draft_config(d) for name, d in (compare_drafts or {}).items()}},
+            "methods": {m: _aggregate([r for r in runs if r.method == m]) for m in labels},
+            "by_kind": {kind: {m: _aggregate([r for r in runs if r.method == m and r.kind == kind]) for m in labels}
                         for kind in sorted({r.kind for r in runs})},
+            "draft_ab": [_draft_ab(runs, m, label) for label, (m, _) in runs_as.items() if label != m],
             "mismatches": mismatches,
             "samples": [_run_record(r) for r in runs]}
+
+
+def _draft_config(draft) -> dict | None:
+    return getattr(getattr(draft, "cfg", None), "__dict__", None)
+
+
+def _draft_ab(runs: list[Run], method: str, label: str) -> dict:
+    """``label`` (a method with another draft) against ``method`` with the main draft: per-run tokens/s
+    ratios, each paired on the same sample and repeat, and both τ."""
+    mine = {(r.sample, r.repeat): r.result for r in runs if r.method == label}
+    ratios = [mine[r.sample, r.repeat].tokens_per_s / r.result.tokens_per_s
+              for r in runs if r.method == method and r.result.tokens_per_s]
+    return {"method": method, "versus": label, "runs": len(ratios), "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ratio_above_1": sum(x > 1 for x in ratios),
+            "tau": _aggregate([r for r in runs if r.method == method])["tau"],
+            "tau_versus": _aggregate([r for r in runs if r.method == label])["tau"]}
 
 
 def _aggregate(runs: list[Run]) -> dict:
@@ -163,6 +196,10 @@ def markdown_table(report: dict) -> str:
     lines.append(f"Machine: {mi['cpu']} ({mi['cpu_count']} cores, {mi.get('cpu_isa', '?')}, "
                  f"{mi['torch_threads']} torch threads), "
                  f"GPU: {mi['gpu'] or 'none'}, torch {mi['torch']}, transformers {mi['transformers']}.")
+    for ab in report.get("draft_ab", []):
+        lines.append(f"{ab['versus']} vs {ab['method']}: ×{ab['ratio']:.3f} tokens/s (median of {ab['runs']} paired "
+                     f"runs: {ab['ratio_min']:.2f}–{ab['ratio_max']:.2f}, faster in {ab['ratio_above_1']} of them), "
+                     f"τ {ab['tau_versus']:.2f} vs {ab['tau']:.2f}")
     if report["mismatches"]:
         lines.append(f"MISMATCHES vs ar: {json.dumps(report['mismatches'])}")
     return "\n".join(lines)

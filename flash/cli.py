@@ -199,6 +199,22 @@ def _check_output_paths(json_path: str | None, plot_path: str | None = None) -> 
             raise UsageError(problem)
 
 
+def _compare_drafts(paths: list[str], methods: list[str]) -> dict[str, str]:
+    """``bench --compare-draft`` folders by the name their methods are labelled with (``flash@NAME``)."""
+    if paths and not any(m in ("flash", "flash-tree", "eagle") for m in methods):
+        raise UsageError("--compare-draft needs a draft method in --methods (flash, flash-tree or eagle)")
+    named: dict[str, str] = {}
+    for path in paths:
+        name = Path(path).resolve().name
+        if not Path(path).is_dir():  # checked before torch loads; load_draft checks what is inside
+            raise UsageError(f"--compare-draft {path}: no draft folder there; "
+                             "train one with `python -m flash train --out DIR`")
+        if name in named:
+            raise UsageError(f"--compare-draft: two drafts named {name!r}; give them folders with different names")
+        named[name] = path
+    return named
+
+
 def cmd_bench(args) -> int:
     from flash.media import load_media_files
 
@@ -207,6 +223,7 @@ def cmd_bench(args) -> int:
     media = load_media_files(args.media)  # a bad file fails here, before torch and the model load
     if not media:
         raise UsageError("no media files found in " + " ".join(args.media))
+    compare = _compare_drafts(args.compare_draft or [], args.methods)
     from flash.bench import markdown_table, run_benchmark, samples_for, write_plot
     from flash.models import load_draft, load_target
 
@@ -220,7 +237,8 @@ def cmd_bench(args) -> int:
     draft = load_draft(target, args.draft) if needs_draft else None
     samples = samples_for(media, args.prompt or [], target)
     report = run_benchmark(target, draft, samples, args.methods, config, repeats=args.repeats,
-                           warmup=args.warmup)
+                           warmup=args.warmup, compare_drafts={name: load_draft(target, path)
+                                                               for name, path in compare.items()})
     print(markdown_table(report))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
@@ -276,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", dest="json_path", default=None, help="write the full report here")
     p.add_argument("--plot", default=None, help="write a chart (.html, or .png with kaleido)")
+    p.add_argument("--compare-draft", action="append", metavar="DIR",
+                   help="also run the draft methods with this draft (repeatable), interleaved in the same run "
+                        "and labelled METHOD@FOLDER, to compare drafts side by side")
     _add_generation_args(p, several_prompts=True)
     p.set_defaults(func=cmd_bench)
 

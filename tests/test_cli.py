@@ -86,13 +86,17 @@ _CHECKED_BEFORE_TORCH = [
     (["caption", "assets/examples/cat.jpg", "--top-p", "2"], "top_p"),
     (["race", "assets/examples/cat.jpg", "--video", "x.gif"], ".mp4"),
     (["bench", "nope.png"], "nope.png"),
+    (["bench", str(ROOT / "assets/examples/cat.jpg"), "--compare-draft", "no/such/draft"], "no/such/draft"),
+    (["bench", str(ROOT / "assets/examples/cat.jpg"), "--methods", "ar", "--compare-draft",
+      str(ROOT / "assets/drafts/qwen2.5")], "draft method"),
     (["caption-eval", "--json", "missing/r.json"], "folder does not exist"),
     (["train", "--out", "d", "--lr", "-1"], "lr"),
     (["train", "--out", "d", "--shard", "2/2"], "--shard"),
 ]
 
 
-@pytest.mark.parametrize("argv,message", _CHECKED_BEFORE_TORCH, ids=[" ".join(a) for a, _ in _CHECKED_BEFORE_TORCH])
+@pytest.mark.parametrize("argv,message", _CHECKED_BEFORE_TORCH,
+                         ids=[" ".join(a).replace(f"{ROOT}/", "") for a, _ in _CHECKED_BEFORE_TORCH])
 def test_help_and_bad_input_answer_before_torch_loads(tmp_path, argv, message):
     """--help and input the CLI can check itself are answered before torch and transformers are imported
     (~2.5 s on a 2-core machine): the command runs in a fresh interpreter that reports whether either

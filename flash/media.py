@@ -155,9 +155,10 @@ def load_media(path: str | os.PathLike[str], limits: MediaLimits = MediaLimits()
         ) from exc
 
 
-# What `python -m flash bench` picks up from a folder.
-MEDIA_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mp4", ".webm", ".mov",
-                  ".mkv", ".avi"}
+# What `python -m flash bench` picks up from a folder: every suffix load_media reads (Pillow's for the
+# formats above, and the video containers), so a folder gives the same files as naming them one by one.
+IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in IMAGE_FORMATS)
+MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_EXTENSIONS
 
 
 def media_files(paths: list[str]) -> list[Path]:

@@ -798,3 +798,15 @@ def test_preview_of_an_undecodable_video_is_a_media_error(tmp_path: Path) -> Non
     with pytest.raises(MediaError, match="zeroed.avi"):
         media.browser_preview(path, tmp_path)
     assert not (tmp_path / "zeroed.preview.mp4").exists()
+
+
+def test_a_folder_gives_every_file_load_media_reads(tmp_path: Path) -> None:
+    # `bench FOLDER` used to skip .m4v, .ts, .jfif ... that load_media reads when named one by one.
+    write_video(tmp_path / "clip.m4v")
+    (tmp_path / "sub").mkdir()
+    write_video(tmp_path / "sub" / "clip.ts")
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(tmp_path / "photo.jfif", format="JPEG")
+    (tmp_path / "notes.txt").write_text("not media")
+    found = media.media_files([str(tmp_path)])
+    assert [f.relative_to(tmp_path).as_posix() for f in found] == ["clip.m4v", "photo.jfif", "sub/clip.ts"]
+    assert [m.kind for _, m in media.load_media_files([str(tmp_path)])] == ["video", "image", "video"]

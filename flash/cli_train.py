@@ -136,7 +136,7 @@ def cmd_train(args) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     # torch, the target and the draft load only now that the arguments are checked.
-    from flash.draft import FlashDraft
+    from flash.draft import read_draft_config
     from flash.models import load_target
     from flash.training.corpus import build_corpus, class_items
     from flash.training.distill import distill, load_records
@@ -145,10 +145,10 @@ def cmd_train(args) -> int:
     quiet_transformers()
     target = load_target(args.model)
     if args.init_from:  # before distilling or reading gigabytes of records: a wrong path fails at once
-        saved = FlashDraft.load(args.init_from)
-        if saved.cfg.target_name != target.name:
+        saved = read_draft_config(args.init_from)  # its config only: train() reads the weights once
+        if saved.target_name != target.name:
             raise UsageError(f"--init-from {args.init_from}: that draft was trained for "
-                             f"'{saved.cfg.target_name}', not this model ('{target.name}')")
+                             f"'{saved.target_name}', not this model ('{target.name}')")
     data_dir = Path(args.data_dir) if args.data_dir else distill_dir(args.model)
     if args.train_only:
         items = []

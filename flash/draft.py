@@ -369,8 +369,8 @@ class FlashDraft(nn.Module):
     def load(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> FlashDraft:
         """Load a draft saved by :meth:`save`; a clear :class:`DraftError` if it is missing or broken."""
         directory = Path(directory)
+        cfg = read_draft_config(directory)
         try:
-            cfg = DraftConfig(**json.loads((directory / CONFIG_FILE).read_text()))
             tensors = load_file(str(directory / WEIGHTS_FILE))
         except (OSError, ValueError, TypeError) as exc:
             raise DraftError(f"cannot load a draft from {directory}: {exc}") from None
@@ -381,6 +381,14 @@ class FlashDraft(nn.Module):
             draft.register_buffer("draft_to_target", tensors["draft_to_target"].long(), persistent=True)
         draft.load_state_dict(tensors, strict=True)
         return draft.to(dtype).eval()
+
+
+def read_draft_config(directory: str | Path) -> DraftConfig:
+    """The shape and target of the draft saved in ``directory``, without reading its weights."""
+    try:
+        return DraftConfig(**json.loads((Path(directory) / CONFIG_FILE).read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise DraftError(f"cannot load a draft from {directory}: {exc}") from None
 
 
 def vocab_columns(draft_to_target: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from pathlib import Path
 # Only the settings here: the loops (torch) load when a command needs them, so --help and bad
 # input answer at once.
 from flash.engine import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, TreeConfig
-from flash.model_names import DEFAULT_MODEL
+from flash.model_names import DEFAULT_MODEL, is_embedded
 
 
 class UsageError(Exception):
@@ -263,12 +263,26 @@ def cmd_caption_eval(args) -> int:
     return 0
 
 
+#: What ``doctor`` decodes unless given ``--media``.
+DOCTOR_EXAMPLE = Path(__file__).resolve().parent.parent / "assets" / "examples" / "cat.jpg"
+
+
 def cmd_doctor(args) -> int:
+    from flash.media import load_media
+
+    if args.tiny is not None and args.model != DEFAULT_MODEL:
+        raise UsageError("give --model or --tiny, not both")
+    if args.attention and args.tiny is None and is_embedded(args.model):
+        raise UsageError("--attention applies to LLaVA / Qwen2.5-VL targets (--model ID or --tiny), "
+                         "not the embedded models")
+    if args.max_new_tokens < 2:
+        raise UsageError("--max-new-tokens must be >= 2 (a method needs room to draft)")
+    args.media = args.media or str(DOCTOR_EXAMPLE)
+    media = load_media(args.media)  # a bad file fails here, before torch and the model load
     from flash import doctor
 
-    args.media = args.media or str(doctor.EXAMPLE)
     quiet_transformers()
-    return doctor.main(args)
+    return doctor.main(args, media)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,6 @@ import tempfile
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
@@ -33,7 +32,6 @@ from flash.engine import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, Tree
 from flash.engine.near_ties import first_difference, near_tie_tolerance, top2_after
 from flash.targets.base import TargetModel
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "assets" / "examples" / "cat.jpg"
 TINY = ("llava", "qwen2.5-vl")
 
 
@@ -236,20 +234,9 @@ def _shown(path: str) -> str:
     return path if relative.startswith("..") else relative
 
 
-def main(args) -> int:
-    """``python -m flash doctor`` (arguments from :mod:`flash.cli`): print the report; 1 if any method differs."""
-    from flash.cli import UsageError
-    from flash.media import load_media
-    from flash.models import DEFAULT_MODEL, is_embedded
-
-    if args.tiny is not None and args.model != DEFAULT_MODEL:
-        raise UsageError("give --model or --tiny, not both")
-    if args.attention and args.tiny is None and is_embedded(args.model):
-        raise UsageError("--attention applies to LLaVA / Qwen2.5-VL targets (--model ID or --tiny), "
-                         "not the embedded models")
-    if args.max_new_tokens < 2:
-        raise UsageError("--max-new-tokens must be >= 2 (a method needs room to draft)")
-    media = load_media(args.media)
+def main(args, media) -> int:
+    """``python -m flash doctor`` (arguments checked, ``media`` loaded by :mod:`flash.cli`): print the report;
+    1 if any method differs."""
     with ExitStack() as stack:
         target, draft = load(args.model, args.tiny, args.attention, args.draft, stack)
         config = doctor_config(target, args.max_new_tokens, tiny=args.tiny is not None)

@@ -92,6 +92,8 @@ _CHECKED_BEFORE_TORCH = [
     (["caption-eval", "--json", "missing/r.json"], "folder does not exist"),
     (["train", "--out", "d", "--lr", "-1"], "lr"),
     (["train", "--out", "d", "--shard", "2/2"], "--shard"),
+    (["doctor", "--tiny", "llava", "--model", "x/y"], "not both"),
+    (["doctor", "--media", "nope.png"], "nope.png"),
 ]
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from flash.engine import GenerationConfig, GenerationResult, collect, generate
+from flash.engine.config import DRAFT_METHODS
 from flash.engine.near_ties import first_difference, top2_gap
 from flash.media import Media, load_media_files
 from flash.targets.base import TargetModel
@@ -66,10 +67,6 @@ def machine_info(target: TargetModel) -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "target": target.name, "device": str(target.device),
             "weights": getattr(target, "weight_format", str(target.dtype).removeprefix("torch."))}
-
-
-#: The methods that use a draft (the ones ``--compare-draft`` runs a second time).
-DRAFT_METHODS = ("flash", "flash-tree", "eagle")
 
 
 def run_benchmark(target: TargetModel, draft, samples: list[Sample], methods: list[str], config: GenerationConfig,

@@ -15,6 +15,7 @@ from pathlib import Path
 # Only the settings here: the loops (torch) load when a command needs them, so --help and bad
 # input answer at once.
 from flash.engine import DEFAULT_MIN_DRAFT_PROB, METHODS, GenerationConfig, TreeConfig
+from flash.engine.config import DRAFT_METHODS
 from flash.model_names import DEFAULT_MODEL, is_embedded
 
 
@@ -201,7 +202,7 @@ def _check_output_paths(json_path: str | None, plot_path: str | None = None) -> 
 
 def _compare_drafts(paths: list[str], methods: list[str]) -> dict[str, str]:
     """``bench --compare-draft`` folders by the name their methods are labelled with (``flash@NAME``)."""
-    if paths and not any(m in ("flash", "flash-tree", "eagle") for m in methods):
+    if paths and not any(m in DRAFT_METHODS for m in methods):
         raise UsageError("--compare-draft needs a draft method in --methods (flash, flash-tree or eagle)")
     named: dict[str, str] = {}
     for path in paths:
@@ -233,7 +234,7 @@ def cmd_bench(args) -> int:
     if "flash-tree" in args.methods and not target.supports_tree:
         print("note: skipping flash-tree (this target cannot verify draft trees)", file=sys.stderr)
         args.methods = [m for m in args.methods if m != "flash-tree"]
-    needs_draft = any(m in ("flash", "flash-tree", "eagle") for m in args.methods)
+    needs_draft = any(m in DRAFT_METHODS for m in args.methods)
     draft = load_draft(target, args.draft) if needs_draft else None
     samples = samples_for(media, args.prompt or [], target)
     report = run_benchmark(target, draft, samples, args.methods, config, repeats=args.repeats,

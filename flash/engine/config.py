@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from flash.engine.logits_rules import LogitsRules
 
 METHODS = ("ar", "eagle", "flash", "flash-tree", "pld")
+#: The methods that run a draft model (``pld`` drafts from the prompt, ``ar`` not at all).
+DRAFT_METHODS = ("eagle", "flash", "flash-tree")
 #: The confidence cut the CLI and the app use by default (see GenerationConfig.min_draft_prob;
 #: tuned on the shipped examples, docs/results.md).
 DEFAULT_MIN_DRAFT_PROB = 0.1

@@ -112,15 +112,16 @@ def run_benchmark(target: TargetModel, draft, samples: list[Sample], methods: li
                 f"{m} {results[m].tokens_per_s:.1f} tok/s" + (f" (x{results[m].tokens_per_s / base.tokens_per_s:.2f},"
                                                                f" tau {results[m].tau:.2f})" if m != "ar" else "")
                 for m in labels))
+    aggregated = {m: _aggregate([r for r in runs if r.method == m]) for m in labels}
     return {"machine": machine_info(target), "config": {"max_new_tokens": config.max_new_tokens,
             "temperature": config.temperature, "top_p": config.top_p, "k": config.k,
             "min_draft_prob": config.min_draft_prob, "repeats": repeats,
             "warmup": warmup, "draft": _draft_config(draft),
             "compare_drafts": {name: _draft_config(d) for name, d in (compare_drafts or {}).items()}},
-            "methods": {m: _aggregate([r for r in runs if r.method == m]) for m in labels},
+            "methods": aggregated,
             "by_kind": {kind: {m: _aggregate([r for r in runs if r.method == m and r.kind == kind]) for m in labels}
                         for kind in sorted({r.kind for r in runs})},
-            "draft_ab": [_draft_ab(runs, m, label) for label, (m, _) in runs_as.items() if label != m],
+            "draft_ab": [_draft_ab(runs, aggregated, m, label) for label, (m, _) in runs_as.items() if label != m],
             "mismatches": mismatches,
             "samples": [_run_record(r) for r in runs]}
 
@@ -129,17 +130,16 @@ def _draft_config(draft) -> dict | None:
     return getattr(getattr(draft, "cfg", None), "__dict__", None)
 
 
-def _draft_ab(runs: list[Run], method: str, label: str) -> dict:
+def _draft_ab(runs: list[Run], aggregated: dict[str, dict], method: str, label: str) -> dict:
     """``label`` (a method with another draft) against ``method`` with the main draft: per-run tokens/s
-    ratios, each paired on the same sample and repeat, and both τ."""
+    ratios, each paired on the same sample and repeat, and both τ (from ``aggregated``, per label)."""
     mine = {(r.sample, r.repeat): r.result for r in runs if r.method == label}
     ratios = [mine[r.sample, r.repeat].tokens_per_s / r.result.tokens_per_s
               for r in runs if r.method == method and r.result.tokens_per_s]
     return {"method": method, "versus": label, "runs": len(ratios), "ratio": statistics.median(ratios),
             "ratio_min": min(ratios), "ratio_max": max(ratios),
             "ratio_above_1": sum(x > 1 for x in ratios),
-            "tau": _aggregate([r for r in runs if r.method == method])["tau"],
-            "tau_versus": _aggregate([r for r in runs if r.method == label])["tau"]}
+            "tau": aggregated[method]["tau"], "tau_versus": aggregated[label]["tau"]}
 
 
 def _aggregate(runs: list[Run]) -> dict:

@@ -203,7 +203,7 @@ def _check_output_paths(json_path: str | None, plot_path: str | None = None) -> 
 def _compare_drafts(paths: list[str], methods: list[str]) -> dict[str, str]:
     """``bench --compare-draft`` folders by the name their methods are labelled with (``flash@NAME``)."""
     if paths and not any(m in DRAFT_METHODS for m in methods):
-        raise UsageError("--compare-draft needs a draft method in --methods (flash, flash-tree or eagle)")
+        raise UsageError(f"--compare-draft needs a draft method in --methods ({', '.join(DRAFT_METHODS)})")
     named: dict[str, str] = {}
     for path in paths:
         name = Path(path).resolve().name

@@ -22,13 +22,14 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from flash.engine.tree import DraftTree, tree_attention  # noqa: E402
 from flash.media import MediaError, load_media  # noqa: E402
 from flash.targets.embedded import load_embedded_target  # noqa: E402
 
 
-def top_ops(run, repeats: int, rows: int = 8) -> list[tuple[str, float, int]]:
-    """(op name, self CPU ms per repeat, calls per repeat) of the ``rows`` costliest ops of ``run()``;
-    the first row is the wall-clock median of ``repeats`` unprofiled runs."""
+def top_ops(run, repeats: int, rows: int = 8) -> tuple[float, list[tuple[str, float, int]]]:
+    """The wall-clock median ms of ``repeats`` unprofiled runs of ``run()``, then (op name, self CPU ms per
+    repeat, calls per repeat) of its ``rows`` costliest ops under the profiler."""
     for _ in range(2):  # warm-up
         run()
     walls = []
@@ -36,12 +37,12 @@ def top_ops(run, repeats: int, rows: int = 8) -> list[tuple[str, float, int]]:
         start = time.perf_counter()
         run()
         walls.append(time.perf_counter() - start)
-    wall = [("(wall clock, unprofiled, median)", 1000 * statistics.median(walls), 1)]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(repeats):
             run()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
-    return wall + [(e.key, e.self_cpu_time_total / 1000 / repeats, e.count // repeats) for e in events]
+    return 1000 * statistics.median(walls), [(e.key, e.self_cpu_time_total / 1000 / repeats, e.count // repeats)
+                                             for e in events]
 
 
 def main() -> None:
@@ -67,18 +68,12 @@ def main() -> None:
             target.crop(state, prompt.length)
 
         settings[f"{n}-token pass"] = (one_pass, args.passes)
-    # flash-tree's pass: 4 draft tokens as a tree (two siblings, one of them with a chain of two) + the root.
-    parents = [-1, 0, 0, 1, 3]
-    mask = torch.zeros(len(parents), prompt.length + len(parents), dtype=torch.bool)
-    mask[:, : prompt.length] = True
-    depth = []
-    for i, parent in enumerate(parents):
-        mask[i, prompt.length + i] = True
-        if parent >= 0:
-            mask[i, prompt.length :] |= mask[parent, prompt.length :]
-        depth.append(0 if parent < 0 else depth[parent] + 1)
-    positions = prompt.length + torch.tensor(depth)
-    tree_ids = torch.randint(200, 5000, (1, len(parents)))
+    # flash-tree's pass: the root and 4 draft tokens as a tree (two children of the root, a chain of two
+    # under the first), laid out as the decoding loop lays it out.
+    root, *drafts = torch.randint(200, 5000, (5,)).tolist()
+    tree = DraftTree(tokens=tuple(drafts), parents=(-1, -1, 0, 2), depths=(1, 1, 2, 3))
+    mask, positions = tree_attention(tree, prompt.length)
+    tree_ids = torch.tensor([[root, *tree.tokens]])
 
     def tree_pass() -> None:
         target.forward_tree(state, tree_ids, mask, positions)
@@ -87,8 +82,8 @@ def main() -> None:
     settings["5-token tree pass"] = (tree_pass, args.passes)
     print(f"{torch.get_num_threads()} threads, CPU: {torch.backends.cpu.get_cpu_capability()}")
     for name, (run, repeats) in settings.items():
-        ops = top_ops(run, repeats)
-        print(f"{name}, ms each (self CPU time; calls):")
+        wall, ops = top_ops(run, repeats)
+        print(f"{name}, ms each (self CPU time; calls); {wall:.2f} ms wall clock each (median, unprofiled):")
         for key, ms, calls in ops:
             print(f"  {key:55s} {ms:8.2f}  ({calls})")
 

@@ -155,8 +155,9 @@ def test_verify_cost_and_profile_step_run(script_cache):
 
 def test_pass_profile_lists_each_settings_costliest_ops(script_cache):
     out = run_script("pass_profile.py", script_cache, "assets/examples/cat.jpg", "--passes", "2")
-    sections = re.split(r"^(prefill \([0-9]+ positions\)|[15]-token pass), ms each .*$", out, flags=re.M)
-    assert sections[1::2] == ["prefill (97 positions)", "1-token pass", "5-token pass"]
+    sections = re.split(r"^(prefill \([0-9]+ positions\)|[15]-token pass|5-token tree pass), ms each .*; "
+                        r"[0-9.]+ ms wall clock each .*$", out, flags=re.M)
+    assert sections[1::2] == ["prefill (104 positions)", "1-token pass", "5-token pass", "5-token tree pass"]
     for body in sections[2::2]:
         ops = re.findall(r"^  (\S.*?)\s+([0-9.]+)  \(([0-9]+)\)$", body, flags=re.M)
         assert len(ops) == 8 and all(float(ms) >= 0 and int(calls) >= 1 for _, ms, calls in ops)
